@@ -1,0 +1,146 @@
+"""TieredCache: a transformers ``Cache`` whose layers keep tokens in tiers, under one hard byte budget."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from .config import BYTES_PER_GB, TierConfig
+from .errors import BudgetTooSmallError, KVTierError
+from .layer import TieredLayer
+
+
+class TieredCache(Cache):
+    """One :class:`TieredLayer` per decoder layer; owns the byte budget that every tier and the scratch share.
+
+    ``padding_mask`` (B, L) marks the real tokens of a left-padded prompt (1) and its padding (0), so that
+    padding never widens the quantization ranges of a block.
+    """
+
+    def __init__(self, config: TierConfig, model_config, padding_mask: torch.Tensor | None = None):
+        self.config = config
+        self.num_layers = model_config.num_hidden_layers
+        self.query_heads = model_config.num_attention_heads
+        self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.query_heads
+        self.padding_mask = None if padding_mask is None else padding_mask.bool()
+        self.reserved_bytes = 0  # everything the cache holds on its device, reservations included
+        self.hot_bytes = 0
+        self.scratch_bytes = 0
+        self.warm_share_bytes = 0  # each layer's share of what the hot tier and scratch leave
+        self.layer_shape = None  # (batch, kv_heads, head_dim, dtype) once the first layer saw its states
+        super().__init__(layers=[TieredLayer(self, index) for index in range(self.num_layers)])
+
+    # ---------------------------------------------------------------- budget
+    @property
+    def budget_bytes(self) -> int:
+        return self.config.budget_bytes
+
+    def reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes`` out of the budget if they fit; the caller allocates only after True."""
+        if self.reserved_bytes + nbytes > self.budget_bytes:
+            return False
+        self.reserved_bytes += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.reserved_bytes -= nbytes
+
+    def budget_message(self, context: int) -> str:
+        return (
+            f"kvtier: the GPU budget of {self.config.budget_gb:g} GB ({self.budget_bytes:,} bytes) is full at "
+            f"{context:,} tokens of context ({self.reserved_bytes:,} bytes in use, batch {self.layer_shape[0]}). "
+            "Raise budget_gb, or attach with on_budget_full='evict' to drop the oldest warm blocks "
+            "(sink+recent policy) and keep going."
+        )
+
+    def check_layer_shape(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """On the first layer's first states: validate the shapes and reserve hot tiers and scratch for all layers."""
+        shape = (batch, kv_heads, head_dim, dtype)
+        if self.layer_shape is not None:
+            if shape != self.layer_shape:
+                raise KVTierError(f"kvtier: a layer got states of shape/dtype {shape}, others {self.layer_shape}.")
+            return
+        if head_dim % 2:
+            raise KVTierError(
+                f"kvtier: head dim {head_dim} is odd, and INT4 packs two channels per byte; "
+                "kvtier serves models with an even head dim."
+            )
+        if kv_heads != self.kv_heads:
+            raise KVTierError(f"kvtier: the model config says {self.kv_heads} KV heads, but a layer produced {kv_heads}.")
+        self.layer_shape = shape
+        self.hot_bytes = self.num_layers * 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
+        self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype)
+        if not self.reserve(self.hot_bytes + self.scratch_bytes):
+            raise BudgetTooSmallError(
+                f"kvtier: budget_gb={self.config.budget_gb:g} ({self.budget_bytes:,} bytes) cannot hold the hot window: "
+                f"{self.hot_bytes:,} bytes for {self.config.sink_tokens} sinks + {self.config.recent_window} recent + "
+                f"{self.config.block_size} filling tokens x {self.num_layers} layers x batch {batch}, plus "
+                f"{self.scratch_bytes:,} bytes of attention scratch. Raise budget_gb to at least "
+                f"{(self.hot_bytes + self.scratch_bytes) / BYTES_PER_GB:.4f}, or shrink recent_window, key_tile or "
+                "query_tile."
+            )
+        self.warm_share_bytes = (self.budget_bytes - self.reserved_bytes) // self.num_layers
+
+    def estimate_scratch_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Upper bound of the temporaries one attention call holds (one layer at a time)."""
+        key_tile, query_tile = self.config.key_tile, self.config.query_tile
+        gathered_codes = 2 * kv_heads * key_tile * (head_dim // 2 + 4)  # packed codes and value params
+        dequantized = 2 * kv_heads * key_tile * head_dim * 4  # float32 keys and values of one tile
+        scores = 3 * self.query_heads * query_tile * key_tile * 4  # scores, weights, mask
+        queries = 6 * self.query_heads * query_tile * head_dim * 4  # query, rotated query, two accumulators
+        block = self.config.block_size
+        flush = 4 * kv_heads * block * head_dim * 4 + 2 * kv_heads * self.config.recent_window * head_dim * dtype.itemsize
+        return batch * (gathered_codes + dequantized + scores + queries + flush)
+
+    def check_states(self, keys: torch.Tensor, values: torch.Tensor, layer: TieredLayer) -> None:
+        if keys.shape != values.shape or keys.dtype != layer.dtype or keys.device != layer.device:
+            raise KVTierError(
+                f"kvtier: layer {layer.layer_idx} got keys {tuple(keys.shape)} {keys.dtype} on {keys.device} and "
+                f"values {tuple(values.shape)} {values.dtype}; it holds {layer.dtype} on {layer.device}."
+            )
+
+    def valid_tokens(self, start: int, count: int) -> torch.Tensor | None:
+        """(B, count) bool: which tokens at positions start.. are real (not padding), or None if all are."""
+        if self.padding_mask is None or start >= self.padding_mask.shape[1]:
+            return None
+        batch = self.layer_shape[0]
+        mask = self.padding_mask
+        if mask.shape[0] != batch:
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        window = mask[:, start:start + count].to(self.layers[0].device)
+        if window.shape[1] < count:  # the block runs past the prompt: generated tokens are real
+            window = torch.cat((window, window.new_ones(batch, count - window.shape[1])), dim=1)
+        return window
+
+    # ---------------------------------------------------------------- report
+    def stats(self) -> dict:
+        """Tokens and bytes per tier, bytes per token, and how much of the budget is in use."""
+        layer = self.layers[0]
+        tokens = layer.total_tokens
+        if self.layer_shape is None:
+            return {"tokens": 0, "budget_bytes": self.budget_bytes, "cache_bytes": 0, "budget_used": 0.0}
+        batch, kv_heads, head_dim, dtype = self.layer_shape
+        warm_allocated = sum(each.warm.allocated_bytes for each in self.layers)
+        page_bytes = layer.warm.page_bytes
+        dense_bytes_per_token = self.num_layers * 2 * kv_heads * head_dim * dtype.itemsize
+        held = layer.hot_tokens() + layer.warm_tokens()
+        return {
+            "tokens": tokens,
+            "batch": batch,
+            "hot": {"tokens": layer.hot_tokens(), "bytes": self.hot_bytes, "dtype": str(dtype).replace("torch.", "")},
+            "warm": {
+                "tokens": layer.warm_tokens(),
+                "pages": sum(len(each.warm.table) for each in self.layers),
+                "bytes": warm_allocated,
+                "format": self.config.warm_format,
+                "bytes_per_token": self.num_layers * page_bytes / (self.config.block_size * batch),
+            },
+            "evicted_tokens": layer.evicted_tokens,
+            "scratch_bytes": self.scratch_bytes,
+            "cache_bytes": self.reserved_bytes,
+            "budget_bytes": self.budget_bytes,
+            "budget_used": self.reserved_bytes / self.budget_bytes,
+            "bytes_per_token": self.reserved_bytes / max(held * batch, 1),
+            "dense_bytes_per_token": dense_bytes_per_token,
+            "dense_bytes": dense_bytes_per_token * tokens * batch,
+        }

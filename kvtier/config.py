@@ -1,0 +1,72 @@
+"""The one place where a tiered cache's knobs live and are validated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+WARM_FORMATS = ("int4",)
+KEY_AXES = ("channel", "token")
+ON_BUDGET_FULL = ("raise", "evict")
+
+BYTES_PER_GB = 1024**3
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """How a :class:`~kvtier.cache.TieredCache` splits tokens between tiers.
+
+    The hot tier (model dtype) holds the first ``sink_tokens`` tokens and the last ``recent_window`` tokens
+    (up to ``block_size - 1`` more while a block fills). Older tokens are quantized once, a block of
+    ``block_size`` tokens at a time, into the warm tier (``warm_format``).
+    """
+
+    budget_gb: float = 2.0
+    sink_tokens: int = 4
+    recent_window: int = 128
+    block_size: int = 64
+    warm_format: str = "int4"
+    key_axis: str = "channel"  # keys share a (scale, min) per channel over a block ("channel", KIVI) or per token
+    rotate: bool = True  # randomized Hadamard rotation of the head dim before quantizing
+    rotation_seed: int = 0
+    on_budget_full: str = "raise"  # or "evict": drop the oldest warm block (policy sink_recent)
+    policy: str = "sink_recent"
+    pages_per_slab: int = 16  # warm pages are allocated this many at a time (fewer near the budget)
+    key_tile: int = 1024  # attention reads the cache this many tokens at a time (bounds scratch)
+    query_tile: int = 256  # and handles this many query rows at a time (prefill)
+
+    def __post_init__(self):
+        _check(self.budget_gb > 0, f"budget_gb must be positive, got {self.budget_gb}.")
+        _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}.")
+        _check(self.recent_window >= 1, f"recent_window must be >= 1, got {self.recent_window}.")
+        _check(self.block_size >= 2 and self.block_size % 2 == 0,
+               f"block_size must be an even number >= 2, got {self.block_size}.")
+        _check(self.warm_format in WARM_FORMATS,
+               f"unknown warm_format {self.warm_format!r}; choose one of {WARM_FORMATS}.")
+        _check(self.key_axis in KEY_AXES, f"unknown key_axis {self.key_axis!r}; choose one of {KEY_AXES}.")
+        _check(self.on_budget_full in ON_BUDGET_FULL,
+               f"unknown on_budget_full {self.on_budget_full!r}; choose one of {ON_BUDGET_FULL}.")
+        from kvtier.policies import POLICIES
+
+        _check(self.policy in POLICIES, f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}.")
+        _check(self.pages_per_slab >= 1, f"pages_per_slab must be >= 1, got {self.pages_per_slab}.")
+        _check(self.key_tile >= self.block_size,
+               f"key_tile ({self.key_tile}) must be at least block_size ({self.block_size}).")
+        _check(self.query_tile >= 1, f"query_tile must be >= 1, got {self.query_tile}.")
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.budget_gb * BYTES_PER_GB)
+
+    @property
+    def hot_capacity(self) -> int:
+        """Tokens the hot tier holds at most: sinks, the recent window and one filling block."""
+        return self.sink_tokens + self.recent_window + self.block_size
+
+    def __str__(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in asdict(self).items())
+        return f"TierConfig({fields})"
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

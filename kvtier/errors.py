@@ -1,0 +1,17 @@
+"""Errors kvtier raises; each message says what was found and what to do."""
+
+
+class KVTierError(RuntimeError):
+    """Base class of kvtier's errors."""
+
+
+class BudgetExceededError(KVTierError):
+    """The GPU budget is full and the configuration says to raise rather than evict."""
+
+
+class BudgetTooSmallError(KVTierError, ValueError):
+    """The budget cannot even hold the hot window and the attention scratch."""
+
+
+class UnsupportedModelError(KVTierError, ValueError):
+    """The model has a feature kvtier cannot serve (no attention interface, sliding windows, ...)."""

@@ -1,0 +1,162 @@
+"""Fidelity harness: how far a cache moves a model's decode from the dense DynamicCache's, step by step.
+
+For one context it prefills the dense cache and the cache under test, then feeds both the same tokens
+(the dense model's greedy choices) for several decode steps and reports, at every step: the MSE of the
+logits, the overlap of their top-10 tokens, whether the argmax agrees, and per layer the relative L2
+distance of the attention block's output. Tests and benchmarks use it; thresholds are theirs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class StepFidelity:
+    logit_mse: float
+    top10_overlap: float
+    argmax_agrees: bool
+    attention_relative_l2: list[float]  # one per layer
+
+
+@dataclass
+class FidelityReport:
+    steps: list[StepFidelity] = field(default_factory=list)
+
+    @property
+    def worst_mse(self) -> float:
+        return max(step.logit_mse for step in self.steps)
+
+    @property
+    def worst_top10(self) -> float:
+        return min(step.top10_overlap for step in self.steps)
+
+    @property
+    def argmax_agreement(self) -> float:
+        return sum(step.argmax_agrees for step in self.steps) / len(self.steps)
+
+    @property
+    def worst_attention_l2(self) -> float:
+        return max(max(step.attention_relative_l2) for step in self.steps)
+
+    def summary(self) -> dict:
+        return {"steps": len(self.steps), "worst_mse": self.worst_mse, "worst_top10": self.worst_top10,
+                "argmax_agreement": self.argmax_agreement, "worst_attention_l2": self.worst_attention_l2}
+
+
+@torch.no_grad()
+def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_prefill: bool = False) -> FidelityReport:
+    """Decode ``steps`` tokens after ``context`` (1, L) with a DynamicCache and with ``cache``; compare each step.
+
+    With ``shared_prefill`` the cache under test is filled from the dense prefill's keys and values instead of
+    running its own prefill: the same tokens reach the same tiers (a tiered prefill attends its own chunk
+    exactly, as dense does), at half the cost.
+    """
+    dense = DynamicCache()
+    dense_logits = model(context, past_key_values=dense, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if shared_prefill:
+        for index, layer in enumerate(dense.layers):
+            cache.layers[index].update(layer.keys, layer.values)
+    else:
+        model(context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    report = FidelityReport()
+    for _ in range(steps):
+        token = dense_logits.argmax(dim=-1, keepdim=True)  # (1, 1): both caches see the dense model's choice
+        with _AttentionOutputs(model) as dense_attention:
+            dense_logits = model(token, past_key_values=dense, use_cache=True).logits[:, -1]
+        with _AttentionOutputs(model) as tested_attention:
+            tested_logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+        report.steps.append(_step_fidelity(dense_logits, tested_logits, dense_attention.outputs,
+                                           tested_attention.outputs))
+    return report
+
+
+def _step_fidelity(dense_logits, tested_logits, dense_attention, tested_attention) -> StepFidelity:
+    dense_logits, tested_logits = dense_logits.double(), tested_logits.double()
+    dense_top = set(dense_logits.topk(10, dim=-1).indices[0].tolist())
+    tested_top = set(tested_logits.topk(10, dim=-1).indices[0].tolist())
+    relative = [
+        ((tested.double() - dense.double()).norm() / dense.double().norm().clamp_min(1e-30)).item()
+        for dense, tested in zip(dense_attention, tested_attention)
+    ]
+    return StepFidelity(
+        logit_mse=((tested_logits - dense_logits) ** 2).mean().item(),
+        top10_overlap=len(dense_top & tested_top) / 10,
+        argmax_agrees=bool(dense_logits.argmax() == tested_logits.argmax()),
+        attention_relative_l2=relative,
+    )
+
+
+class _AttentionOutputs:
+    """Records each decoder layer's attention-block output during one forward pass."""
+
+    def __init__(self, model):
+        self.modules = [module for name, module in model.named_modules() if name.endswith("self_attn")]
+        self.outputs: list[torch.Tensor] = []
+        self.handles = []
+
+    def __enter__(self):
+        hook = lambda module, inputs, output: self.outputs.append(output[0].detach())  # noqa: E731
+        self.handles = [module.register_forward_hook(hook) for module in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------- real text and passkeys
+def reference_text() -> str:
+    """About 465k characters of English prose that every Python ships: pydoc's topic help."""
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics))
+
+
+def text_windows(tokenizer, length: int, count: int) -> list[torch.Tensor]:
+    """``count`` windows (1, length) of token ids, evenly spaced over the reference text."""
+    ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0]
+    stride = (len(ids) - length) // max(count - 1, 1)
+    return [ids[index * stride:index * stride + length].unsqueeze(0) for index in range(count)]
+
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclass
+class PasskeyCase:
+    passkey: str
+    depth: float  # where the passkey sits, as a fraction of the filler
+    prompt_ids: torch.Tensor  # (1, L)
+
+
+def passkey_cases(tokenizer, count: int, target_tokens: int = 3000, seed: int = 0) -> list[PasskeyCase]:
+    """Passkey retrieval prompts: a 5-digit key hidden at a random depth in about ``target_tokens`` of filler."""
+    rng = random.Random(seed)
+    repeats = target_tokens // len(tokenizer(FILLER).input_ids)
+    cases = []
+    for _ in range(count):
+        passkey, depth = str(rng.randint(10000, 99999)), rng.random()
+        before = int(repeats * depth)
+        text = (
+            "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+            + FILLER * before
+            + f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+            + FILLER * (repeats - before)
+            + "\nWhat is the pass key? The pass key is"
+        )
+        cases.append(PasskeyCase(passkey, depth, tokenizer(text, return_tensors="pt").input_ids))
+    return cases
+
+
+@torch.no_grad()
+def answer_passkey(model, tokenizer, case: PasskeyCase, cache=None, max_new_tokens: int = 8) -> bool:
+    """Greedy-decode after the prompt with ``cache`` (a DynamicCache if None); True if the key is in the answer."""
+    cache = DynamicCache() if cache is None else cache
+    output = model.generate(case.prompt_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id)
+    return case.passkey in tokenizer.decode(output[0, case.prompt_ids.shape[1]:])

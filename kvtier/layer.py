@@ -1,0 +1,230 @@
+"""One decoder layer's tiered cache: a hot tier in the model dtype and a warm tier of INT4 pages.
+
+Positions 0 .. sink_tokens-1 stay hot as attention sinks. Later tokens enter the recent buffer; when it
+holds ``recent_window + block_size`` tokens, its oldest ``block_size`` tokens are quantized once into a
+warm page. Every token is in exactly one place, sinks < warm pages < recent buffer in position order,
+unless the budget made the policy drop the oldest warm pages (counted in ``evicted_tokens``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from . import int4
+from .errors import BudgetExceededError
+from .policies import make_policy
+from .pages import NoRoomForPage, WarmPages
+from .rotation import random_rotation
+
+
+@dataclass
+class TierView:
+    """What a layer's ``update`` hands to the attention function: the layer, and the new chunk exactly.
+
+    The chunk's own keys and values are attended in full precision (as a dense cache would on that
+    step); everything before ``past_length`` is read from the tiers.
+    """
+
+    layer: "TieredLayer"
+    new_keys: torch.Tensor  # (B, H_kv, L, D)
+    new_values: torch.Tensor  # (B, H_kv, L, D)
+    past_length: int
+
+
+@dataclass
+class Tile:
+    """A run of cached tokens handed to attention: positions start .. start + T - 1."""
+
+    start: int
+    keys: torch.Tensor  # (B, H_kv, T, D)
+    values: torch.Tensor  # (B, H_kv, T, D)
+    rotated: bool  # True for warm pages: keys and values live in the rotated basis
+
+
+class TieredLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache, layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.config = cache.config
+        self.layer_idx = layer_idx
+        self.policy = make_policy(self.config.policy)
+        self.total_tokens = 0  # positions seen, evicted ones included
+        self.evicted_tokens = 0
+
+    # ---------------------------------------------------------------- transformers Cache layer API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, kv_heads, _, head_dim = key_states.shape
+        config = self.config
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype)
+        self.rotation = (
+            random_rotation(head_dim, config.rotation_seed + self.layer_idx).to(self.device) if config.rotate else None
+        )
+        hot = dict(dtype=self.dtype, device=self.device)
+        self.sink_keys = torch.empty(batch, kv_heads, config.sink_tokens, head_dim, **hot)
+        self.sink_values = torch.empty_like(self.sink_keys)
+        self.sink_count = 0
+        recent_capacity = config.recent_window + config.block_size
+        self.recent_keys = torch.empty(batch, kv_heads, recent_capacity, head_dim, **hot)
+        self.recent_values = torch.empty_like(self.recent_keys)
+        self.recent_count = 0
+        self.recent_start = config.sink_tokens  # position of recent_keys[:, :, 0]
+        self.warm = WarmPages(batch, kv_heads, head_dim, config.block_size, self.device, config.pages_per_slab,
+                              self.cache, self.cache.warm_share_bytes, config.key_axis)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cache.check_states(key_states, value_states, self)
+        past_length = self.total_tokens
+        self.append(key_states, value_states)
+        view = TierView(self, key_states, value_states, past_length)
+        return view, view
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.total_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.total_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.warm.release_all()
+        self.total_tokens = self.evicted_tokens = 0
+        self.sink_count = self.recent_count = 0
+        if self.is_initialized:
+            self.recent_start = self.config.sink_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_batch(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_batch(lambda tensor: tensor[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "kvtier's TieredCache cannot crop: quantized warm pages cannot be rolled back. Assisted or speculative "
+            "decoding needs a croppable cache; run it after kvtier.detach(model)."
+        )
+
+    # ---------------------------------------------------------------- tiers
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Place new tokens (B, H_kv, L, D): sinks first, then the recent buffer, flushing full blocks warm."""
+        count = keys.shape[2]
+        taken = min(self.config.sink_tokens - self.sink_count, count)
+        if taken > 0:
+            self.sink_keys[:, :, self.sink_count:self.sink_count + taken] = keys[:, :, :taken]
+            self.sink_values[:, :, self.sink_count:self.sink_count + taken] = values[:, :, :taken]
+            self.sink_count += taken
+            self.total_tokens += taken
+        capacity = self.recent_keys.shape[2]
+        while taken < count:
+            room = min(capacity - self.recent_count, count - taken)
+            end = self.recent_count + room
+            self.recent_keys[:, :, self.recent_count:end] = keys[:, :, taken:taken + room]
+            self.recent_values[:, :, self.recent_count:end] = values[:, :, taken:taken + room]
+            self.recent_count = end
+            self.total_tokens += room
+            taken += room
+            if self.recent_count == capacity:
+                self.flush_oldest_block()
+
+    def flush_oldest_block(self) -> None:
+        """Quantize the recent buffer's oldest block into a warm page and shift the buffer."""
+        block = self.config.block_size
+        page = self.quantize_block(self.recent_keys[:, :, :block], self.recent_values[:, :, :block],
+                                   self.cache.valid_tokens(self.recent_start, block))
+        self.store_page(self.recent_start, page)
+        kept = self.recent_count - block
+        self.recent_keys[:, :, :kept] = self.recent_keys[:, :, block:self.recent_count].clone()
+        self.recent_values[:, :, :kept] = self.recent_values[:, :, block:self.recent_count].clone()
+        self.recent_count = kept
+        self.recent_start += block
+
+    def quantize_block(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> dict:
+        """keys, values (B, H_kv, block, D); valid (B, block) bool or None -> one page's tensors."""
+        keys, values = keys.float(), values.float()
+        if self.rotation is not None:
+            keys, values = keys @ self.rotation, values @ self.rotation
+        if self.config.key_axis == "token":
+            key_codes, key_scale, key_min = int4.quantize_values(keys)
+        else:
+            token_valid = None if valid is None else valid[:, None, :].expand(keys.shape[:3])
+            key_codes, key_scale, key_min = int4.quantize_keys(keys, token_valid)
+        value_codes, value_scale, value_min = int4.quantize_values(values)
+        return dict(key_codes=key_codes, key_scale=key_scale, key_min=key_min,
+                    value_codes=value_codes, value_scale=value_scale, value_min=value_min)
+
+    def store_page(self, start: int, page: dict) -> None:
+        while True:
+            try:
+                self.warm.store(start, page)
+                return
+            except NoRoomForPage:
+                if self.config.on_budget_full == "raise" or not self.warm.table:
+                    raise BudgetExceededError(self.cache.budget_message(self.total_tokens)) from None
+                self.warm.drop(self.policy.victim([entry.start for entry in self.warm.table]))
+                self.evicted_tokens += self.config.block_size
+
+    def tiles(self, limit: int) -> Iterator[Tile]:
+        """Cached tokens at positions < limit, in position order, at most key_tile tokens per tile."""
+        if self.sink_count:
+            count = min(self.sink_count, limit)
+            if count > 0:
+                yield Tile(0, self.sink_keys[:, :, :count], self.sink_values[:, :, :count], rotated=False)
+        pages_per_tile = self.config.key_tile // self.config.block_size
+        entries = [entry for entry in self.warm.table if entry.start < limit]
+        for first in range(0, len(entries), pages_per_tile):
+            group = entries[first:first + pages_per_tile]
+            page = self.warm.read(group)
+            count = min(len(group) * self.config.block_size, limit - group[0].start)
+            if self.config.key_axis == "token":
+                keys = int4.dequantize(page["key_codes"], page["key_scale"], page["key_min"])
+            else:
+                keys = _dequantize_keys(page, self.config.block_size)
+            values = int4.dequantize(page["value_codes"], page["value_scale"], page["value_min"])
+            yield Tile(group[0].start, keys[:, :, :count], values[:, :, :count], rotated=True)
+        count = min(self.recent_count, limit - self.recent_start)
+        if count > 0:
+            yield Tile(self.recent_start, self.recent_keys[:, :, :count], self.recent_values[:, :, :count],
+                       rotated=False)
+
+    def map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("sink_keys", "sink_values", "recent_keys", "recent_values"):
+            setattr(self, name, fn(getattr(self, name)))
+        self.warm.map_batch(fn)
+
+    # ---------------------------------------------------------------- accounting
+    def hot_tokens(self) -> int:
+        return self.sink_count + self.recent_count if self.is_initialized else 0
+
+    def warm_tokens(self) -> int:
+        return len(self.warm.table) * self.config.block_size if self.is_initialized else 0
+
+
+def _dequantize_keys(page: dict, block_size: int) -> torch.Tensor:
+    """Gathered keys with per-page channel params (n, B, H, 1, D) -> float32 keys (B, H, n * block, D)."""
+    scale = page["key_scale"].float().permute(1, 2, 0, 3, 4)  # (B, H, n, 1, D)
+    minimum = page["key_min"].float().permute(1, 2, 0, 3, 4)
+    codes = page["key_codes"]  # (B, H, n*block, D//2)
+    batch, heads, tokens, half = codes.shape
+    codes = codes.view(batch, heads, tokens // block_size, block_size, half)
+    keys = int4.dequantize(codes, scale, minimum)  # (B, H, n, block, D)
+    return keys.flatten(2, 3)

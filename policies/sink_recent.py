@@ -1,0 +1,14 @@
+"""StreamingLLM-style static window: keep the sinks and the recent window, drop the oldest warm page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass
+class SinkRecent:
+    def victim(self, page_starts: Sequence[int]) -> int:
+        if not page_starts:
+            raise ValueError("no warm page to choose from")
+        return min(range(len(page_starts)), key=page_starts.__getitem__)

@@ -1,0 +1,121 @@
+"""What kvtier refuses, and that each refusal says what it found and what to do."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import kvtier
+from kvtier import BudgetExceededError, BudgetTooSmallError, KVTierError, UnsupportedModelError
+
+
+def tiny_llama(head_dim=16, **overrides):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, **overrides)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("budget_gb", -1.0, "budget_gb must be positive"),
+    ("warm_format", "int3", "unknown warm_format 'int3'"),
+    ("on_budget_full", "ignore", "unknown on_budget_full"),
+    ("policy", "lru", "unknown policy 'lru'"),
+    ("block_size", 7, "block_size must be an even number"),
+    ("key_axis", "head", "unknown key_axis"),
+])
+def test_bad_configuration_is_refused(field, value, message):
+    overrides = {field: value}
+    budget = overrides.pop("budget_gb", 1.0)
+    with pytest.raises(ValueError, match=message):
+        kvtier.attach(tiny_llama(), budget_gb=budget, **overrides)
+
+
+def test_sliding_window_model_is_refused():
+    config = MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    with pytest.raises(UnsupportedModelError, match=r"sliding_attention.*full-attention layers only"):
+        kvtier.attach(MistralForCausalLM(config), budget_gb=1.0)
+
+
+def test_model_without_attention_interface_is_refused():
+    class OwnAttention(LlamaForCausalLM):
+        _supports_attention_backend = False
+
+    model = OwnAttention(tiny_llama().config)
+    with pytest.raises(UnsupportedModelError, match="does not route attention through transformers' AttentionInterface"):
+        kvtier.attach(model, budget_gb=1.0)
+
+
+def test_encoder_decoder_is_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        kvtier.attach(model, budget_gb=1.0)
+
+
+def test_odd_head_dim_is_refused():
+    # RoPE models cannot have odd head dims, so the states are fed to the cache directly
+    config = SimpleNamespace(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    cache = kvtier.TieredCache(kvtier.TierConfig(budget_gb=0.1, rotate=False), config)
+    states = torch.randn(1, 2, 3, 15)
+    with pytest.raises(KVTierError, match="head dim 15 is odd"):
+        cache.update(states, states, 0)
+
+
+def test_rotation_needs_a_power_of_two_head_dim():
+    model = tiny_llama(head_dim=24)
+    kvtier.attach(model, budget_gb=0.1)
+    with pytest.raises(ValueError, match="rotate=False"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
+
+def test_non_power_of_two_head_dim_works_without_rotation():
+    model = tiny_llama(head_dim=24)
+    ids = torch.randint(0, 128, (1, 60))
+    dense = model.generate(ids, max_new_tokens=3, do_sample=False)
+    kvtier.attach(model, budget_gb=0.1, rotate=False, sink_tokens=2, recent_window=4, block_size=4)
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == dense.shape
+
+
+def test_budget_smaller_than_the_hot_window():
+    model = tiny_llama()
+    kvtier.attach(model, budget_gb=1e-5)
+    with pytest.raises(BudgetTooSmallError, match=r"budget_gb=1e-05 .* cannot hold the hot window"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+
+
+def test_full_budget_raises_during_generate_naming_budget_and_context():
+    model = tiny_llama()
+    small = dict(sink_tokens=2, recent_window=8, block_size=4, key_tile=8, query_tile=4, pages_per_slab=1)
+    probe = kvtier.attach(model, budget_gb=0.1, **small)
+    model.generate(torch.randint(0, 128, (1, 20)), max_new_tokens=1)
+    room_for_ten_pages = probe.cache.hot_bytes + probe.cache.scratch_bytes + 2 * 10 * probe.cache.layers[0].warm.page_bytes
+    kvtier.detach(model)
+    budget_gb = room_for_ten_pages / 1024**3
+    handle = kvtier.attach(model, budget_gb=budget_gb, **small)
+    with pytest.raises(BudgetExceededError, match=r"budget of .* GB .* is full at \d+ tokens of context"):
+        model.generate(torch.randint(0, 128, (1, 40)), max_new_tokens=30, min_new_tokens=30)
+    assert handle.cache.reserved_bytes <= handle.cache.budget_bytes
+    assert handle.stats()["warm"]["tokens"] == 40  # ten pages of four tokens, all the budget holds
+
+
+def test_attach_twice_and_detach_unattached():
+    model = tiny_llama()
+    kvtier.attach(model, budget_gb=1.0)
+    with pytest.raises(ValueError, match="already attached"):
+        kvtier.attach(model, budget_gb=1.0)
+    kvtier.detach(model)
+    with pytest.raises(ValueError, match="not attached"):
+        kvtier.detach(model)
+
+
+def test_crop_is_refused_with_advice():
+    model = tiny_llama()
+    handle = kvtier.attach(model, budget_gb=0.1)
+    cache = handle.new_cache()
+    model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
+    with pytest.raises(NotImplementedError, match="kvtier.detach"):
+        cache.crop(1)

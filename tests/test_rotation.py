@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from kvtier.rotation import hadamard_matrix, random_rotation
+
+
+@pytest.mark.parametrize("dim", [2, 8, 64, 128, 256])
+def test_rotation_is_orthonormal(dim):
+    rotation = random_rotation(dim, seed=dim).double()
+    assert torch.allclose(rotation @ rotation.T, torch.eye(dim, dtype=torch.float64), atol=1e-6)
+
+
+def test_rotation_preserves_dot_products():
+    rotation = random_rotation(64, seed=1)
+    q, k = torch.randn(5, 64), torch.randn(7, 64)
+    assert torch.allclose((q @ rotation) @ (k @ rotation).T, q @ k.T, atol=1e-4)
+
+
+def test_seeds_give_different_rotations():
+    assert not torch.equal(random_rotation(64, 0), random_rotation(64, 1))
+
+
+@pytest.mark.parametrize("dim", [0, 3, 96])
+def test_non_power_of_two_is_refused_with_advice(dim):
+    with pytest.raises(ValueError, match="rotate=False"):
+        hadamard_matrix(dim)
