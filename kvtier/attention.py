@@ -26,23 +26,28 @@ def tiered_attention_forward(module, query, key, value, attention_mask, scaling=
     if dropout and module.training:
         raise NotImplementedError("kvtier's tiered cache is for inference: attention dropout is not supported.")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = attend_tiers(key, query, attention_mask, scaling)
-    return out.transpose(1, 2).to(query.dtype), None
+    return attend_tiers(key, query, attention_mask, scaling), None
 
 
 def attend_tiers(view: TierView, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
-    """query (B, H_q, Q, D) at positions past_length.. -> attention output (B, H_q, Q, D) float32."""
+    """query (B, H_q, Q, D) at positions past_length.. -> attention output (B, Q, H_q, D) in the query's dtype.
+
+    Query rows are handled query_tile at a time and written straight into the output, so the float32
+    temporaries stay within the cache's scratch estimate however long the prefill chunk is.
+    """
     batch, query_heads, query_length, head_dim = query.shape
     kv_heads = view.new_keys.shape[1]
     groups = query_heads // kv_heads
     allowed = _allowed_matrix(attention_mask, query_length)  # (B, 1, Q, K) bool, or None for causal
-    grouped = (query.float() * scaling).view(batch, kv_heads, groups, query_length, head_dim)
+    out = query.new_empty(batch, query_length, query_heads, head_dim)  # the activation the model expects
     tile = view.layer.config.query_tile
-    outputs = []
     for first in range(0, query_length, tile):
         rows = slice(first, min(first + tile, query_length))
-        outputs.append(_attend_query_tile(view, grouped[:, :, :, rows], allowed, rows))
-    return torch.cat(outputs, dim=3).reshape(batch, query_heads, query_length, head_dim)
+        count = rows.stop - rows.start
+        queries = (query[:, :, rows].float() * scaling).view(batch, kv_heads, groups, count, head_dim)
+        tile_out = _attend_query_tile(view, queries, allowed, rows)  # (B, H_kv, G, Q_tile, D)
+        out[:, rows] = tile_out.reshape(batch, query_heads, count, head_dim).transpose(1, 2)
+    return out
 
 
 def _attend_query_tile(view: TierView, queries: torch.Tensor, allowed, rows: slice) -> torch.Tensor:

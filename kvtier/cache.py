@@ -68,7 +68,9 @@ class TieredCache(Cache):
         if kv_heads != self.kv_heads:
             raise KVTierError(f"kvtier: the model config says {self.kv_heads} KV heads, but a layer produced {kv_heads}.")
         self.layer_shape = shape
-        self.hot_bytes = self.num_layers * 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
+        hot_per_layer = 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
+        rotation_per_layer = head_dim * head_dim * 4 if self.config.rotate else 0  # float32 (D, D)
+        self.hot_bytes = self.num_layers * (hot_per_layer + rotation_per_layer)
         self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype)
         if not self.reserve(self.hot_bytes + self.scratch_bytes):
             raise BudgetTooSmallError(
@@ -87,7 +89,8 @@ class TieredCache(Cache):
         gathered_codes = 2 * kv_heads * key_tile * (head_dim // 2 + 4)  # packed codes and value params
         dequantized = 2 * kv_heads * key_tile * head_dim * 4  # float32 keys and values of one tile
         scores = 3 * self.query_heads * query_tile * key_tile * 4  # scores, weights, mask
-        queries = 6 * self.query_heads * query_tile * head_dim * 4  # query, rotated query, two accumulators
+        # query tile, rotated query, two accumulators, a partial output and its normalized copy, three merge temporaries
+        queries = 9 * self.query_heads * query_tile * head_dim * 4
         block = self.config.block_size
         flush = 4 * kv_heads * block * head_dim * 4 + 2 * kv_heads * self.config.recent_window * head_dim * dtype.itemsize
         return batch * (gathered_codes + dequantized + scores + queries + flush)

@@ -25,7 +25,8 @@ class TierConfig:
     recent_window: int = 128
     block_size: int = 64
     warm_format: str = "int4"
-    key_axis: str = "channel"  # keys share a (scale, min) per channel over a block ("channel", KIVI) or per token
+    key_axis: str = "channel"  # keys share a (scale, min) per channel over key_group tokens ("channel", KIVI) or per token
+    key_group: int = 32  # per-channel keys: tokens sharing one (scale, min) pair (at most block_size)
     rotate: bool = True  # randomized Hadamard rotation of the head dim before quantizing
     rotation_seed: int = 0
     on_budget_full: str = "raise"  # or "evict": drop the oldest warm block (policy sink_recent)
@@ -43,6 +44,8 @@ class TierConfig:
         _check(self.warm_format in WARM_FORMATS,
                f"unknown warm_format {self.warm_format!r}; choose one of {WARM_FORMATS}.")
         _check(self.key_axis in KEY_AXES, f"unknown key_axis {self.key_axis!r}; choose one of {KEY_AXES}.")
+        _check(self.key_group >= 1 and self.block_size % self.key_group_size == 0,
+               f"key_group must be >= 1 and divide block_size ({self.block_size}), got {self.key_group}.")
         _check(self.on_budget_full in ON_BUDGET_FULL,
                f"unknown on_budget_full {self.on_budget_full!r}; choose one of {ON_BUDGET_FULL}.")
         from kvtier.policies import POLICIES
@@ -56,6 +59,11 @@ class TierConfig:
     @property
     def budget_bytes(self) -> int:
         return int(self.budget_gb * BYTES_PER_GB)
+
+    @property
+    def key_group_size(self) -> int:
+        """Tokens that share one per-channel key (scale, min) pair."""
+        return min(self.key_group, self.block_size)
 
     @property
     def hot_capacity(self) -> int:

@@ -155,8 +155,11 @@ def passkey_cases(tokenizer, count: int, target_tokens: int = 3000, seed: int = 
 
 @torch.no_grad()
 def answer_passkey(model, tokenizer, case: PasskeyCase, cache=None, max_new_tokens: int = 8) -> bool:
-    """Greedy-decode after the prompt with ``cache`` (a DynamicCache if None); True if the key is in the answer."""
-    cache = DynamicCache() if cache is None else cache
-    output = model.generate(case.prompt_ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.eos_token_id)
+    """Greedy-decode after the prompt; True if the key is in the answer.
+
+    ``cache`` None lets ``generate`` pick its cache (a TieredCache when kvtier is attached, else dynamic).
+    """
+    extra = {} if cache is None else {"past_key_values": cache}
+    output = model.generate(case.prompt_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=tokenizer.eos_token_id, **extra)
     return case.passkey in tokenizer.decode(output[0, case.prompt_ids.shape[1]:])

@@ -78,7 +78,7 @@ class TieredLayer(CacheLayerMixin):
         self.recent_count = 0
         self.recent_start = config.sink_tokens  # position of recent_keys[:, :, 0]
         self.warm = WarmPages(batch, kv_heads, head_dim, config.block_size, self.device, config.pages_per_slab,
-                              self.cache, self.cache.warm_share_bytes, config.key_axis)
+                              self.cache, self.cache.warm_share_bytes, config.key_axis, config.key_group_size)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -164,11 +164,21 @@ class TieredLayer(CacheLayerMixin):
         if self.config.key_axis == "token":
             key_codes, key_scale, key_min = int4.quantize_values(keys)
         else:
-            token_valid = None if valid is None else valid[:, None, :].expand(keys.shape[:3])
-            key_codes, key_scale, key_min = int4.quantize_keys(keys, token_valid)
+            key_codes, key_scale, key_min = self.quantize_keys_by_group(keys, valid)
         value_codes, value_scale, value_min = int4.quantize_values(values)
         return dict(key_codes=key_codes, key_scale=key_scale, key_min=key_min,
                     value_codes=value_codes, value_scale=value_scale, value_min=value_min)
+
+    def quantize_keys_by_group(self, keys: torch.Tensor, valid: torch.Tensor | None):
+        """Per-channel INT4 over groups of key_group tokens: (B, H, block, D) -> codes (B, H, block, D // 2),
+        scale and minimum (B, H, groups, D)."""
+        batch, heads, block, dim = keys.shape
+        group = self.config.key_group_size
+        grouped = keys.view(batch, heads, block // group, group, dim)
+        if valid is not None:
+            valid = valid[:, None, :].expand(batch, heads, block).reshape(batch, heads, block // group, group)
+        codes, scale, minimum = int4.quantize_keys(grouped, valid)  # params (B, H, groups, 1, D)
+        return codes.view(batch, heads, block, dim // 2), scale.squeeze(-2), minimum.squeeze(-2)
 
     def store_page(self, start: int, page: dict) -> None:
         while True:
@@ -196,7 +206,7 @@ class TieredLayer(CacheLayerMixin):
             if self.config.key_axis == "token":
                 keys = int4.dequantize(page["key_codes"], page["key_scale"], page["key_min"])
             else:
-                keys = _dequantize_keys(page, self.config.block_size)
+                keys = _dequantize_keys(page, self.config.key_group_size)
             values = int4.dequantize(page["value_codes"], page["value_scale"], page["value_min"])
             yield Tile(group[0].start, keys[:, :, :count], values[:, :, :count], rotated=True)
         count = min(self.recent_count, limit - self.recent_start)
@@ -219,12 +229,12 @@ class TieredLayer(CacheLayerMixin):
         return len(self.warm.table) * self.config.block_size if self.is_initialized else 0
 
 
-def _dequantize_keys(page: dict, block_size: int) -> torch.Tensor:
-    """Gathered keys with per-page channel params (n, B, H, 1, D) -> float32 keys (B, H, n * block, D)."""
-    scale = page["key_scale"].float().permute(1, 2, 0, 3, 4)  # (B, H, n, 1, D)
-    minimum = page["key_min"].float().permute(1, 2, 0, 3, 4)
-    codes = page["key_codes"]  # (B, H, n*block, D//2)
+def _dequantize_keys(page: dict, key_group: int) -> torch.Tensor:
+    """Gathered keys with per-page channel params (n, B, H, groups, D) -> float32 keys (B, H, n * block, D)."""
+    scale = page["key_scale"].float().permute(1, 2, 0, 3, 4).flatten(2, 3).unsqueeze(-2)  # (B, H, n*groups, 1, D)
+    minimum = page["key_min"].float().permute(1, 2, 0, 3, 4).flatten(2, 3).unsqueeze(-2)
+    codes = page["key_codes"]  # (B, H, n * block, D // 2)
     batch, heads, tokens, half = codes.shape
-    codes = codes.view(batch, heads, tokens // block_size, block_size, half)
-    keys = int4.dequantize(codes, scale, minimum)  # (B, H, n, block, D)
+    codes = codes.view(batch, heads, tokens // key_group, key_group, half)
+    keys = int4.dequantize(codes, scale, minimum)  # (B, H, n * groups, key_group, D)
     return keys.flatten(2, 3)

@@ -32,8 +32,13 @@ class NoRoomForPage(Exception):
 
 class WarmPages:
     def __init__(self, batch: int, kv_heads: int, head_dim: int, block_size: int, device, pages_per_slab: int,
-                 budget, share_bytes: int = 0, key_axis: str = "channel"):
-        key_params = (batch, kv_heads, 1, head_dim) if key_axis == "channel" else (batch, kv_heads, block_size, 1)
+                 budget, share_bytes: int = 0, key_axis: str = "channel", key_group: int | None = None):
+        key_group = key_group or block_size
+        if key_axis == "channel":  # one (scale, min) per channel and group of key_group tokens
+            key_params = (batch, kv_heads, block_size // key_group, head_dim)
+        else:  # one per token
+            key_params = (batch, kv_heads, block_size, 1)
+        self.channel_param_fields = ("key_scale", "key_min") if key_axis == "channel" else ()
         self.shapes = {  # per page
             "key_codes": (batch, kv_heads, block_size, head_dim // 2),
             "key_scale": key_params,
@@ -82,14 +87,14 @@ class WarmPages:
 
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
         """Gather the pages of ``entries`` (consecutive in the table) into tensors with a token axis:
-        codes (B, H, n * block, D // 2); per-token params (B, H, n * block, 1); per-channel params (n, B, H, 1, D)."""
+        codes (B, H, n * block, D // 2); per-token params (B, H, n * block, 1); per-channel key params (n, B, H, groups, D)."""
         located = [self._locate(entry.page_id) for entry in entries]
         gathered = {name: torch.stack([slab[name][slot] for slab, slot in located]) for name in PAGE_FIELDS}
         batch, heads = self.shapes["key_codes"][:2]
         for name in PAGE_FIELDS:
-            tensor = gathered[name]  # (n, B, H, block or 1, X)
-            if tensor.shape[3] == 1 and self.block_size > 1:
-                continue  # per-channel key params stay per page
+            tensor = gathered[name]  # (n, B, H, block or groups, X)
+            if name in self.channel_param_fields:
+                continue  # per-channel key params stay per page: (n, B, H, groups, D)
             gathered[name] = tensor.permute(1, 2, 0, 3, 4).reshape(batch, heads, -1, tensor.shape[-1])
         return gathered
 

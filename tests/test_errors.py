@@ -24,6 +24,7 @@ def tiny_llama(head_dim=16, **overrides):
     ("policy", "lru", "unknown policy 'lru'"),
     ("block_size", 7, "block_size must be an even number"),
     ("key_axis", "head", "unknown key_axis"),
+    ("key_group", 24, r"key_group must be >= 1 and divide block_size \(64\)"),
 ])
 def test_bad_configuration_is_refused(field, value, message):
     overrides = {field: value}

@@ -35,14 +35,3 @@ def test_key_ranges_leave_padding_out():
     restored = int4.dequantize(codes, scale, minimum)
     assert scale.float().max() < 1.0  # the range is that of the real tokens
     assert torch.allclose(restored[0, 0, 2:], keys[0, 0, 2:], atol=scale.float().max().item())
-
-
-@pytest.mark.parametrize("head_dim,block", [(64, 64), (128, 64), (128, 128)])
-def test_int4_page_bytes_per_token_under_three_tenths_of_bf16(head_dim, block):
-    from kvtier.pages import WarmPages
-
-    pages = WarmPages(batch=1, kv_heads=1, head_dim=head_dim, block_size=block, device="cpu", pages_per_slab=1,
-                      budget=None)
-    bytes_per_token = pages.page_bytes / block
-    bf16_bytes_per_token = 2 * head_dim * 2  # keys and values, 2 bytes each
-    assert bytes_per_token <= 0.3 * bf16_bytes_per_token, (bytes_per_token, bf16_bytes_per_token)

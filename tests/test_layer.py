@@ -43,14 +43,16 @@ def tensor_bytes(cache):
         if not layer.is_initialized:
             continue
         total += sum(t.nbytes for t in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values))
+        total += 0 if layer.rotation is None else layer.rotation.nbytes
         total += sum(t.nbytes for slab in layer.warm.slabs for t in slab.values())
     return total
 
 
 @settings(max_examples=25, deadline=None)
-@given(chunks=st.lists(st.integers(1, 23), min_size=1, max_size=8), rotate=st.booleans(), seed=st.integers(0, 99))
-def test_every_token_in_exactly_one_tier_in_order(chunks, rotate, seed):
-    cache = make_cache(rotate=rotate)
+@given(chunks=st.lists(st.integers(1, 23), min_size=1, max_size=8), rotate=st.booleans(), seed=st.integers(0, 99),
+       key_group=st.sampled_from([1, 2, 4]))
+def test_every_token_in_exactly_one_tier_in_order(chunks, rotate, seed, key_group):
+    cache = make_cache(rotate=rotate, key_group=key_group)
     keys, values = random_states(sum(chunks), seed)
     first = 0
     for length in chunks:
@@ -125,7 +127,7 @@ def test_tiered_attention_equals_dense_attention_over_the_cached_tokens(rotate, 
         layer.update(keys[:, :, :past], values[:, :, :past])
     view, _ = layer.update(keys[:, :, past:], values[:, :, past:])
     query = torch.randn(2, 4, chunk, 16)
-    out = attend_tiers(view, query, attention_mask=None, scaling=0.25)
+    out = attend_tiers(view, query, attention_mask=None, scaling=0.25).transpose(1, 2)  # (B, H_q, Q, D)
 
     _, cached_keys, cached_values = cached_tokens(layer)
     all_keys = torch.cat((cached_keys[:, :, :past], keys[:, :, past:]), 2).double()

@@ -1,0 +1,57 @@
+"""Fidelity gates on the real model: SmolLM2-135M-Instruct, 2048-token pydoc windows, INT4 warm, recent 128.
+
+Targets (issue 2): on each of 8 evenly spaced windows and 4 decode steps, decode-logit MSE against the
+dense cache at most 0.10, top-10 overlap at least 0.9, argmax agreement 100%. Warm bytes per token with
+scales at most 0.3 of bf16's.
+"""
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.eval import compare_decode, text_windows
+
+CONTEXT = 2048
+WINDOWS = 8
+STEPS = 4
+MAX_MSE, MIN_TOP10, MIN_ARGMAX = 0.10, 0.9, 1.0
+MAX_WARM_BYTES_RATIO = 0.3
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    _, tokenizer = smollm2
+    return text_windows(tokenizer, CONTEXT, WINDOWS)
+
+
+@pytest.mark.parametrize("window", range(WINDOWS))
+def test_int4_warm_tier_stays_close_to_dense(smollm2, windows, window):
+    model, _ = smollm2
+    handle = kvtier.attach(model, budget_gb=1.0, recent_window=128)
+    try:
+        cache = handle.new_cache()
+        report = compare_decode(model, windows[window], cache, steps=STEPS, shared_prefill=True)
+    finally:
+        kvtier.detach(model)
+    stats = cache.stats()
+    assert stats["warm"]["tokens"] >= CONTEXT - 128 - 64 - handle.config.sink_tokens  # the context is mostly warm
+    summary = {name: round(value, 4) for name, value in report.summary().items()}
+    assert report.worst_mse <= MAX_MSE, summary
+    assert report.worst_top10 >= MIN_TOP10, summary
+    assert report.argmax_agreement >= MIN_ARGMAX, summary
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_warm_bytes_per_token_at_most_three_tenths_of_bf16(smollm2, head_dim):
+    model, _ = smollm2
+    config = kvtier.TierConfig()
+    cache = kvtier.TieredCache(config, model.config)
+    keys = torch.randn(1, cache.kv_heads, config.hot_capacity, head_dim, dtype=torch.bfloat16)
+    cache.layers[0].update(keys, keys.clone())  # one block leaves the hot tier: one warm page
+    stats = cache.stats()
+    warm_per_head = stats["warm"]["bytes_per_token"] / (cache.num_layers * cache.kv_heads)  # stats: all layers, heads
+    bf16_per_head = 2 * head_dim * torch.bfloat16.itemsize  # keys and values
+    assert stats["warm"]["tokens"] == config.block_size
+    assert warm_per_head / bf16_per_head <= MAX_WARM_BYTES_RATIO, (warm_per_head, bf16_per_head)
