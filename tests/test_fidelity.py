@@ -61,7 +61,8 @@ def test_warm_bytes_per_token_at_most_three_tenths_of_bf16(smollm2, head_dim):
     config = kvtier.TierConfig()
     cache = kvtier.TieredCache(config, model.config)
     keys = torch.randn(1, cache.kv_heads, config.hot_capacity, head_dim, dtype=torch.bfloat16)
-    cache.layers[0].update(keys, keys.clone())  # one block leaves the hot tier: one warm page
+    for layer in cache.layers:
+        layer.update(keys, keys.clone())  # one block leaves the hot tier: one warm page per layer
     stats = cache.stats()
     warm_per_head = stats["warm"]["bytes_per_token"] / (cache.num_layers * cache.kv_heads)  # stats: all layers, heads
     bf16_per_head = 2 * head_dim * torch.bfloat16.itemsize  # keys and values
