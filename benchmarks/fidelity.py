@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> None:
                 report = compare_decode(model, window.to(device), cache, steps=args.steps, shared_prefill=True)
             finally:
                 kvtier.detach(model)
+            stats = cache.stats()
             row = {"window": index, "seed": seed, **report.summary(),
-                   "warm_bytes_per_token": cache.stats()["warm"]["bytes_per_token"],
-                   "dense_bytes_per_token": cache.stats()["dense_bytes_per_token"],
+                   "warm_bytes_per_token": stats["warm"]["bytes_per_token"],
+                   "dense_bytes_per_token": stats["dense_bytes_per_token"],
                    "per_step": [vars(step) for step in report.steps]}
             rows.append(row)
             print(f"window {index} seed {seed}: worst MSE {row['worst_mse']:.4f}, top-10 {row['worst_top10']:.1f}, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .policies import POLICIES
+
 WARM_FORMATS = ("int4",)
 KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("raise", "evict")
@@ -48,8 +50,6 @@ class TierConfig:
                f"key_group must be >= 1 and divide block_size ({self.block_size}), got {self.key_group}.")
         _check(self.on_budget_full in ON_BUDGET_FULL,
                f"unknown on_budget_full {self.on_budget_full!r}; choose one of {ON_BUDGET_FULL}.")
-        from kvtier.policies import POLICIES
-
         _check(self.policy in POLICIES, f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}.")
         _check(self.pages_per_slab >= 1, f"pages_per_slab must be >= 1, got {self.pages_per_slab}.")
         _check(self.key_tile >= self.block_size,

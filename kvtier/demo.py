@@ -67,18 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     prompt_length = prompt["input_ids"].shape[1]
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
 
-    answers, seconds = {}, {}
-    dense = DynamicCache()
-    for name in ("dense", "kvtier"):
+    def generate(name: str, **cache) -> None:
         print(f"generating with the {name} cache from a {prompt_length:,}-token prompt ...", flush=True)
         started = time.perf_counter()
-        if name == "kvtier":
-            handle = kvtier.attach(model, budget_gb=args.budget_gb)
-            output = model.generate(**prompt, **settings)
-        else:
-            output = model.generate(**prompt, past_key_values=dense, **settings)
+        output = model.generate(**prompt, **settings, **cache)
         seconds[name] = time.perf_counter() - started
         answers[name] = tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+
+    answers, seconds = {}, {}
+    dense = DynamicCache()
+    generate("dense", past_key_values=dense)
+    handle = kvtier.attach(model, budget_gb=args.budget_gb)
+    generate("kvtier")  # generate() now builds a TieredCache
     stats = handle.stats()
     kvtier.detach(model)
 
