@@ -1,9 +1,9 @@
-"""The attention function kvtier registers with transformers: it reads every tier tile by tile.
+"""The attention function kvtier registers with transformers: it reads every tier in place.
 
-Each tile (the sinks, a group of warm pages dequantized together, the recent buffer, the new chunk)
-gives a partial softmax; partials merge by log-sum-exp, so no dense copy of the whole cache is ever
-built. Warm pages are attended in the rotated basis (q R . k R = q . k) and their merged output is
-rotated back once. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
+A decode step (one query row) goes to the paged decode kernel on CUDA (``decode_kernel="auto"``) and to
+its torch reference elsewhere. A prefill chunk attends the cached tiers through the reference, query tile
+by query tile, and its own tokens exactly; the pieces merge by log-sum-exp, so no dense copy of the
+whole cache is ever built. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvtier.kernels import decode_attention as paged_kernel
 from kvtier.kernels.partial_attention import PartialAccumulator, partial_attention
 
+from .errors import KVTierError
 from .layer import TierView
 
 ATTENTION_NAME = "kvtier"
@@ -30,45 +32,88 @@ def tiered_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def attend_tiers(view: TierView, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
-    """query (B, H_q, Q, D) at positions past_length.. -> attention output (B, Q, H_q, D) in the query's dtype.
+    """query (B, H_q, Q, D) at positions past_length.. -> attention output (B, Q, H_q, D) in the query's dtype."""
+    if query.shape[2] == 1:
+        ranges = _decode_ranges(view, attention_mask)
+        if ranges is not None:
+            return _decode(view, query, scaling, *ranges)
+    return _prefill(view, query, attention_mask, scaling)
 
-    Query rows are handled query_tile at a time and written straight into the output, so the float32
-    temporaries stay within the cache's scratch estimate however long the prefill chunk is.
-    """
+
+def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Tensor:
+    """One query row over every cached token (the new one is already in the hot tier)."""
+    layer = view.layer
+    batch, query_heads, _, head_dim = query.shape
+    if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout):
+        out, _ = paged_kernel.decode_attention(query[:, :, 0], layer.paged(), kv_start, kv_end, scaling,
+                                               workspace=layer.cache.workspace)
+        return out.unsqueeze(1)
+    kv_heads = layer.hot_keys.shape[1]
+    queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
+    out, _, _ = paged_kernel.paged_attention_reference(queries, layer.paged(), kv_start, kv_end,
+                                                       key_tile=layer.config.key_tile)
+    return out.reshape(batch, query_heads, 1, head_dim).transpose(1, 2).to(query.dtype)
+
+
+def _decode_ranges(view: TierView, attention_mask):
+    """(kv_start, kv_end), (B,) int32 each: row b attends positions kv_start[b] <= p < kv_end[b]; None when the
+    mask is not such a range (then the general path runs). Computed once per forward, at the first layer."""
+    cache, layer = view.layer.cache, view.layer
+    key = (None if attention_mask is None else attention_mask.data_ptr(), layer.total_tokens)
+    if layer.layer_idx != 0 and cache.decode_ranges_key == key:
+        return cache.decode_ranges
+    batch, total = layer.hot_keys.shape[0], layer.total_tokens
+    device = layer.hot_keys.device
+    if attention_mask is None:
+        kv_start = torch.zeros(batch, dtype=torch.int32, device=device)
+    else:
+        allowed = _allowed_matrix(attention_mask, 1)[:, 0, 0, :total].expand(batch, total)  # (B, K)
+        kv_start = allowed.int().argmax(-1).int()  # first allowed position
+        if not bool((allowed.sum(-1) == total - kv_start).all()):  # one host sync per step
+            kv_start = None
+    ranges = None if kv_start is None else (kv_start, torch.full_like(kv_start, total))
+    cache.decode_ranges_key, cache.decode_ranges = key, ranges
+    return ranges
+
+
+def _use_kernel(choice: str, query: torch.Tensor, layout) -> bool:
+    if choice == "torch" or (choice == "auto" and not query.is_cuda):
+        return False
+    if paged_kernel.triton is None or not paged_kernel.kernel_reads(layout):
+        if choice == "triton":
+            raise KVTierError(
+                "kvtier: decode_kernel='triton' needs the triton package (pip install triton) and pages it can read: "
+                f"power-of-two block_size, head dim and key groups of at least 16 tokens; this cache has {layout}."
+            )
+        return False
+    return True
+
+
+def _prefill(view: TierView, query, attention_mask, scaling: float) -> torch.Tensor:
+    """Query rows are handled query_tile at a time and written straight into the output, so the float32
+    temporaries stay within the cache's scratch estimate however long the prefill chunk is."""
     batch, query_heads, query_length, head_dim = query.shape
     kv_heads = view.new_keys.shape[1]
     groups = query_heads // kv_heads
     allowed = _allowed_matrix(attention_mask, query_length)  # (B, 1, Q, K) bool, or None for causal
     out = query.new_empty(batch, query_length, query_heads, head_dim)  # the activation the model expects
     tile = view.layer.config.query_tile
+    kv_start = torch.zeros(batch, dtype=torch.int32, device=query.device)
+    kv_end = torch.full_like(kv_start, view.past_length)
+    paged = view.layer.paged()
     for first in range(0, query_length, tile):
         rows = slice(first, min(first + tile, query_length))
         count = rows.stop - rows.start
         queries = (query[:, :, rows].float() * scaling).view(batch, kv_heads, groups, count, head_dim)
-        tile_out = _attend_query_tile(view, queries, allowed, rows)  # (B, H_kv, G, Q_tile, D)
-        out[:, rows] = tile_out.reshape(batch, query_heads, count, head_dim).transpose(1, 2)
+        accumulator = PartialAccumulator()
+        if view.past_length:
+            past, lse, _ = paged_kernel.paged_attention_reference(
+                queries, paged, kv_start, kv_end, None if allowed is None else allowed[:, 0, rows],
+                key_tile=view.layer.config.key_tile)
+            accumulator.add(past, lse)
+        _attend_new_chunk(view, queries, allowed, rows, accumulator)
+        out[:, rows] = accumulator.out.reshape(batch, query_heads, count, head_dim).transpose(1, 2)
     return out
-
-
-def _attend_query_tile(view: TierView, queries: torch.Tensor, allowed, rows: slice) -> torch.Tensor:
-    """queries (B, H_kv, G, Q_tile, D) scaled float32 -> out (B, H_kv, G, Q_tile, D)."""
-    layer = view.layer
-    plain, rotated = PartialAccumulator(), PartialAccumulator()
-    rotated_queries = None
-    for tile in layer.tiles(view.past_length):
-        columns = slice(tile.start, tile.start + tile.keys.shape[2])
-        tile_allowed = None if allowed is None else allowed[:, :, rows, columns].unsqueeze(1)
-        if tile.rotated:
-            if rotated_queries is None:
-                rotated_queries = queries @ layer.rotation if layer.rotation is not None else queries
-            rotated.add(*partial_attention(rotated_queries, tile.keys, tile.values, tile_allowed))
-        else:
-            plain.add(*partial_attention(queries, tile.keys.float(), tile.values.float(), tile_allowed))
-    if rotated.out is not None:
-        out = rotated.out @ layer.rotation.T if layer.rotation is not None else rotated.out
-        plain.add(out, rotated.lse)
-    _attend_new_chunk(view, queries, allowed, rows, plain)
-    return plain.out
 
 
 def _attend_new_chunk(view: TierView, queries, allowed, rows: slice, accumulator: PartialAccumulator) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspace_bytes
+
 from .config import BYTES_PER_GB, TierConfig
 from .errors import BudgetTooSmallError, KVTierError
 from .layer import TieredLayer
@@ -28,6 +30,8 @@ class TieredCache(Cache):
         self.scratch_bytes = 0
         self.warm_share_bytes = 0  # each layer's share of what the hot tier and scratch leave
         self.layer_shape = None  # (batch, kv_heads, head_dim, dtype) once the first layer saw its states
+        self.workspace = DecodeWorkspace()  # the decode kernel's scratch, shared by the layers
+        self.decode_ranges_key = self.decode_ranges = None  # what attention derived from this step's mask
         super().__init__(layers=[TieredLayer(self, index) for index in range(self.num_layers)])
 
     # ---------------------------------------------------------------- budget
@@ -53,7 +57,7 @@ class TieredCache(Cache):
             "(sink+recent policy) and keep going."
         )
 
-    def check_layer_shape(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    def check_layer_shape(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         """On the first layer's first states: validate the shapes and reserve hot tiers and scratch for all layers."""
         shape = (batch, kv_heads, head_dim, dtype)
         if self.layer_shape is not None:
@@ -71,7 +75,7 @@ class TieredCache(Cache):
         hot_per_layer = 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
         rotation_per_layer = head_dim * head_dim * 4 if self.config.rotate else 0  # float32 (D, D)
         self.hot_bytes = self.num_layers * (hot_per_layer + rotation_per_layer)
-        self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype)
+        self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype, device)
         if not self.reserve(self.hot_bytes + self.scratch_bytes):
             raise BudgetTooSmallError(
                 f"kvtier: budget_gb={self.config.budget_gb:g} ({self.budget_bytes:,} bytes) cannot hold the hot window: "
@@ -83,17 +87,20 @@ class TieredCache(Cache):
             )
         self.warm_share_bytes = (self.budget_bytes - self.reserved_bytes) // self.num_layers
 
-    def estimate_scratch_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        """Upper bound of the temporaries one attention call holds (one layer at a time)."""
+    def estimate_scratch_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> int:
+        """Upper bound of the temporaries one attention call holds (one layer at a time), plus the decode
+        kernel's workspace, which is kept between calls."""
         key_tile, query_tile = self.config.key_tile, self.config.query_tile
         gathered_codes = 2 * kv_heads * key_tile * (head_dim // 2 + 4)  # packed codes and value params
-        dequantized = 2 * kv_heads * key_tile * head_dim * 4  # float32 keys and values of one tile
-        scores = 3 * self.query_heads * query_tile * key_tile * 4  # scores, weights, mask
+        # keys: unpacked codes, float codes, per-token scale and minimum, the copy into (B, H, T, D); values alike
+        dequantized = 32 * kv_heads * key_tile * head_dim
+        scores = 5 * self.query_heads * query_tile * key_tile * 4  # scores, masked copy, log-sum-exp, weights
         # query tile, rotated query, two accumulators, a partial output and its normalized copy, three merge temporaries
         queries = 9 * self.query_heads * query_tile * head_dim * 4
         block = self.config.block_size
         flush = 4 * kv_heads * block * head_dim * 4 + 2 * kv_heads * self.config.recent_window * head_dim * dtype.itemsize
-        return batch * (gathered_codes + dequantized + scores + queries + flush)
+        kernel = workspace_bytes(batch, self.query_heads, head_dim, max_splits(batch, kv_heads, device))
+        return batch * (gathered_codes + dequantized + scores + queries + flush) + kernel
 
     def check_states(self, keys: torch.Tensor, values: torch.Tensor, layer: TieredLayer) -> None:
         if keys.shape != values.shape or keys.dtype != layer.dtype or keys.device != layer.device:

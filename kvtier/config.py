@@ -9,6 +9,7 @@ from .policies import POLICIES
 WARM_FORMATS = ("int4",)
 KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("raise", "evict")
+DECODE_KERNELS = ("auto", "triton", "torch")
 
 BYTES_PER_GB = 1024**3
 
@@ -36,6 +37,7 @@ class TierConfig:
     pages_per_slab: int = 16  # warm pages are allocated this many at a time (fewer near the budget)
     key_tile: int = 1024  # attention reads the cache this many tokens at a time (bounds scratch)
     query_tile: int = 256  # and handles this many query rows at a time (prefill)
+    decode_kernel: str = "auto"  # "auto": the Triton kernel on CUDA, its torch reference elsewhere; or force one
 
     def __post_init__(self):
         _check(self.budget_gb > 0, f"budget_gb must be positive, got {self.budget_gb}.")
@@ -55,6 +57,8 @@ class TierConfig:
         _check(self.key_tile >= self.block_size,
                f"key_tile ({self.key_tile}) must be at least block_size ({self.block_size}).")
         _check(self.query_tile >= 1, f"query_tile must be >= 1, got {self.query_tile}.")
+        _check(self.decode_kernel in DECODE_KERNELS,
+               f"unknown decode_kernel {self.decode_kernel!r}; choose one of {DECODE_KERNELS}.")
 
     @property
     def budget_bytes(self) -> int:

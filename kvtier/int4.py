@@ -2,7 +2,9 @@
 
 A block of keys ``(..., T, D)`` gets one (scale, minimum) pair per channel, shared by its ``T`` tokens;
 a block of values gets one pair per token, shared by its ``D`` channels. Codes are unsigned 0..15 and
-packed along the head dim: byte ``j`` holds channel ``2j`` in its low nibble and ``2j + 1`` in its high.
+packed along the head dim in halves: byte ``j`` holds channel ``j`` in its low nibble and channel ``j + D/2`` in
+its high one, so that a kernel unpacks the low nibbles into the first half of the channels and the high
+nibbles into the second, each half contiguous (no interleaving in registers).
 Scales and minimums are stored in float16.
 """
 
@@ -18,14 +20,13 @@ _TINY = 1e-6
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """(..., D) integer codes in 0..15 -> (..., D // 2) uint8."""
     codes = codes.to(torch.uint8)
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """(..., D // 2) uint8 -> (..., D) uint8 codes in 0..15."""
-    low = packed & 0x0F
-    high = packed >> 4
-    return torch.stack((low, high), dim=-1).flatten(-2)
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1)
 
 
 def _quantize(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor):

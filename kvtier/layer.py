@@ -9,15 +9,15 @@ unless the budget made the policy drop the oldest warm pages (counted in ``evict
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvtier.kernels.decode_attention import PagedKV, hot_table_rows
+
 from . import int4
 from .errors import BudgetExceededError
+from .pages import NoRoomForPage, PageLayout, WarmPages
 from .policies import make_policy
-from .pages import NoRoomForPage, WarmPages
 from .rotation import random_rotation
 
 
@@ -33,16 +33,6 @@ class TierView:
     new_keys: torch.Tensor  # (B, H_kv, L, D)
     new_values: torch.Tensor  # (B, H_kv, L, D)
     past_length: int
-
-
-@dataclass
-class Tile:
-    """A run of cached tokens handed to attention: positions start .. start + T - 1."""
-
-    start: int
-    keys: torch.Tensor  # (B, H_kv, T, D)
-    values: torch.Tensor  # (B, H_kv, T, D)
-    rotated: bool  # True for warm pages: keys and values live in the rotated basis
 
 
 class TieredLayer(CacheLayerMixin):
@@ -64,21 +54,23 @@ class TieredLayer(CacheLayerMixin):
         batch, kv_heads, _, head_dim = key_states.shape
         config = self.config
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype)
+        self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype, key_states.device)
         self.rotation = (
             random_rotation(head_dim, config.rotation_seed + self.layer_idx).to(self.device) if config.rotate else None
         )
-        hot = dict(dtype=self.dtype, device=self.device)
-        self.sink_keys = torch.empty(batch, kv_heads, config.sink_tokens, head_dim, **hot)
-        self.sink_values = torch.empty_like(self.sink_keys)
+        hot_capacity = config.sink_tokens + config.recent_window + config.block_size
+        # sinks at [0, sink_tokens), the recent buffer after them; zeroed, because attention reads whole hot pages
+        # and masks the slots not filled yet (a NaN there would survive a zero weight)
+        self.hot_keys = torch.zeros(batch, kv_heads, hot_capacity, head_dim, dtype=self.dtype, device=self.device)
+        self.hot_values = torch.zeros_like(self.hot_keys)
         self.sink_count = 0
-        recent_capacity = config.recent_window + config.block_size
-        self.recent_keys = torch.empty(batch, kv_heads, recent_capacity, head_dim, **hot)
-        self.recent_values = torch.empty_like(self.recent_keys)
         self.recent_count = 0
         self.recent_start = config.sink_tokens  # position of recent_keys[:, :, 0]
-        self.warm = WarmPages(batch, kv_heads, head_dim, config.block_size, self.device, config.pages_per_slab,
-                              self.cache, self.cache.warm_share_bytes, config.key_axis, config.key_group_size)
+        self.hot_pages = self._hot_pages()
+        self.hot_table = torch.tensor(self.hot_pages, dtype=torch.int32).T.contiguous().to(self.device)  # (3, n_hot)
+        layout = PageLayout(batch, kv_heads, config.block_size, head_dim, config.key_group_size,
+                            key_per_channel=config.key_axis == "channel")
+        self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, self.cache.warm_share_bytes)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -106,6 +98,8 @@ class TieredLayer(CacheLayerMixin):
         self.sink_count = self.recent_count = 0
         if self.is_initialized:
             self.recent_start = self.config.sink_tokens
+            self.hot_pages = self._hot_pages()
+            self.hot_table.copy_(torch.tensor(self.hot_pages, dtype=torch.int32).T)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
@@ -155,6 +149,37 @@ class TieredLayer(CacheLayerMixin):
         self.recent_values[:, :, :kept] = self.recent_values[:, :, block:self.recent_count].clone()
         self.recent_count = kept
         self.recent_start += block
+        self.hot_pages = self._hot_pages()
+        self.hot_table[1, self._sink_rows:] += block  # on the device: no host-to-device copy
+
+    # the hot buffer's two parts, as views
+    @property
+    def sink_keys(self) -> torch.Tensor:
+        return self.hot_keys[:, :, :self.config.sink_tokens]
+
+    @property
+    def sink_values(self) -> torch.Tensor:
+        return self.hot_values[:, :, :self.config.sink_tokens]
+
+    @property
+    def recent_keys(self) -> torch.Tensor:
+        return self.hot_keys[:, :, self.config.sink_tokens:]
+
+    @property
+    def recent_values(self) -> torch.Tensor:
+        return self.hot_values[:, :, self.config.sink_tokens:]
+
+    def _hot_pages(self) -> list[tuple[int, int, int]]:
+        """(offset, position, count) rows of the hot buffer: the sinks, then the recent buffer's whole capacity.
+        Slots not yet filled hold positions at or past the sequence's end, which attention masks out."""
+        sinks = self.config.sink_tokens
+        recent = (sinks, self.recent_start, self.hot_keys.shape[2] - sinks)
+        segments = [(0, 0, sinks), recent] if sinks else [recent]
+        return hot_table_rows(segments)
+
+    @property
+    def _sink_rows(self) -> int:
+        return len(hot_table_rows([(0, 0, self.config.sink_tokens)])) if self.config.sink_tokens else 0
 
     def quantize_block(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> dict:
         """keys, values (B, H_kv, block, D); valid (B, block) bool or None -> one page's tensors."""
@@ -191,34 +216,14 @@ class TieredLayer(CacheLayerMixin):
                 self.warm.drop(self.policy.victim([entry.start for entry in self.warm.table]))
                 self.evicted_tokens += self.config.block_size
 
-    def tiles(self, limit: int) -> Iterator[Tile]:
-        """Cached tokens at positions < limit, in position order, at most key_tile tokens per tile."""
-        if self.sink_count:
-            count = min(self.sink_count, limit)
-            if count > 0:
-                yield Tile(0, self.sink_keys[:, :, :count], self.sink_values[:, :, :count], rotated=False)
-        pages_per_tile = self.config.key_tile // self.config.block_size
-        entries = [entry for entry in self.warm.table if entry.start < limit]
-        for first in range(0, len(entries), pages_per_tile):
-            group = entries[first:first + pages_per_tile]
-            page = self.warm.read(group)
-            count = min(len(group) * self.config.block_size, limit - group[0].start)
-            if self.config.key_axis == "token":
-                keys = int4.dequantize(page["key_codes"], page["key_scale"], page["key_min"])
-            else:
-                keys = _dequantize_keys(page, self.config.key_group_size)
-            values = int4.dequantize(page["value_codes"], page["value_scale"], page["value_min"])
-            yield Tile(group[0].start, keys[:, :, :count], values[:, :, :count], rotated=True)
-        count = min(self.recent_count, limit - self.recent_start)
-        if count > 0:
-            yield Tile(self.recent_start, self.recent_keys[:, :, :count], self.recent_values[:, :, :count],
-                       rotated=False)
+    def paged(self) -> PagedKV:
+        """Every cached token, as the decode kernel and its reference read it."""
+        return PagedKV(self.warm, self.hot_keys, self.hot_values, self.hot_pages, self.hot_table, self.rotation)
 
     def map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        for name in ("sink_keys", "sink_values", "recent_keys", "recent_values"):
-            setattr(self, name, fn(getattr(self, name)))
+        self.hot_keys, self.hot_values = fn(self.hot_keys), fn(self.hot_values)
         self.warm.map_batch(fn)
 
     # ---------------------------------------------------------------- accounting
@@ -228,13 +233,3 @@ class TieredLayer(CacheLayerMixin):
     def warm_tokens(self) -> int:
         return len(self.warm.table) * self.config.block_size if self.is_initialized else 0
 
-
-def _dequantize_keys(page: dict, key_group: int) -> torch.Tensor:
-    """Gathered keys with per-page channel params (n, B, H, groups, D) -> float32 keys (B, H, n * block, D)."""
-    scale = page["key_scale"].float().permute(1, 2, 0, 3, 4).flatten(2, 3).unsqueeze(-2)  # (B, H, n*groups, 1, D)
-    minimum = page["key_min"].float().permute(1, 2, 0, 3, 4).flatten(2, 3).unsqueeze(-2)
-    codes = page["key_codes"]  # (B, H, n * block, D // 2)
-    batch, heads, tokens, half = codes.shape
-    codes = codes.view(batch, heads, tokens // key_group, key_group, half)
-    keys = int4.dequantize(codes, scale, minimum)  # (B, H, n * groups, key_group, D)
-    return keys.flatten(2, 3)

@@ -1,21 +1,99 @@
 """The warm tier of one layer: fixed-size INT4 pages in slabs, and the block table that orders them.
 
-A page holds ``block_size`` consecutive tokens of every sequence in the batch and every KV head.
-Pages live in slabs of several pages (one allocation per slab, never one per page); a freed page's
-slot is reused before a new slab is asked for. Every slab is paid for out of the cache's budget
-before it is allocated, and no layer takes more than its equal share of the warm budget.
+A page holds ``block_size`` consecutive tokens of every sequence in the batch and every KV head, as one
+run of bytes laid out by :class:`PageLayout`. Pages live in slabs of several pages (one uint8 allocation
+per slab, never one per page); a freed page's slot is reused before a new slab is asked for. Every slab
+is paid for out of the cache's budget before it is allocated, and no layer takes more than its equal
+share of the warm budget.
+
+The block table exists twice: as Python rows (``table``) for the policies and the torch reference, and
+as device tensors that the decode kernel walks without any host-to-device copy: ``offsets``, each page's
+distance from ``base`` (the slab at the lowest address, so offsets are never negative) in ALIGNMENT-byte
+units, which tells the kernel's compiler that every page start is aligned for wide loads; and
+``positions``, each page's first token position.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from . import int4
 
-# the tensors of one page, in slab order; the slab tensors carry a leading page axis
-PAGE_FIELDS = ("key_codes", "key_scale", "key_min", "value_codes", "value_scale", "value_min")
+# the fields of one page, in byte order
+PAGE_FIELDS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min")
+ALIGNMENT = 16  # every field starts on a 16-byte boundary, so that the kernel can load it in wide words
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Where each field of an INT4 page sits in the page's bytes.
+
+    key_codes, value_codes: (B, H, block, D // 2) uint8, two channels per byte (see int4)
+    key_scale, key_min: (B, H, block // key_group, D) float16 per channel, or (B, H, block, 1) per token
+    value_scale, value_min: (B, H, block, 1) float16
+    """
+
+    batch: int
+    kv_heads: int
+    block_size: int
+    head_dim: int
+    key_group: int
+    key_per_channel: bool = True
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        batch, heads, block, dim = self.batch, self.kv_heads, self.block_size, self.head_dim
+        key_params = (batch, heads, block // self.key_group, dim) if self.key_per_channel else (batch, heads, block, 1)
+        return {
+            "key_codes": (batch, heads, block, dim // 2),
+            "value_codes": (batch, heads, block, dim // 2),
+            "key_scale": key_params,
+            "key_min": key_params,
+            "value_scale": (batch, heads, block, 1),
+            "value_min": (batch, heads, block, 1),
+        }
+
+    @staticmethod
+    def dtype(name: str) -> torch.dtype:
+        return torch.uint8 if name.endswith("codes") else int4.PARAM_DTYPE
+
+    @cached_property
+    def offsets(self) -> dict[str, int]:
+        """Byte offset of each field inside a page."""
+        offsets, position = {}, 0
+        for name in PAGE_FIELDS:
+            offsets[name] = position
+            position += _aligned(torch.Size(self.shapes[name]).numel() * self.dtype(name).itemsize)
+        return offsets
+
+    @cached_property
+    def page_bytes(self) -> int:
+        """Bytes one page occupies in a slab (fields and their alignment padding)."""
+        last = PAGE_FIELDS[-1]
+        return self.offsets[last] + _aligned(torch.Size(self.shapes[last]).numel() * self.dtype(last).itemsize)
+
+    def views(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (P, page_bytes) -> each field as a typed view (P, *field shape) of the same memory."""
+        count = pages.shape[0]
+        views = {}
+        for name in PAGE_FIELDS:
+            shape, dtype = self.shapes[name], self.dtype(name)
+            size = torch.Size(shape).numel() * dtype.itemsize
+            start = self.offsets[name]
+            views[name] = pages[:, start:start + size].view(dtype).view(count, *shape)
+        return views
+
+
+def _placeholder(device) -> torch.Tensor:
+    """A small uint8 tensor the kernel gets as its page base while no slab exists (it then reads no page)."""
+    return torch.zeros(ALIGNMENT, dtype=torch.uint8, device=device)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
 @dataclass
@@ -31,47 +109,36 @@ class NoRoomForPage(Exception):
 
 
 class WarmPages:
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, block_size: int, device, pages_per_slab: int,
-                 budget, share_bytes: int = 0, key_axis: str = "channel", key_group: int | None = None):
-        key_group = key_group or block_size
-        if key_axis == "channel":  # one (scale, min) per channel and group of key_group tokens
-            key_params = (batch, kv_heads, block_size // key_group, head_dim)
-        else:  # one per token
-            key_params = (batch, kv_heads, block_size, 1)
-        self.channel_param_fields = ("key_scale", "key_min") if key_axis == "channel" else ()
-        self.shapes = {  # per page
-            "key_codes": (batch, kv_heads, block_size, head_dim // 2),
-            "key_scale": key_params,
-            "key_min": key_params,
-            "value_codes": (batch, kv_heads, block_size, head_dim // 2),
-            "value_scale": (batch, kv_heads, block_size, 1),
-            "value_min": (batch, kv_heads, block_size, 1),
-        }
-        self.block_size = block_size
+    def __init__(self, layout: PageLayout, device, pages_per_slab: int, budget, share_bytes: int = 0):
+        self.layout = layout
+        self.block_size = layout.block_size
         self.device = device
         self.pages_per_slab = pages_per_slab
         self.budget = budget  # has reserve(nbytes) -> bool and release(nbytes)
         self.share_bytes = share_bytes  # this layer's share of the warm budget, so that layers hold equal context
-        self.slabs: list[dict[str, torch.Tensor]] = []
+        self.slabs: list[torch.Tensor] = []  # uint8 (pages, page_bytes) each
         self.slab_offsets: list[int] = []  # page id of each slab's first slot
         self.free_page_ids: list[int] = []
         self.table: list[PageEntry] = []  # in position order
+        self.offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) each page's units from base
+        self.positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) its first token's position
+        self.base = _placeholder(device)  # the slab at the lowest address
 
     @property
     def page_bytes(self) -> int:
-        total = 0
-        for name, shape in self.shapes.items():
-            dtype = torch.uint8 if name.endswith("codes") else int4.PARAM_DTYPE
-            total += torch.Size(shape).numel() * dtype.itemsize
-        return total
+        return self.layout.page_bytes
 
     @property
     def capacity(self) -> int:
-        return sum(slab["key_codes"].shape[0] for slab in self.slabs)
+        return sum(slab.shape[0] for slab in self.slabs)
 
     @property
     def allocated_bytes(self) -> int:
-        return self.capacity * self.page_bytes
+        return self.capacity * self.page_bytes + self.table_bytes
+
+    @property
+    def table_bytes(self) -> int:
+        return self.offsets.nbytes + self.positions.nbytes
 
     def store(self, start: int, page: dict[str, torch.Tensor]) -> None:
         """Write one quantized block (tensors named by PAGE_FIELDS, page shapes) at the end of the table."""
@@ -81,25 +148,26 @@ class WarmPages:
             self._grow()
         page_id = self.free_page_ids.pop()
         slab, slot = self._locate(page_id)
+        views = self.layout.views(slab[slot:slot + 1])
         for name in PAGE_FIELDS:
-            slab[name][slot].copy_(page[name])
+            views[name][0].copy_(page[name])
+        row = len(self.table)
+        distance = slab[slot].data_ptr() - self.base.data_ptr()
+        self.offsets[row].fill_(distance // ALIGNMENT)  # on the device: no host-to-device copy
+        self.positions[row].fill_(start)
         self.table.append(PageEntry(page_id, start))
 
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
-        """Gather the pages of ``entries`` (consecutive in the table) into tensors with a token axis:
-        codes (B, H, n * block, D // 2); per-token params (B, H, n * block, 1); per-channel key params (n, B, H, groups, D)."""
-        located = [self._locate(entry.page_id) for entry in entries]
-        gathered = {name: torch.stack([slab[name][slot] for slab, slot in located]) for name in PAGE_FIELDS}
-        batch, heads = self.shapes["key_codes"][:2]
-        for name in PAGE_FIELDS:
-            tensor = gathered[name]  # (n, B, H, block or groups, X)
-            if name in self.channel_param_fields:
-                continue  # per-channel key params stay per page: (n, B, H, groups, D)
-            gathered[name] = tensor.permute(1, 2, 0, 3, 4).reshape(batch, heads, -1, tensor.shape[-1])
-        return gathered
+        """Gather the pages of ``entries`` into field tensors with a leading page axis: (n, *field shape)."""
+        rows = [self._locate(entry.page_id) for entry in entries]
+        gathered = torch.stack([slab[slot] for slab, slot in rows])  # (n, page_bytes)
+        return self.layout.views(gathered)
 
     def drop(self, index: int) -> PageEntry:
         """Free the page at ``index`` in the block table (its tokens leave the cache); return its row."""
+        count = len(self.table)
+        for column in (self.offsets, self.positions):
+            column[index:count - 1] = column[index + 1:count].clone()
         entry = self.table.pop(index)
         self.free_page_ids.append(entry.page_id)
         return entry
@@ -107,37 +175,69 @@ class WarmPages:
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)
         self.slabs, self.slab_offsets, self.free_page_ids, self.table = [], [], [], []
+        self.offsets, self.positions = self.offsets[:0].clone(), self.positions[:0].clone()
+        self.base = _placeholder(self.device)
 
     def map_batch(self, fn) -> None:
-        """Apply ``fn`` to the batch axis of every slab tensor (beam reorder, batch selection)."""
+        """Apply ``fn`` to the batch axis of every page field (beam reorder, batch selection), in place."""
+        if self.slabs and fn(torch.empty(self.layout.batch, 0)).shape[0] != self.layout.batch:
+            raise NotImplementedError("changing the batch size of a cache that holds warm pages")
         for slab in self.slabs:
-            for name in PAGE_FIELDS:
-                slab[name] = fn(slab[name].transpose(0, 1)).transpose(0, 1).contiguous()
-        new_batch = fn(torch.empty(self.shapes["key_codes"][0], 0)).shape[0]
-        if new_batch != self.shapes["key_codes"][0]:
-            if self.slabs:
-                raise NotImplementedError("changing the batch size of a cache that holds warm pages")
-            self.shapes = {name: (new_batch, *shape[1:]) for name, shape in self.shapes.items()}
+            for view in self.layout.views(slab).values():
+                view.copy_(fn(view.transpose(0, 1)).transpose(0, 1))
+        if not self.slabs:
+            new_batch = fn(torch.empty(self.layout.batch, 0)).shape[0]
+            layout = self.layout
+            self.layout = PageLayout(new_batch, layout.kv_heads, layout.block_size, layout.head_dim,
+                                     layout.key_group, layout.key_per_channel)
 
-    def _locate(self, page_id: int) -> tuple[dict[str, torch.Tensor], int]:
+    def _locate(self, page_id: int) -> tuple[torch.Tensor, int]:
         for slab, offset in zip(reversed(self.slabs), reversed(self.slab_offsets)):
             if page_id >= offset:
                 return slab, page_id - offset
         raise KeyError(page_id)
 
     def _grow(self) -> None:
-        """Allocate a slab of as many pages (up to pages_per_slab) as the budget allows."""
+        """Allocate a slab of as many pages (up to pages_per_slab) as the budget allows, and room in the table.
+
+        A bigger table is paid for in full before it is allocated (the old one is freed right after the copy).
+        """
         for pages in range(self.pages_per_slab, 0, -1):
-            nbytes = pages * self.page_bytes
-            if self.allocated_bytes + nbytes <= self.share_bytes and self.budget.reserve(nbytes):
+            table_bytes = self.table_bytes_for(self.capacity + pages)
+            nbytes = pages * self.page_bytes + table_bytes
+            after = (self.capacity + pages) * self.page_bytes + (table_bytes or self.table_bytes)
+            if after <= self.share_bytes and self.budget.reserve(nbytes):
                 break
         else:
             raise NoRoomForPage()
-        slab = {}
-        for name, shape in self.shapes.items():
-            dtype = torch.uint8 if name.endswith("codes") else int4.PARAM_DTYPE
-            slab[name] = torch.empty((pages, *shape), dtype=dtype, device=self.device)
+        if table_bytes:
+            self._grow_table(self.capacity + pages)
         offset = self.capacity
+        slab = torch.empty((pages, self.page_bytes), dtype=torch.uint8, device=self.device)
+        assert slab.data_ptr() % ALIGNMENT == 0, "slabs come from the allocator aligned far beyond 16 bytes"
+        if not self.slabs:
+            self.base = slab
+        elif slab.data_ptr() < self.base.data_ptr():  # rebase, so that offsets stay >= 0
+            self.offsets[:len(self.table)] += (self.base.data_ptr() - slab.data_ptr()) // ALIGNMENT
+            self.base = slab
         self.slabs.append(slab)
         self.slab_offsets.append(offset)
         self.free_page_ids.extend(range(offset + pages - 1, offset - 1, -1))
+
+    def table_bytes_for(self, pages: int) -> int:
+        """Bytes of the new device table that ``pages`` pages need, or 0 if the current one has room."""
+        if pages <= self.offsets.shape[0]:
+            return 0
+        capacity = max(self.offsets.shape[0], 16)
+        while capacity < pages:
+            capacity *= 2
+        return capacity * (8 + 4)  # an int64 address and an int32 position per page
+
+    def _grow_table(self, pages: int) -> None:
+        old_bytes, count = self.table_bytes, len(self.table)
+        capacity = self.table_bytes_for(pages) // (8 + 4)
+        addresses = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        positions = torch.zeros(capacity, dtype=torch.int32, device=self.device)
+        addresses[:count], positions[:count] = self.offsets[:count], self.positions[:count]
+        self.offsets, self.positions = addresses, positions
+        self.budget.release(old_bytes)

@@ -1,8 +1,14 @@
-import pytest
+import os
+
 import torch
 
-import kvtier
-from kvtier.models import load_smollm2
+if not torch.cuda.is_available():  # the Triton kernels run on the CPU through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kvtier  # noqa: E402
+from kvtier.models import load_smollm2  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ class PeakRecorder:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("batch,context,chunk,budget_gb", [(1, 6000, 2048, 0.03), (4, 3000, 1024, 0.1)])
+@pytest.mark.parametrize("batch,context,chunk,budget_gb", [(1, 6000, 2048, 0.04), (4, 3000, 1024, 0.14)])
 def test_device_bytes_stay_within_budget(model, monkeypatch, batch, context, chunk, budget_gb):
     handle = kvtier.attach(model, budget_gb=budget_gb, on_budget_full="evict", key_tile=256, query_tile=64)
     try:
@@ -69,8 +69,10 @@ def test_device_bytes_stay_within_budget(model, monkeypatch, batch, context, chu
     stats = cache.stats()
     print(f"batch {batch}: held {held:,} B, peak scratch {recorder.peak_growth:,} B of {cache.scratch_bytes:,} estimated")
     assert stats["evicted_tokens"] > 0  # the budget was the limit
-    tensors = sum(5 + 6 * len(each.warm.slabs) for each in cache.layers)  # hot tensors, rotation, slab fields
-    assert held <= cache.reserved_bytes - cache.scratch_bytes + tensors * ALLOCATOR_ROUNDING
+    # per layer: hot keys, values and page table, rotation, warm offsets, positions and base placeholder, slabs
+    tensors = sum(7 + len(each.warm.slabs) for each in cache.layers) + len(cache.workspace.buffers)
+    kept_scratch = cache.workspace.nbytes  # the decode kernel's workspace stays allocated between steps
+    assert held <= cache.reserved_bytes - cache.scratch_bytes + kept_scratch + tensors * ALLOCATOR_ROUNDING
     assert recorder.peak_growth <= cache.scratch_bytes, (recorder.peak_growth, cache.scratch_bytes)
     assert cache.reserved_bytes <= cache.budget_bytes
 

@@ -9,6 +9,7 @@ from transformers import LlamaConfig
 from kvtier import BudgetExceededError, BudgetTooSmallError, TierConfig, TieredCache
 from kvtier.attention import attend_tiers
 from kvtier.config import BYTES_PER_GB
+from kvtier.kernels.decode_attention import dequantize_pages
 
 MODEL = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64)
 SMALL = dict(sink_tokens=2, recent_window=8, block_size=4, key_tile=8, query_tile=4)
@@ -25,16 +26,26 @@ def random_states(length, seed, batch=2):
 
 
 def cached_tokens(layer):
-    """Every cached token in the original basis: positions (N,), keys and values (B, H, N, D)."""
+    """Every cached token in the original basis, read through the layer's pages: positions (N,), keys and
+    values (B, H, N, D), in position order."""
+    paged = layer.paged()
     positions, keys, values = [], [], []
-    for tile in layer.tiles(layer.total_tokens):
-        tile_keys, tile_values = tile.keys.float(), tile.values.float()
-        if tile.rotated and layer.rotation is not None:
-            tile_keys, tile_values = tile_keys @ layer.rotation.T, tile_values @ layer.rotation.T
-        positions.append(torch.arange(tile.start, tile.start + tile_keys.shape[2]))
-        keys.append(tile_keys)
-        values.append(tile_values)
-    return torch.cat(positions), torch.cat(keys, 2), torch.cat(values, 2)
+    if paged.warm.table:
+        warm_keys, warm_values = dequantize_pages(paged.warm, paged.warm.table)
+        if layer.rotation is not None:
+            warm_keys, warm_values = warm_keys @ layer.rotation.T, warm_values @ layer.rotation.T
+        block = paged.warm.block_size
+        positions += [torch.arange(entry.start, entry.start + block) for entry in paged.warm.table]
+        keys.append(warm_keys)
+        values.append(warm_values)
+    for offset, position, count in paged.hot_pages:
+        positions.append(torch.arange(position, position + count))
+        keys.append(paged.hot_keys[:, :, offset:offset + count].float())
+        values.append(paged.hot_values[:, :, offset:offset + count].float())
+    positions = torch.cat(positions)
+    order = positions.argsort()
+    order = order[positions[order] < layer.total_tokens]  # unfilled hot slots lie past the end
+    return positions[order], torch.cat(keys, 2)[:, :, order], torch.cat(values, 2)[:, :, order]
 
 
 def tensor_bytes(cache):
@@ -42,9 +53,9 @@ def tensor_bytes(cache):
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
-        total += sum(t.nbytes for t in (layer.sink_keys, layer.sink_values, layer.recent_keys, layer.recent_values))
+        total += layer.hot_keys.nbytes + layer.hot_values.nbytes
         total += 0 if layer.rotation is None else layer.rotation.nbytes
-        total += sum(t.nbytes for slab in layer.warm.slabs for t in slab.values())
+        total += sum(slab.nbytes for slab in layer.warm.slabs) + layer.warm.table_bytes
     return total
 
 
@@ -84,9 +95,10 @@ def fill(cache, length, seed=0, chunk=5):
 def budget_for_pages(pages_per_layer, **overrides):
     probe = make_cache(**overrides)
     fill(probe, 40)  # initializes the layers and their page size
-    page_bytes = probe.layers[0].warm.page_bytes
+    warm = probe.layers[0].warm
     fixed = probe.hot_bytes + probe.scratch_bytes
-    return (fixed + 2 * pages_per_layer * page_bytes) / BYTES_PER_GB
+    per_layer = pages_per_layer * warm.page_bytes + warm.table_bytes  # the probe holds fewer than 16 pages too
+    return (fixed + 2 * per_layer) / BYTES_PER_GB
 
 
 def test_full_budget_raises_with_the_budget_and_the_context():

@@ -1,0 +1,285 @@
+"""Decode attention on the GPU: kvtier's paged Triton kernel beside torch SDPA on a dense bf16 cache.
+
+For each context and batch, one attention layer of Llama-3.1-8B's shape (32 query heads, 8 KV heads, head
+dim 128, bf16) is filled with the same random keys and values twice: as dense bf16 tensors for SDPA, and
+through a real TieredCache layer (4 sinks, INT4 warm pages, recent window in bf16) for the kernel. It
+times, as the median of many runs with the L2 cache flushed in between (triton.testing.do_bench):
+
+- sdpa: torch SDPA (flash backend where it runs) on the dense cache, one query row
+- int4: the kernel over the tiered layer (sinks and recent bf16 pages, everything else INT4)
+- int4+mass: the same with the per-page attention mass output
+- bf16: the kernel over the dense bf16 cache described as bf16 pages
+
+Bandwidth is on the bytes each one actually reads. Prints a table last; writes JSON and markdown.
+
+    python benchmarks/kernel.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import LlamaConfig
+
+from kvtier import TierConfig, TieredCache
+from kvtier.kernels import decode_attention as kernel_module
+from kvtier.kernels.decode_attention import PagedKV, decode_attention, hot_table_rows
+from kvtier.pages import PageLayout, WarmPages
+
+QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+CHUNK = 16384  # tokens per layer.update while filling
+
+
+def filled(batch: int, tokens: int, seed: int):
+    """A one-layer TieredCache and dense bf16 keys/values (B, H_kv, T, D) holding the same random tokens."""
+    model = LlamaConfig(num_hidden_layers=1, num_attention_heads=QUERY_HEADS, num_key_value_heads=KV_HEADS,
+                        head_dim=HEAD_DIM, hidden_size=QUERY_HEADS * HEAD_DIM)
+    cache = TieredCache(TierConfig(budget_gb=40.0), model)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, KV_HEADS, tokens, HEAD_DIM)
+    keys = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+    keys[..., :4] += 3  # a few outlier channels, as real keys have
+    layer = cache.layers[0]
+    for first in range(0, tokens, CHUNK):
+        layer.update(keys[:, :, first:first + CHUNK], values[:, :, first:first + CHUNK])
+    return layer, keys, values
+
+
+def dense_as_pages(keys: torch.Tensor, values: torch.Tensor) -> PagedKV:
+    """The dense cache as bf16 pages of the kernel's hot kind (no warm pages)."""
+    batch, heads, tokens, dim = keys.shape
+    layout = PageLayout(batch, heads, 64, dim, 32)
+    no_warm = WarmPages(layout, keys.device, pages_per_slab=1, budget=None)
+    rows = hot_table_rows([(0, 0, tokens)])
+    table = torch.tensor(rows, dtype=torch.int32, device=keys.device).T.contiguous()
+    return PagedKV(no_warm, keys, values, rows, table, rotation=None)
+
+
+def median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def graph_ms(fn, repeats: int = 10) -> float:
+    """Device time of one call with no host in the way: ``repeats`` calls, each after an L2 flush, replayed
+    from a CUDA graph, minus the same graph's flushes alone; median of 20 replays."""
+    flush_buffer = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+
+    def capture(with_call: bool) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm: workspaces allocated before capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                flush_buffer.zero_()
+                if with_call:
+                    fn()
+        return graph
+
+    def replay_ms(graph) -> float:
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    return (replay_ms(capture(True)) - replay_ms(capture(False))) / repeats
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Wall time per call when calls are issued back to back (host-bound when the GPU work is small)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def sdpa_call(query4, keys, values):
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        def call(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(query4, keys, values, enable_gqa=True)
+        try:
+            call()
+            return call, backend.name
+        except RuntimeError:
+            continue
+    raise RuntimeError("no SDPA backend ran")
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def measure(batch: int, tokens: int) -> dict:
+    layer, keys, values = filled(batch, tokens, seed=tokens + batch)
+    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    scale = HEAD_DIM**-0.5
+    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    kv_end = torch.full_like(kv_start, tokens)
+    tiered, dense = layer.paged(), dense_as_pages(keys, values)
+    workspace = layer.cache.workspace
+    sdpa, backend = sdpa_call(query.unsqueeze(2), keys, values)
+
+    reference = sdpa()[:, :, 0]
+    int4_out, _ = decode_attention(query, tiered, kv_start, kv_end, scale, workspace=workspace)
+    bf16_out, _ = decode_attention(query, dense, kv_start, kv_end, scale, workspace=workspace)
+    _, mass = decode_attention(query, tiered, kv_start, kv_end, scale, with_mass=True, workspace=workspace)
+
+    calls = {
+        "sdpa": sdpa,
+        "int4": lambda: decode_attention(query, tiered, kv_start, kv_end, scale, workspace=workspace),
+        "int4_mass": lambda: decode_attention(query, tiered, kv_start, kv_end, scale, with_mass=True,
+                                              workspace=workspace),
+        "bf16": lambda: decode_attention(query, dense, kv_start, kv_end, scale, workspace=workspace),
+    }
+    times = {name: median_ms(call) for name, call in calls.items()}
+    graph_times = {f"{name}_graph": graph_ms(calls[name]) for name in ("sdpa", "int4", "bf16")}
+    host = {f"{name}_host_us": host_us(calls[name]) for name in ("sdpa", "int4")}
+    dense_bytes = keys.nbytes + values.nbytes
+    int4_bytes = tiered.warm_pages * tiered.warm.page_bytes + tiered.hot_keys.nbytes + tiered.hot_values.nbytes
+    row = {
+        "batch": batch, "tokens": tokens, "sdpa_backend": backend,
+        "warm_pages": tiered.warm_pages, "dense_bytes": dense_bytes, "int4_bytes": int4_bytes,
+        **{f"{name}_ms": value for name, value in {**times, **graph_times}.items()}, **host,
+        "sdpa_tb_per_s": dense_bytes / times["sdpa"] / 1e9,
+        "int4_tb_per_s": int4_bytes / times["int4"] / 1e9,
+        "bf16_tb_per_s": dense_bytes / times["bf16"] / 1e9,
+        "int4_speedup": times["sdpa"] / times["int4"],
+        "int4_graph_speedup": graph_times["sdpa_graph"] / graph_times["int4_graph"],
+        "int4_graph_tb_per_s": int4_bytes / graph_times["int4_graph"] / 1e9,
+        "bf16_graph_time_ratio": graph_times["bf16_graph"] / graph_times["sdpa_graph"],
+        "bf16_time_ratio": times["bf16"] / times["sdpa"],
+        "mass_overhead": times["int4_mass"] / times["int4"] - 1,
+        "int4_error_vs_dense": relative_error(int4_out, reference),  # INT4 quantization error
+        "bf16_error_vs_sdpa": relative_error(bf16_out, reference),
+        "mass_total_min": mass.sum(-1).min().item(),  # warm pages' share of the softmax
+    }
+    del layer, keys, values, tiered, dense
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep(batch: int, tokens: int) -> list[dict]:
+    """Time the page kernel over launch settings on one filled layer; returns a row per setting and format."""
+    layer, keys, values = filled(batch, tokens, seed=1)
+    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    kv_end = torch.full_like(kv_start, tokens)
+    pages = {"int4": layer.paged(), "dense": dense_as_pages(keys, values)}
+    rows = []
+    for warps, stages, warm_tile in itertools.product((4, 8), (2, 3), (64, 128, 256)):
+        kernel_module.WARM_TILE = warm_tile
+        kernel_module._page_constants.cache_clear()
+        for kind, paged in pages.items():
+            if kind == "dense" and warm_tile != 128:
+                continue  # the warm tile does not change how dense pages are read
+            kernel_module.LAUNCH[kind] = (warps, stages)
+            ms = graph_ms(lambda: decode_attention(query, paged, kv_start, kv_end, 0.1, workspace=layer.cache.workspace))
+            rows.append({"batch": batch, "tokens": tokens, "kind": kind, "num_warps": warps, "num_stages": stages,
+                         "warm_tile": warm_tile, "graph_ms": ms})
+            print(json.dumps(rows[-1]), flush=True)
+    del layer, keys, values, pages
+    torch.cuda.empty_cache()
+    return rows
+
+
+def best_settings(rows: list[dict]) -> dict:
+    """Per format, the launch setting with the least summed time over the swept shapes."""
+    totals = {}
+    for row in rows:
+        key = (row["kind"], row["num_warps"], row["num_stages"], row["warm_tile"])
+        totals[key] = totals.get(key, 0.0) + row["graph_ms"]
+    best = {}
+    for (kind, warps, stages, warm_tile), total in sorted(totals.items(), key=lambda item: item[1]):
+        best.setdefault(kind, {"num_warps": warps, "num_stages": stages, "warm_tile": warm_tile, "sum_ms": total})
+    return best
+
+
+def environment() -> dict:
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "shape": {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| batch | tokens | SDPA ms | INT4 ms | INT4 speedup | INT4 TB/s | bf16 / SDPA | mass cost | "
+             "graph: SDPA ms | INT4 ms | speedup | INT4 TB/s | bf16 / SDPA | INT4 error |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | {row['int4_ms']:.3f} | "
+            f"{row['int4_speedup']:.2f}x | {row['int4_tb_per_s']:.2f} | {row['bf16_time_ratio']:.2f} | "
+            f"{row['mass_overhead'] * 100:+.1f}% | {row['sdpa_graph_ms']:.3f} | {row['int4_graph_ms']:.3f} | "
+            f"{row['int4_graph_speedup']:.2f}x | {row['int4_graph_tb_per_s']:.2f} | {row['bf16_graph_time_ratio']:.2f} | "
+            f"{row['int4_error_vs_dense']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 524288])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="kernel")
+    parser.add_argument("--sweep", action="store_true", help="first time launch settings and use the best")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernel.py times GPU kernels: it needs a CUDA device.")
+    swept, chosen = [], None
+    if args.sweep:
+        for batch, tokens in ((1, 131072), (8, 131072)):
+            swept += sweep(batch, tokens)
+        chosen = best_settings(swept)
+        for kind, setting in chosen.items():
+            kernel_module.LAUNCH[kind] = (setting["num_warps"], setting["num_stages"])
+        kernel_module.WARM_TILE = chosen["int4"]["warm_tile"]
+        kernel_module._page_constants.cache_clear()
+        print(json.dumps(chosen), flush=True)
+    launch = {"launch": dict(kernel_module.LAUNCH), "programs_per_sm": kernel_module.PROGRAMS_PER_SM,
+              "warm_tile": kernel_module.WARM_TILE}
+    rows = []
+    for batch in args.batches:
+        for tokens in args.contexts:
+            rows.append(measure(batch, tokens))
+            print(json.dumps(rows[-1]), flush=True)
+    env = environment()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": env, "launch": launch, "rows": rows, "sweep": swept, "sweep_best": chosen}
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    header = (f"Decode attention, one layer of Llama-3.1-8B shape ({QUERY_HEADS} query heads, {KV_HEADS} KV heads, "
+              f"dim {HEAD_DIM}, bf16) on {env['device']}; torch {env['torch']}, triton {env['triton']}. "
+              "Median of do_bench runs with L2 flushed. INT4 = kvtier's tiered layer (4 sinks + 128-191 recent "
+              "bf16, the rest INT4 pages); bf16 = the same kernel over the dense cache as bf16 pages. "
+              "Speedup and ratio are against SDPA on the dense bf16 cache; bandwidth is on bytes actually read. "
+              "The first columns time eager calls (host launch overhead included); the graph columns replay the "
+              "calls from a CUDA graph (device time alone). INT4 error: relative L2 distance of the INT4 output "
+              "from SDPA's on the exact cache (random keys and values, the quantization error alone).\n\n")
+    (args.out / f"{args.name}.md").write_text(header + table(rows) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,484 @@
+"""Paged decode attention over every tier in place: a Triton split-K kernel and its plain-torch reference.
+
+One program takes one (sequence, KV head) pair, all the query heads that share that KV head (GQA, so each
+KV byte is read once), and a range of pages. Warm pages are packed INT4 (see :class:`~kvtier.pages.PageLayout`),
+dequantized in registers; hot pages are the model dtype, read from the hot buffer. An online softmax runs
+over the pages; a second small kernel merges the splits by log-sum-exp, rotates the warm accumulator back
+to the model basis once, and turns per-page log-sum-exps into per-page attention mass for the policies.
+
+Warm pages live in the rotated basis (keys and values were multiplied by R before quantizing), so they
+are scored against the rotated query q R and accumulate rotated values; the hot accumulator stays plain.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kvtier import int4
+from kvtier.pages import ALIGNMENT, PageLayout, WarmPages
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still works
+    triton = None
+
+HOT_TILE = 64  # hot tokens per kernel step; hot pages are cut to at most this many tokens
+MAX_SPLITS = 64
+# (num_warps, num_stages) of the page kernel, by the kind of page that dominates the launch;
+# benchmarks/kernel.py --sweep measures the alternatives
+LAUNCH = {"int4": (4, 3), "dense": (4, 3)}
+WARM_TILE = 128  # warm tokens the kernel reads per step (whole pages)
+PROGRAMS_PER_SM = 4  # (sequence, head, split) programs per streaming multiprocessor
+LOG2_E = 1.4426950408889634
+
+
+@dataclass
+class PagedKV:
+    """One layer's cached tokens as the decode attention reads them.
+
+    warm: INT4 pages; their device tables (``warm.base``, ``warm.offsets``, ``warm.positions``) feed the
+        kernel and their host rows (``warm.table``) the reference
+    hot_keys, hot_values: (B, H_kv, T_hot, D) model dtype buffers
+    hot_pages: (offset in the hot buffer, position of the first token, token count) per hot page, on the host
+    hot_table: (3, n_hot) int32 on the device, the same rows as columns
+    rotation: (D, D) float32 R, or None; warm pages hold k R and v R
+    """
+
+    warm: WarmPages
+    hot_keys: torch.Tensor
+    hot_values: torch.Tensor
+    hot_pages: list[tuple[int, int, int]]
+    hot_table: torch.Tensor
+    rotation: torch.Tensor | None
+
+    @property
+    def warm_pages(self) -> int:
+        return len(self.warm.table)
+
+
+def hot_table_rows(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Cut (offset, position, count) segments of the hot buffer into pages of at most HOT_TILE tokens."""
+    rows = []
+    for offset, position, count in segments:
+        for first in range(0, count, HOT_TILE):
+            rows.append((offset + first, position + first, min(HOT_TILE, count - first)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor,
+                              allowed: torch.Tensor | None = None, key_tile: int = 1024, with_mass: bool = False):
+    """Softmax attention of scaled queries over the cached tokens at positions kv_start[b] <= p < kv_end[b].
+
+    queries: (B, H_kv, G, Q, D) float (float32, or float64 for a reference), multiplied by the softmax scale
+    kv_start, kv_end: (B,) integer tensors
+    allowed: (B, Q, K) bool or None; further restricts which positions each query row may attend
+    returns out (B, H_kv, G, Q, D), lse (B, H_kv, G, Q) (natural log; -inf where nothing was attended) and,
+    with ``with_mass``, the attention mass of each warm page (B, H_kv, n_warm): summed softmax weight,
+    averaged over the query heads and rows.
+    """
+    dtype = queries.dtype
+    start, end = kv_start.view(-1, 1, 1, 1, 1), kv_end.view(-1, 1, 1, 1, 1)
+
+    def mask(positions: torch.Tensor) -> torch.Tensor:  # positions (T,) -> (B, 1, 1, Q or 1, T)
+        ok = (positions >= start) & (positions < end)
+        if allowed is not None:
+            columns = allowed[:, :, positions.clamp(max=allowed.shape[-1] - 1)]  # (B, Q, T)
+            ok = ok & columns[:, None, None]
+        return ok
+
+    parts = []  # (out, lse, page_lse or None) per piece, plain and rotated pieces kept apart
+    rotated_queries = queries @ paged.rotation.to(dtype) if paged.rotation is not None else queries
+    block = paged.warm.block_size
+    pages_per_tile = max(1, key_tile // block)
+    table = paged.warm.table
+    for first in range(0, len(table), pages_per_tile):
+        entries = table[first:first + pages_per_tile]
+        keys, values = dequantize_pages(paged.warm, entries, dtype)  # (B, H, n * block, D)
+        positions = torch.cat([torch.arange(e.start, e.start + block, device=keys.device) for e in entries])
+        parts.append(("rotated", *_attend(rotated_queries, keys, values, mask(positions), block if with_mass else None)))
+    for offset, position, count in paged.hot_pages:
+        keys = paged.hot_keys[:, :, offset:offset + count].to(dtype)
+        values = paged.hot_values[:, :, offset:offset + count].to(dtype)
+        positions = torch.arange(position, position + count, device=keys.device)
+        parts.append(("plain", *_attend(queries, keys, values, mask(positions), None)))
+    if not parts:  # nothing cached yet
+        lse = queries.new_full(queries.shape[:-1], -torch.inf)
+        return torch.zeros_like(queries), lse, queries.new_zeros(queries.shape[0], queries.shape[1], 0)
+    lse = torch.stack([part[2] for part in parts]).logsumexp(0)  # (B, H, G, Q)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = {"plain": torch.zeros_like(queries), "rotated": torch.zeros_like(queries)}
+    for basis, part_out, part_lse, _ in parts:
+        out[basis] += part_out * torch.exp(part_lse - safe_lse).unsqueeze(-1)
+    if paged.rotation is not None:
+        out["rotated"] = out["rotated"] @ paged.rotation.to(dtype).T
+    out = out["plain"] + out["rotated"]
+    if not with_mass:
+        return out, lse, None
+    page_lse = [part[3] for part in parts if part[0] == "rotated"]
+    if not page_lse:
+        return out, lse, queries.new_zeros(queries.shape[0], queries.shape[1], 0)
+    shares = torch.exp(torch.cat(page_lse, -1) - safe_lse.unsqueeze(-1))  # (B, H, G, Q, n_warm)
+    return out, lse, shares.mean(dim=(2, 3))
+
+
+def _attend(queries, keys, values, allowed, page_size):
+    """One piece: out (B, H, G, Q, D), lse (B, H, G, Q) and, for pages of page_size tokens, lse per page."""
+    scores = torch.einsum("bhgqd,bhtd->bhgqt", queries, keys).masked_fill(~allowed, -torch.inf)
+    lse = scores.logsumexp(-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = torch.einsum("bhgqt,bhtd->bhgqd", torch.exp(scores - safe.unsqueeze(-1)), values)
+    page_lse = None if page_size is None else scores.unflatten(-1, (-1, page_size)).logsumexp(-1)
+    return out, lse, page_lse
+
+
+def dequantize_pages(warm: WarmPages, entries, dtype=torch.float32):
+    """Keys and values of consecutive table rows, in the rotated basis: two (B, H, n * block, D) tensors."""
+    fields = warm.read(entries)  # (n, *field shape) each
+    layout = warm.layout
+
+    def unpack(codes):  # (n, B, H, block, D // 2) -> (n, B, H, block, D)
+        return int4.unpack_nibbles(codes).to(dtype)
+
+    key_scale, key_min = fields["key_scale"].to(dtype), fields["key_min"].to(dtype)
+    if layout.key_per_channel:  # (n, B, H, groups, D) -> one row per token
+        key_scale = key_scale.repeat_interleave(layout.key_group, dim=3)
+        key_min = key_min.repeat_interleave(layout.key_group, dim=3)
+    keys = unpack(fields["key_codes"]).mul_(key_scale).add_(key_min)
+    values = unpack(fields["value_codes"]).mul_(fields["value_scale"].to(dtype)).add_(fields["value_min"].to(dtype))
+    # (n, B, H, block, D) -> (B, H, n * block, D)
+    return keys.permute(1, 2, 0, 3, 4).flatten(2, 3), values.permute(1, 2, 0, 3, 4).flatten(2, 3)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+def kernel_reads(layout: PageLayout) -> bool:
+    """Whether the kernel reads pages of this layout (else attention uses the reference): power-of-two
+    sizes, and per-channel key groups of at least 16 tokens (a tensor-core tile)."""
+    def power_of_two(number: int) -> bool:
+        return number >= 16 and number & (number - 1) == 0
+
+    key_tile = layout.key_group if layout.key_per_channel else layout.block_size
+    return power_of_two(layout.block_size) and power_of_two(key_tile) and power_of_two(layout.head_dim // 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _page_constants(layout: PageLayout) -> dict:
+    if not kernel_reads(layout):
+        raise ValueError(f"the decode kernel cannot read pages of {layout}; use paged_attention_reference")
+    offsets = layout.offsets
+    return dict(KEY_CODES_AT=offsets["key_codes"], VALUE_CODES_AT=offsets["value_codes"],
+                KEY_SCALE_AT=offsets["key_scale"], KEY_MIN_AT=offsets["key_min"],
+                VALUE_SCALE_AT=offsets["value_scale"], VALUE_MIN_AT=offsets["value_min"],
+                BLOCK=layout.block_size, KEY_GROUP=layout.key_group, KEY_PER_TOKEN=not layout.key_per_channel,
+                TILE_PAGES=max(1, WARM_TILE // layout.block_size))
+
+
+class DecodeWorkspace:
+    """The kernel's scratch (split partials, per-page log-sum-exps), kept between calls and grown on demand."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], device) -> torch.Tensor:
+        count = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < count or buffer.device != torch.device(device):
+            buffer = self.buffers[name] = torch.empty(count, dtype=torch.float32, device=device)
+        return buffer[:count].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.buffers.values())
+
+
+def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = MAX_SPLITS) -> int:
+    """Bytes of the split partials for a decode step (per-page mass buffers not included)."""
+    return batch * query_heads * splits * (2 * head_dim + 1) * 4
+
+
+def max_splits(batch: int, kv_heads: int, device) -> int:
+    """Splits per (sequence, KV head) that fill the GPU twice over (a couple on the CPU, so merging is exercised)."""
+    if torch.device(device).type == "cuda":
+        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 2 * batch * kv_heads
+    return max(1, min(MAX_SPLITS, -(-programs // (batch * kv_heads))))
+
+
+def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
+                     with_mass: bool = False, workspace: DecodeWorkspace | None = None, splits: int | None = None,
+                     out: torch.Tensor | None = None):
+    """One decode step's attention with the Triton kernels.
+
+    query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends
+    returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32
+    """
+    batch, query_heads, head_dim = query.shape
+    layout = paged.warm.layout
+    kv_heads = paged.hot_keys.shape[1]
+    group = query_heads // kv_heads
+    warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
+    total_pages = warm_pages + hot_pages
+    splits = min(splits or max_splits(batch, kv_heads, query.device), total_pages)
+    pages_per_split = -(-total_pages // splits)
+    splits = -(-total_pages // pages_per_split)
+    workspace = workspace or DecodeWorkspace()
+    partial_plain = workspace.get("plain", (batch, query_heads, splits, head_dim), query.device)
+    partial_rotated = workspace.get("rotated", (batch, query_heads, splits, head_dim), query.device)
+    partial_lse = workspace.get("lse", (batch, query_heads, splits), query.device)
+    page_lse = workspace.get("page_lse", (batch, query_heads, max(warm_pages, 1)), query.device) if with_mass else None
+    mass = torch.empty(batch, kv_heads, warm_pages, device=query.device) if with_mass else None
+    query = query.contiguous()
+    rotated = query.float() @ paged.rotation if paged.rotation is not None else query.float()
+    hot_keys, hot_values = paged.hot_keys, paged.hot_values
+    if hot_keys.stride(-1) != 1 or hot_keys.stride() != hot_values.stride():
+        raise ValueError("the hot key and value buffers must share strides, with contiguous rows")
+    group_pad = max(16, triton.next_power_of_2(group))
+    # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot on bf16 returns garbage there): on the CPU,
+    # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
+    upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    num_warps, num_stages = LAUNCH["int4" if warm_pages >= hot_pages else "dense"]
+    _decode_pages_kernel[(batch * kv_heads, splits)](
+        query, rotated, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
+        hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
+        kv_start, kv_end, partial_plain, partial_rotated, partial_lse, page_lse if with_mass else partial_lse,
+        scale * LOG2_E, pages_per_split, splits,
+        **_page_constants(layout), KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
+        UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    out = torch.empty_like(query) if out is None else out
+    rotation = paged.rotation if paged.rotation is not None else rotated  # any float32 pointer when unused
+    _merge_splits_kernel[(batch * kv_heads,)](
+        partial_plain, partial_rotated, partial_lse, rotation, out, page_lse if with_mass else partial_lse,
+        mass if with_mass else partial_lse, warm_pages, splits,
+        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=paged.rotation is not None,
+        WITH_MASS=with_mass, MASS_TILE=128,
+    )
+    return out, mass
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+if triton is not None:
+
+    @triton.jit
+    def _decode_pages_kernel(
+        query_ptr, rotated_query_ptr,  # (B, H_q, D): model dtype, plain basis; float32, rotated basis
+        page_base_ptr, warm_offset_ptr, warm_position_ptr, warm_pages,  # uint8 base; (n_warm,) int64 distances
+        # of the pages from it, in ALIGNMENT bytes; (n_warm,) int32 positions
+        hot_keys_ptr, hot_values_ptr, hot_table_ptr, hot_pages,  # hot buffers (B, H_kv, T, D); table (3, n_hot)
+        hot_stride_batch, hot_stride_head, hot_stride_token,
+        kv_start_ptr, kv_end_ptr,  # (B,) int32
+        partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
+        page_lse_ptr,  # (B, H_q, n_warm) log2-sum-exp of each warm page's scores
+        scale_log2, pages_per_split, splits,
+        KEY_CODES_AT: tl.constexpr, VALUE_CODES_AT: tl.constexpr, KEY_SCALE_AT: tl.constexpr,
+        KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr, VALUE_MIN_AT: tl.constexpr,  # field byte offsets
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
+        HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
+        ALIGNMENT: tl.constexpr,
+    ):
+        HALF: tl.constexpr = HEAD_DIM // 2
+        QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
+        TILE: tl.constexpr = TILE_PAGES * BLOCK  # warm tokens per step: several pages at once
+        sequence_head = tl.program_id(0)
+        split = tl.program_id(1)
+        batch_index = sequence_head // KV_HEADS
+        kv_head = sequence_head % KV_HEADS
+
+        heads = tl.arange(0, GROUP_PAD)
+        head_ok = heads < GROUP
+        query_rows = batch_index * QUERY_HEADS + kv_head * GROUP + heads  # (G,)
+        half = tl.arange(0, HALF)
+        channels = tl.arange(0, HEAD_DIM)
+        row_at = query_rows[:, None] * HEAD_DIM
+        # the two halves of q R, matching the low and high nibbles of the packed codes
+        query_low = tl.load(rotated_query_ptr + row_at + half[None, :], mask=head_ok[:, None], other=0.0)
+        query_high = tl.load(rotated_query_ptr + row_at + HALF + half[None, :], mask=head_ok[:, None], other=0.0)
+        query_sum = tl.sum(query_low + query_high, 1)  # (G,), for per-token key minimums
+        query_low16 = query_low.to(tl.float16)
+        query_high16 = query_high.to(tl.float16)
+        plain_query = tl.load(query_ptr + row_at + channels[None, :], mask=head_ok[:, None], other=0.0)  # (G, D)
+        if UPCAST_HOT:
+            plain_query = plain_query.to(tl.float32)
+        kv_start = tl.load(kv_start_ptr + batch_index)
+        kv_end = tl.load(kv_end_ptr + batch_index)
+
+        running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        running_sum = tl.zeros([GROUP_PAD], tl.float32)
+        plain_acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        low_acc = tl.zeros([GROUP_PAD, HALF], tl.float32)  # rotated accumulator, first and second half channels
+        high_acc = tl.zeros([GROUP_PAD, HALF], tl.float32)
+
+        first = split * pages_per_split
+        last = tl.minimum(first + pages_per_split, warm_pages + hot_pages)
+        warm_last = tl.minimum(last, warm_pages)
+        page_rows = kv_head + batch_index * KV_HEADS  # (b, h) index inside a page's fields
+        rows = tl.arange(0, TILE)
+        token = rows % BLOCK  # inside its page
+        code_row = (page_rows * BLOCK + token) * HALF  # (T,)
+        if KEY_PER_TOKEN:
+            key_param_at = page_rows * BLOCK + token
+        else:
+            key_param_at = (page_rows * (BLOCK // KEY_GROUP) + token // KEY_GROUP) * HEAD_DIM
+        value_param_at = page_rows * BLOCK + token
+
+        for tile_first in range(first, warm_last, TILE_PAGES):
+            page = tile_first + rows // BLOCK  # (T,) the page of each row
+            page_ok = page < warm_last
+            row_ptr = page_base_ptr + tl.load(warm_offset_ptr + page, mask=page_ok, other=0) * ALIGNMENT
+            positions = tl.load(warm_position_ptr + page, mask=page_ok, other=0) + token
+            valid = page_ok & (positions >= kv_start) & (positions < kv_end)
+
+            key_codes = tl.load(row_ptr[:, None] + KEY_CODES_AT + code_row[:, None] + half[None, :],
+                                mask=page_ok[:, None], other=0)  # (T, D/2)
+            key_scale_ptr = (row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))
+            key_min_ptr = (row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))
+            if KEY_PER_TOKEN:  # k_t = code_t * s_t + m_t: scale the dot product after
+                scale = tl.load(key_scale_ptr + key_param_at, mask=page_ok, other=0.0).to(tl.float32)
+                minimum = tl.load(key_min_ptr + key_param_at, mask=page_ok, other=0.0).to(tl.float32)
+                scores = tl.dot(query_low16, tl.trans((key_codes & 0x0F).to(tl.float16)))
+                scores = tl.dot(query_high16, tl.trans((key_codes >> 4).to(tl.float16)), scores)
+                scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
+            else:  # per channel over key groups: dequantize in registers, k = code * s + m
+                param_at = key_param_at[:, None] + half[None, :]
+                low_keys = ((key_codes & 0x0F).to(tl.float16)
+                            * tl.load(key_scale_ptr[:, None] + param_at, mask=page_ok[:, None], other=0.0)
+                            + tl.load(key_min_ptr[:, None] + param_at, mask=page_ok[:, None], other=0.0))
+                high_keys = ((key_codes >> 4).to(tl.float16)
+                             * tl.load(key_scale_ptr[:, None] + param_at + HALF, mask=page_ok[:, None], other=0.0)
+                             + tl.load(key_min_ptr[:, None] + param_at + HALF, mask=page_ok[:, None], other=0.0))
+                scores = tl.dot(query_low16, tl.trans(low_keys))
+                scores = tl.dot(query_high16, tl.trans(high_keys), scores)
+            scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # (G, T)
+
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            decay = tl.exp2(running_max - safe_max)
+            weights = tl.exp2(scores - safe_max[:, None])  # (G, T)
+            running_sum = running_sum * decay + tl.sum(weights, 1)
+            running_max = new_max
+            plain_acc = plain_acc * decay[:, None]
+            if WITH_MASS:  # each page's log2-sum-exp
+                page_sums = tl.sum(tl.reshape(weights, (GROUP_PAD, TILE_PAGES, BLOCK)), 2)  # (G, pages)
+                tile_pages = tile_first + tl.arange(0, TILE_PAGES)
+                tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
+                         safe_max[:, None] + tl.log2(page_sums),
+                         mask=head_ok[:, None] & (tile_pages < warm_last)[None, :])
+
+            value_codes = tl.load(row_ptr[:, None] + VALUE_CODES_AT + code_row[:, None] + half[None, :],
+                                  mask=page_ok[:, None], other=0)
+            value_scale = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + value_param_at,
+                                  mask=page_ok, other=0.0)
+            value_min = tl.load((row_ptr + VALUE_MIN_AT).to(tl.pointer_type(tl.float16)) + value_param_at,
+                                mask=page_ok, other=0.0)
+            # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
+            scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
+            value_bias = tl.sum(weights * value_min.to(tl.float32)[None, :], 1)
+            low_acc = tl.dot(scaled_weights, (value_codes & 0x0F).to(tl.float16),
+                             low_acc * decay[:, None] + value_bias[:, None])
+            high_acc = tl.dot(scaled_weights, (value_codes >> 4).to(tl.float16),
+                              high_acc * decay[:, None] + value_bias[:, None])
+
+        hot_tokens = tl.arange(0, HOT_TILE)
+        hot_base = batch_index.to(tl.int64) * hot_stride_batch + kv_head.to(tl.int64) * hot_stride_head
+        for page in range(tl.maximum(first, warm_pages), last):
+            row = page - warm_pages
+            offset = tl.load(hot_table_ptr + row)
+            position = tl.load(hot_table_ptr + hot_pages + row)
+            count = tl.load(hot_table_ptr + 2 * hot_pages + row)
+            hot_ok = hot_tokens < count
+            at = hot_base + (offset + hot_tokens)[:, None] * hot_stride_token + channels[None, :]  # (T, D)
+            keys = tl.load(hot_keys_ptr + at, mask=hot_ok[:, None], other=0.0)
+            if UPCAST_HOT:
+                keys = keys.to(tl.float32)
+            scores = tl.dot(plain_query, tl.trans(keys), input_precision=HOT_PRECISION)
+            positions = position + hot_tokens
+            valid = hot_ok & (positions >= kv_start) & (positions < kv_end)
+            scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
+
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            decay = tl.exp2(running_max - safe_max)
+            weights = tl.exp2(scores - safe_max[:, None])
+            running_sum = running_sum * decay + tl.sum(weights, 1)
+            running_max = new_max
+            low_acc = low_acc * decay[:, None]
+            high_acc = high_acc * decay[:, None]
+            values = tl.load(hot_values_ptr + at, mask=hot_ok[:, None], other=0.0)
+            if UPCAST_HOT:
+                values = values.to(tl.float32)
+            plain_acc = plain_acc * decay[:, None] + tl.dot(weights.to(values.dtype), values,
+                                                            input_precision=HOT_PRECISION)
+
+        safe_sum = tl.where(running_sum == 0.0, 1.0, running_sum)
+        safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
+        lse = tl.where(running_sum == 0.0, float("-inf"), safe_max + tl.log2(safe_sum))
+        split_rows = query_rows * splits + split  # (G,)
+        tl.store(partial_lse_ptr + split_rows, lse, mask=head_ok)
+        out_at = split_rows[:, None] * HEAD_DIM
+        tl.store(partial_plain_ptr + out_at + channels[None, :], plain_acc / safe_sum[:, None], mask=head_ok[:, None])
+        tl.store(partial_rotated_ptr + out_at + half[None, :], low_acc / safe_sum[:, None], mask=head_ok[:, None])
+        tl.store(partial_rotated_ptr + out_at + HALF + half[None, :], high_acc / safe_sum[:, None],
+                 mask=head_ok[:, None])
+
+    @triton.jit
+    def _merge_splits_kernel(
+        partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
+        rotation_ptr,  # (D, D) float32 R
+        out_ptr,  # (B, H_q, D) model dtype
+        page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
+        warm_pages, splits,
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, ROTATE: tl.constexpr, WITH_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
+    ):
+        QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
+        sequence_head = tl.program_id(0)
+        batch_index = sequence_head // KV_HEADS
+        kv_head = sequence_head % KV_HEADS
+        heads = tl.arange(0, GROUP_PAD)
+        head_ok = heads < GROUP
+        query_rows = batch_index * QUERY_HEADS + kv_head * GROUP + heads
+        split_index = tl.arange(0, SPLITS_PAD)
+        lse = tl.load(partial_lse_ptr + query_rows[:, None] * splits + split_index[None, :],
+                      mask=head_ok[:, None] & (split_index < splits)[None, :], other=float("-inf"))  # (G, S)
+        top = tl.max(lse, 1)
+        safe_top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.exp2(lse - safe_top[:, None]), 1)
+        safe_total = tl.where(total == 0.0, 1.0, total)
+
+        channels = tl.arange(0, HEAD_DIM)
+        plain = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        rotated = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for split in range(splits):
+            weight = tl.exp2(tl.load(partial_lse_ptr + query_rows * splits + split, mask=head_ok,
+                                     other=float("-inf")) - safe_top) / safe_total
+            at = (query_rows * splits + split)[:, None] * HEAD_DIM + channels[None, :]
+            plain += weight[:, None] * tl.load(partial_plain_ptr + at, mask=head_ok[:, None], other=0.0)
+            rotated += weight[:, None] * tl.load(partial_rotated_ptr + at, mask=head_ok[:, None], other=0.0)
+        if ROTATE:  # back to the model basis: (q-weighted sum of v R) R^T
+            rotation_t = tl.load(rotation_ptr + channels[None, :] * HEAD_DIM + channels[:, None])  # R^T (D, D)
+            rotated = tl.dot(rotated, rotation_t, input_precision="ieee")
+        out = plain + rotated
+        tl.store(out_ptr + query_rows[:, None] * HEAD_DIM + channels[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=head_ok[:, None])
+
+        if WITH_MASS:
+            log_total = tl.where(total == 0.0, float("inf"), safe_top + tl.log2(safe_total))
+            pages = tl.arange(0, MASS_TILE)
+            for first in range(0, warm_pages, MASS_TILE):
+                page_ok = first + pages < warm_pages
+                page_lse = tl.load(page_lse_ptr + query_rows[:, None] * warm_pages + first + pages[None, :],
+                                   mask=head_ok[:, None] & page_ok[None, :], other=float("-inf"))
+                share = tl.exp2(page_lse - log_total[:, None])  # (G, pages) softmax weight of each page
+                tl.store(mass_ptr + sequence_head * warm_pages + first + pages, tl.sum(share, 0) / GROUP,
+                         mask=page_ok)
