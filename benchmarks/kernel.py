@@ -12,7 +12,7 @@ times, as the median of many runs with the L2 cache flushed in between (triton.t
 
 Bandwidth is on the bytes each one actually reads. Prints a table last; writes JSON and markdown.
 
-    python benchmarks/kernel.py --out benchmarks/results
+    python benchmarks/kernel.py [--sweep]      # writes benchmarks/results/kernel-<gpu>.json and .md
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 524288])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--name", default="kernel")
+    parser.add_argument("--name", default=None, help="results file name (default: kernel-<gpu>, e.g. kernel-h100)")
     parser.add_argument("--sweep", action="store_true", help="first time launch settings and use the best")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -266,6 +266,8 @@ def main() -> None:
             rows.append(measure(batch, tokens))
             print(json.dumps(rows[-1]), flush=True)
     env = environment()
+    args.name = args.name or "kernel-" + next((word.lower() for word in env["device"].split() if word[:1] in "HABL"
+                                                and any(ch.isdigit() for ch in word)), "gpu")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": env, "launch": launch, "rows": rows, "sweep": swept, "sweep_best": chosen}
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))

@@ -198,8 +198,8 @@ class DecodeWorkspace:
 
 
 def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = MAX_SPLITS) -> int:
-    """Bytes of the split partials for a decode step (per-page mass buffers not included)."""
-    return batch * query_heads * splits * (2 * head_dim + 1) * 4
+    """Bytes of the split partials and merged outputs of a decode step (per-page mass buffers not included)."""
+    return batch * query_heads * (splits * (2 * head_dim + 1) + 2 * head_dim) * 4
 
 
 def max_splits(batch: int, kv_heads: int, device) -> int:
@@ -255,19 +255,29 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query) if out is None else out
-    rotation = paged.rotation if paged.rotation is not None else rotated  # any float32 pointer when unused
+    rotate = paged.rotation is not None
+    merged_plain = workspace.get("merged_plain", (batch, query_heads, head_dim), query.device) if rotate else out
+    merged_rotated = workspace.get("merged_rotated", (batch, query_heads, head_dim), query.device) if rotate else out
     _merge_splits_kernel[(batch * kv_heads,)](
-        partial_plain, partial_rotated, partial_lse, rotation, out, page_lse if with_mass else partial_lse,
-        mass if with_mass else partial_lse, warm_pages, splits,
+        partial_plain, partial_rotated, partial_lse, out, merged_plain, merged_rotated,
+        page_lse if with_mass else partial_lse, mass if with_mass else partial_lse, warm_pages, splits,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=paged.rotation is not None,
-        WITH_MASS=with_mass, MASS_TILE=128,
+        SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=rotate, WITH_MASS=with_mass, MASS_TILE=128,
     )
+    if rotate:  # out = plain + (sum of weighted v R) R^T, one float32 matrix product for all rows
+        merged_plain.view(-1, head_dim).addmm_(merged_rotated.view(-1, head_dim), paged.rotation.T)
+        out.copy_(merged_plain)
     return out, mass
 
 
 # ------------------------------------------------------------------------------------------------ kernels
 if triton is not None:
+
+    @triton.jit
+    def _per_token(rows, KEY_GROUP: tl.constexpr, TILE: tl.constexpr, WIDTH: tl.constexpr):
+        """(TILE // KEY_GROUP, WIDTH) rows of key-group parameters -> (TILE, WIDTH), one row per token."""
+        expanded = tl.broadcast_to(rows[:, None, :], (TILE // KEY_GROUP, KEY_GROUP, WIDTH))
+        return tl.reshape(expanded, (TILE, WIDTH))
 
     @triton.jit
     def _decode_pages_kernel(
@@ -326,11 +336,8 @@ if triton is not None:
         rows = tl.arange(0, TILE)
         token = rows % BLOCK  # inside its page
         code_row = (page_rows * BLOCK + token) * HALF  # (T,)
-        if KEY_PER_TOKEN:
-            key_param_at = page_rows * BLOCK + token
-        else:
-            key_param_at = (page_rows * (BLOCK // KEY_GROUP) + token // KEY_GROUP) * HEAD_DIM
-        value_param_at = page_rows * BLOCK + token
+        token_param_at = page_rows * BLOCK + token  # per-token (scale, min) rows: values, and keys per token
+        key_groups = tl.arange(0, TILE // KEY_GROUP)
 
         for tile_first in range(first, warm_last, TILE_PAGES):
             page = tile_first + rows // BLOCK  # (T,) the page of each row
@@ -341,22 +348,31 @@ if triton is not None:
 
             key_codes = tl.load(row_ptr[:, None] + KEY_CODES_AT + code_row[:, None] + half[None, :],
                                 mask=page_ok[:, None], other=0)  # (T, D/2)
-            key_scale_ptr = (row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))
-            key_min_ptr = (row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))
             if KEY_PER_TOKEN:  # k_t = code_t * s_t + m_t: scale the dot product after
-                scale = tl.load(key_scale_ptr + key_param_at, mask=page_ok, other=0.0).to(tl.float32)
-                minimum = tl.load(key_min_ptr + key_param_at, mask=page_ok, other=0.0).to(tl.float32)
+                scale = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                mask=page_ok, other=0.0).to(tl.float32)
+                minimum = tl.load((row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                  mask=page_ok, other=0.0).to(tl.float32)
                 scores = tl.dot(query_low16, tl.trans((key_codes & 0x0F).to(tl.float16)))
                 scores = tl.dot(query_high16, tl.trans((key_codes >> 4).to(tl.float16)), scores)
                 scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
-            else:  # per channel over key groups: dequantize in registers, k = code * s + m
-                param_at = key_param_at[:, None] + half[None, :]
+            else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
+                group_page = tile_first + (key_groups * KEY_GROUP) // BLOCK  # (NG,)
+                group_ok = group_page < warm_last
+                group_ptr = page_base_ptr + tl.load(warm_offset_ptr + group_page, mask=group_ok, other=0) * ALIGNMENT
+                group_at = (page_rows * (BLOCK // KEY_GROUP) + (key_groups * KEY_GROUP % BLOCK) // KEY_GROUP) * HEAD_DIM
+                scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
                 low_keys = ((key_codes & 0x0F).to(tl.float16)
-                            * tl.load(key_scale_ptr[:, None] + param_at, mask=page_ok[:, None], other=0.0)
-                            + tl.load(key_min_ptr[:, None] + param_at, mask=page_ok[:, None], other=0.0))
+                            * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                                         KEY_GROUP, TILE, HALF)
+                            + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                                         KEY_GROUP, TILE, HALF))
                 high_keys = ((key_codes >> 4).to(tl.float16)
-                             * tl.load(key_scale_ptr[:, None] + param_at + HALF, mask=page_ok[:, None], other=0.0)
-                             + tl.load(key_min_ptr[:, None] + param_at + HALF, mask=page_ok[:, None], other=0.0))
+                             * _per_token(tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
+                                          KEY_GROUP, TILE, HALF)
+                             + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
+                                          KEY_GROUP, TILE, HALF))
                 scores = tl.dot(query_low16, tl.trans(low_keys))
                 scores = tl.dot(query_high16, tl.trans(high_keys), scores)
             scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # (G, T)
@@ -377,9 +393,9 @@ if triton is not None:
 
             value_codes = tl.load(row_ptr[:, None] + VALUE_CODES_AT + code_row[:, None] + half[None, :],
                                   mask=page_ok[:, None], other=0)
-            value_scale = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + value_param_at,
+            value_scale = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                   mask=page_ok, other=0.0)
-            value_min = tl.load((row_ptr + VALUE_MIN_AT).to(tl.pointer_type(tl.float16)) + value_param_at,
+            value_min = tl.load((row_ptr + VALUE_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                 mask=page_ok, other=0.0)
             # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
             scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
@@ -434,8 +450,8 @@ if triton is not None:
     @triton.jit
     def _merge_splits_kernel(
         partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
-        rotation_ptr,  # (D, D) float32 R
-        out_ptr,  # (B, H_q, D) model dtype
+        out_ptr,  # (B, H_q, D) model dtype, written when nothing is rotated
+        merged_plain_ptr, merged_rotated_ptr,  # (B, H_q, D) float32 each, written instead when warm pages are
         page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
         warm_pages, splits,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -465,12 +481,12 @@ if triton is not None:
             at = (query_rows * splits + split)[:, None] * HEAD_DIM + channels[None, :]
             plain += weight[:, None] * tl.load(partial_plain_ptr + at, mask=head_ok[:, None], other=0.0)
             rotated += weight[:, None] * tl.load(partial_rotated_ptr + at, mask=head_ok[:, None], other=0.0)
-        if ROTATE:  # back to the model basis: (q-weighted sum of v R) R^T
-            rotation_t = tl.load(rotation_ptr + channels[None, :] * HEAD_DIM + channels[:, None])  # R^T (D, D)
-            rotated = tl.dot(rotated, rotation_t, input_precision="ieee")
-        out = plain + rotated
-        tl.store(out_ptr + query_rows[:, None] * HEAD_DIM + channels[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=head_ok[:, None])
+        out_at = query_rows[:, None] * HEAD_DIM + channels[None, :]
+        if ROTATE:  # the caller turns the warm part back to the model basis with one matrix product
+            tl.store(merged_plain_ptr + out_at, plain, mask=head_ok[:, None])
+            tl.store(merged_rotated_ptr + out_at, rotated, mask=head_ok[:, None])
+        else:
+            tl.store(out_ptr + out_at, (plain + rotated).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
         if WITH_MASS:
             log_total = tl.where(total == 0.0, float("inf"), safe_top + tl.log2(safe_total))

@@ -9,6 +9,7 @@ unless the budget made the policy drop the oldest warm pages (counted in ``evict
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
