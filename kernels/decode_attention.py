@@ -274,6 +274,12 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
 if triton is not None:
 
     @triton.jit
+    def _nibble_values(codes):
+        """uint8 codes 0..15 -> float16 without an int-to-float conversion: the bits 0x6400 | c are the float16
+        1024 + c, and the subtraction is exact."""
+        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+
+    @triton.jit
     def _per_token(rows, KEY_GROUP: tl.constexpr, TILE: tl.constexpr, WIDTH: tl.constexpr):
         """(TILE // KEY_GROUP, WIDTH) rows of key-group parameters -> (TILE, WIDTH), one row per token."""
         expanded = tl.broadcast_to(rows[:, None, :], (TILE // KEY_GROUP, KEY_GROUP, WIDTH))
@@ -353,8 +359,8 @@ if triton is not None:
                                 mask=page_ok, other=0.0).to(tl.float32)
                 minimum = tl.load((row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                   mask=page_ok, other=0.0).to(tl.float32)
-                scores = tl.dot(query_low16, tl.trans((key_codes & 0x0F).to(tl.float16)))
-                scores = tl.dot(query_high16, tl.trans((key_codes >> 4).to(tl.float16)), scores)
+                scores = tl.dot(query_low16, tl.trans(_nibble_values(key_codes & 0x0F)))
+                scores = tl.dot(query_high16, tl.trans(_nibble_values(key_codes >> 4)), scores)
                 scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
             else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
                 group_page = tile_first + (key_groups * KEY_GROUP) // BLOCK  # (NG,)
@@ -363,12 +369,12 @@ if triton is not None:
                 group_at = (page_rows * (BLOCK // KEY_GROUP) + (key_groups * KEY_GROUP % BLOCK) // KEY_GROUP) * HEAD_DIM
                 scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
                 min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                low_keys = ((key_codes & 0x0F).to(tl.float16)
+                low_keys = (_nibble_values(key_codes & 0x0F)
                             * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
                                          KEY_GROUP, TILE, HALF)
                             + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
                                          KEY_GROUP, TILE, HALF))
-                high_keys = ((key_codes >> 4).to(tl.float16)
+                high_keys = (_nibble_values(key_codes >> 4)
                              * _per_token(tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
                                           KEY_GROUP, TILE, HALF)
                              + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
@@ -400,9 +406,9 @@ if triton is not None:
             # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
             scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
             value_bias = tl.sum(weights * value_min.to(tl.float32)[None, :], 1)
-            low_acc = tl.dot(scaled_weights, (value_codes & 0x0F).to(tl.float16),
+            low_acc = tl.dot(scaled_weights, _nibble_values(value_codes & 0x0F),
                              low_acc * decay[:, None] + value_bias[:, None])
-            high_acc = tl.dot(scaled_weights, (value_codes >> 4).to(tl.float16),
+            high_acc = tl.dot(scaled_weights, _nibble_values(value_codes >> 4),
                               high_acc * decay[:, None] + value_bias[:, None])
 
         hot_tokens = tl.arange(0, HOT_TILE)
