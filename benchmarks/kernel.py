@@ -194,7 +194,8 @@ def sweep(batch: int, tokens: int) -> list[dict]:
             if kind == "dense" and warm_tile != 128:
                 continue  # the warm tile does not change how dense pages are read
             kernel_module.LAUNCH[kind] = (warps, stages)
-            ms = graph_ms(lambda: decode_attention(query, paged, kv_start, kv_end, 0.1, workspace=layer.cache.workspace))
+            workspace = layer.cache.workspace
+            ms = graph_ms(lambda: decode_attention(query, paged, kv_start, kv_end, 0.1, workspace=workspace))
             rows.append({"batch": batch, "tokens": tokens, "kind": kind, "num_warps": warps, "num_stages": stages,
                          "warm_tile": warm_tile, "graph_ms": ms})
             print(json.dumps(rows[-1]), flush=True)
@@ -233,7 +234,8 @@ def table(rows: list[dict]) -> str:
             f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | {row['int4_ms']:.3f} | "
             f"{row['int4_speedup']:.2f}x | {row['int4_tb_per_s']:.2f} | {row['bf16_time_ratio']:.2f} | "
             f"{row['mass_overhead'] * 100:+.1f}% | {row['sdpa_graph_ms']:.3f} | {row['int4_graph_ms']:.3f} | "
-            f"{row['int4_graph_speedup']:.2f}x | {row['int4_graph_tb_per_s']:.2f} | {row['bf16_graph_time_ratio']:.2f} | "
+            f"{row['int4_graph_speedup']:.2f}x | {row['int4_graph_tb_per_s']:.2f} | "
+            f"{row['bf16_graph_time_ratio']:.2f} | "
             f"{row['int4_error_vs_dense']:.3f} |")
     return "\n".join(lines)
 

@@ -3,8 +3,8 @@
 One program takes one (sequence, KV head) pair, all the query heads that share that KV head (GQA, so each
 KV byte is read once), and a range of pages. Warm pages are packed INT4 (see :class:`~kvtier.pages.PageLayout`),
 dequantized in registers; hot pages are the model dtype, read from the hot buffer. An online softmax runs
-over the pages; a second small kernel merges the splits by log-sum-exp, rotates the warm accumulator back
-to the model basis once, and turns per-page log-sum-exps into per-page attention mass for the policies.
+over the pages; a second small kernel merges the splits by log-sum-exp and turns per-page log-sum-exps
+into per-page attention mass for the policies; one matrix product turns the warm part back to the model basis.
 
 Warm pages live in the rotated basis (keys and values were multiplied by R before quantizing), so they
 are scored against the rotated query q R and accumulate rotated values; the hot accumulator stays plain.
@@ -93,7 +93,7 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
             ok = ok & columns[:, None, None]
         return ok
 
-    parts = []  # (out, lse, page_lse or None) per piece, plain and rotated pieces kept apart
+    parts = []  # (basis, out, lse, page lse or None) per piece: plain and rotated pieces are summed apart
     rotated_queries = queries @ paged.rotation.to(dtype) if paged.rotation is not None else queries
     block = paged.warm.block_size
     pages_per_tile = max(1, key_tile // block)
@@ -102,7 +102,8 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
         entries = table[first:first + pages_per_tile]
         keys, values = dequantize_pages(paged.warm, entries, dtype)  # (B, H, n * block, D)
         positions = torch.cat([torch.arange(e.start, e.start + block, device=keys.device) for e in entries])
-        parts.append(("rotated", *_attend(rotated_queries, keys, values, mask(positions), block if with_mass else None)))
+        page_size = block if with_mass else None
+        parts.append(("rotated", *_attend(rotated_queries, keys, values, mask(positions), page_size)))
     for offset, position, count in paged.hot_pages:
         keys = paged.hot_keys[:, :, offset:offset + count].to(dtype)
         values = paged.hot_values[:, :, offset:offset + count].to(dtype)
@@ -203,7 +204,8 @@ def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = M
 
 
 def max_splits(batch: int, kv_heads: int, device) -> int:
-    """Splits per (sequence, KV head) that fill the GPU twice over (a couple on the CPU, so merging is exercised)."""
+    """Splits per (sequence, KV head) that give every SM PROGRAMS_PER_SM programs (two on the CPU, so that
+    merging is exercised)."""
     if torch.device(device).type == "cuda":
         programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
