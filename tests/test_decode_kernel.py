@@ -143,3 +143,20 @@ def test_generate_through_kernel_matches_torch_path(device):
     assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
     for reference, kernel in zip(runs["torch"].logits, runs["triton"].logits):
         assert (kernel - reference).norm() / reference.norm() < BF16_RELATIVE
+
+
+@torch.no_grad()
+def test_forcing_the_kernel_on_pages_it_cannot_read_says_why():
+    import kvtier
+    from kvtier.errors import KVTierError
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         hidden_size=64, intermediate_size=128, vocab_size=100)
+    model = LlamaForCausalLM(config).eval()
+    kvtier.attach(model, budget_gb=0.1, decode_kernel="triton", block_size=8, key_group=8, recent_window=8)
+    try:
+        with pytest.raises(KVTierError, match=r"power-of-two block_size.*key groups of at least 16"):
+            model.generate(torch.randint(0, 100, (1, 30)), max_new_tokens=2, do_sample=False)
+    finally:
+        kvtier.detach(model)
