@@ -18,6 +18,7 @@ Bandwidth is on the bytes each one actually reads. Prints a table last; writes J
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -32,7 +33,7 @@ from transformers import LlamaConfig
 
 from kvtier import TierConfig, TieredCache
 from kvtier.kernels import decode_attention as kernel_module
-from kvtier.kernels.decode_attention import PagedKV, decode_attention, hot_table_rows
+from kvtier.kernels.decode_attention import PagedKV, decode_attention, hot_table_rows, hot_table_tensor
 from kvtier.pages import PageLayout, WarmPages
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -61,18 +62,22 @@ def dense_as_pages(keys: torch.Tensor, values: torch.Tensor) -> PagedKV:
     layout = PageLayout(batch, heads, 64, dim, 32)
     no_warm = WarmPages(layout, keys.device, pages_per_slab=1, budget=None)
     rows = hot_table_rows([(0, 0, tokens)])
-    table = torch.tensor(rows, dtype=torch.int32, device=keys.device).T.contiguous()
-    return PagedKV(no_warm, keys, values, rows, table, rotation=None)
+    return PagedKV(no_warm, keys, values, rows, hot_table_tensor(rows, keys.device), rotation=None)
 
 
 def median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
+@functools.cache
+def _l2_flush_buffer() -> torch.Tensor:
+    return torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")  # larger than any L2
+
+
 def graph_ms(fn, repeats: int = 10) -> float:
     """Device time of one call with no host in the way: ``repeats`` calls, each after an L2 flush, replayed
     from a CUDA graph, minus the same graph's flushes alone; median of 20 replays."""
-    flush_buffer = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    flush_buffer = _l2_flush_buffer()
 
     def capture(with_call: bool) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
@@ -189,7 +194,6 @@ def sweep(batch: int, tokens: int) -> list[dict]:
     rows = []
     for warps, stages, warm_tile in itertools.product((4, 8), (2, 3), (64, 128, 256)):
         kernel_module.WARM_TILE = warm_tile
-        kernel_module._page_constants.cache_clear()
         for kind, paged in pages.items():
             if kind == "dense" and warm_tile != 128:
                 continue  # the warm tile does not change how dense pages are read
@@ -258,7 +262,6 @@ def main() -> None:
         for kind, setting in chosen.items():
             kernel_module.LAUNCH[kind] = (setting["num_warps"], setting["num_stages"])
         kernel_module.WARM_TILE = chosen["int4"]["warm_tile"]
-        kernel_module._page_constants.cache_clear()
         print(json.dumps(chosen), flush=True)
     launch = {"launch": dict(kernel_module.LAUNCH), "programs_per_sm": kernel_module.PROGRAMS_PER_SM,
               "warm_tile": kernel_module.WARM_TILE}

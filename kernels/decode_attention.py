@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier import int4
+from kvtier.kernels.partial_attention import PartialAccumulator, attend_scores, masked_scores, partial_attention
 from kvtier.pages import ALIGNMENT, PageLayout, WarmPages
 
 try:
@@ -62,6 +63,11 @@ class PagedKV:
         return len(self.warm.table)
 
 
+def hot_table_tensor(rows: list[tuple[int, int, int]], device) -> torch.Tensor:
+    """The (offset, position, count) rows as the kernel reads them: (3, n_hot) int32 columns on ``device``."""
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).T.contiguous().to(device)
+
+
 def hot_table_rows(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """Cut (offset, position, count) segments of the hot buffer into pages of at most HOT_TILE tokens."""
     rows = []
@@ -93,7 +99,8 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
             ok = ok & columns[:, None, None]
         return ok
 
-    parts = []  # (basis, out, lse, page lse or None) per piece: plain and rotated pieces are summed apart
+    plain, rotated = PartialAccumulator(), PartialAccumulator()  # hot pieces; warm pieces in the rotated basis
+    page_lse = []  # (B, H, G, Q, n) per warm piece, when the mass is wanted
     rotated_queries = queries @ paged.rotation.to(dtype) if paged.rotation is not None else queries
     block = paged.warm.block_size
     pages_per_tile = max(1, key_tile // block)
@@ -102,41 +109,28 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
         entries = table[first:first + pages_per_tile]
         keys, values = dequantize_pages(paged.warm, entries, dtype)  # (B, H, n * block, D)
         positions = torch.cat([torch.arange(e.start, e.start + block, device=keys.device) for e in entries])
-        page_size = block if with_mass else None
-        parts.append(("rotated", *_attend(rotated_queries, keys, values, mask(positions), page_size)))
+        scores = masked_scores(rotated_queries, keys, mask(positions))
+        if with_mass:
+            page_lse.append(scores.unflatten(-1, (-1, block)).logsumexp(-1))
+        rotated.add(*attend_scores(scores, values))
     for offset, position, count in paged.hot_pages:
         keys = paged.hot_keys[:, :, offset:offset + count].to(dtype)
         values = paged.hot_values[:, :, offset:offset + count].to(dtype)
         positions = torch.arange(position, position + count, device=keys.device)
-        parts.append(("plain", *_attend(queries, keys, values, mask(positions), None)))
-    if not parts:  # nothing cached yet
-        lse = queries.new_full(queries.shape[:-1], -torch.inf)
-        return torch.zeros_like(queries), lse, queries.new_zeros(queries.shape[0], queries.shape[1], 0)
-    lse = torch.stack([part[2] for part in parts]).logsumexp(0)  # (B, H, G, Q)
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = {"plain": torch.zeros_like(queries), "rotated": torch.zeros_like(queries)}
-    for basis, part_out, part_lse, _ in parts:
-        out[basis] += part_out * torch.exp(part_lse - safe_lse).unsqueeze(-1)
-    if paged.rotation is not None:
-        out["rotated"] = out["rotated"] @ paged.rotation.to(dtype).T
-    out = out["plain"] + out["rotated"]
+        plain.add(*partial_attention(queries, keys, values, mask(positions)))
+    if rotated.out is not None:
+        warm_out = rotated.out @ paged.rotation.to(dtype).T if paged.rotation is not None else rotated.out
+        plain.add(warm_out, rotated.lse)
+    no_mass = queries.new_zeros(queries.shape[0], queries.shape[1], 0)
+    if plain.out is None:  # nothing cached yet
+        return torch.zeros_like(queries), queries.new_full(queries.shape[:-1], -torch.inf), no_mass
     if not with_mass:
-        return out, lse, None
-    page_lse = [part[3] for part in parts if part[0] == "rotated"]
+        return plain.out, plain.lse, None
     if not page_lse:
-        return out, lse, queries.new_zeros(queries.shape[0], queries.shape[1], 0)
+        return plain.out, plain.lse, no_mass
+    safe_lse = torch.where(torch.isfinite(plain.lse), plain.lse, torch.zeros_like(plain.lse))
     shares = torch.exp(torch.cat(page_lse, -1) - safe_lse.unsqueeze(-1))  # (B, H, G, Q, n_warm)
-    return out, lse, shares.mean(dim=(2, 3))
-
-
-def _attend(queries, keys, values, allowed, page_size):
-    """One piece: out (B, H, G, Q, D), lse (B, H, G, Q) and, for pages of page_size tokens, lse per page."""
-    scores = torch.einsum("bhgqd,bhtd->bhgqt", queries, keys).masked_fill(~allowed, -torch.inf)
-    lse = scores.logsumexp(-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = torch.einsum("bhgqt,bhtd->bhgqd", torch.exp(scores - safe.unsqueeze(-1)), values)
-    page_lse = None if page_size is None else scores.unflatten(-1, (-1, page_size)).logsumexp(-1)
-    return out, lse, page_lse
+    return plain.out, plain.lse, shares.mean(dim=(2, 3))
 
 
 def dequantize_pages(warm: WarmPages, entries, dtype=torch.float32):
@@ -144,15 +138,12 @@ def dequantize_pages(warm: WarmPages, entries, dtype=torch.float32):
     fields = warm.read(entries)  # (n, *field shape) each
     layout = warm.layout
 
-    def unpack(codes):  # (n, B, H, block, D // 2) -> (n, B, H, block, D)
-        return int4.unpack_nibbles(codes).to(dtype)
-
-    key_scale, key_min = fields["key_scale"].to(dtype), fields["key_min"].to(dtype)
+    key_scale, key_min = fields["key_scale"], fields["key_min"]
     if layout.key_per_channel:  # (n, B, H, groups, D) -> one row per token
         key_scale = key_scale.repeat_interleave(layout.key_group, dim=3)
         key_min = key_min.repeat_interleave(layout.key_group, dim=3)
-    keys = unpack(fields["key_codes"]).mul_(key_scale).add_(key_min)
-    values = unpack(fields["value_codes"]).mul_(fields["value_scale"].to(dtype)).add_(fields["value_min"].to(dtype))
+    keys = int4.dequantize(fields["key_codes"], key_scale, key_min, dtype)
+    values = int4.dequantize(fields["value_codes"], fields["value_scale"], fields["value_min"], dtype)
     # (n, B, H, block, D) -> (B, H, n * block, D)
     return keys.permute(1, 2, 0, 3, 4).flatten(2, 3), values.permute(1, 2, 0, 3, 4).flatten(2, 3)
 
@@ -169,7 +160,7 @@ def kernel_reads(layout: PageLayout) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _page_constants(layout: PageLayout) -> dict:
+def _page_constants(layout: PageLayout, warm_tile: int) -> dict:
     if not kernel_reads(layout):
         raise ValueError(f"the decode kernel cannot read pages of {layout}; use paged_attention_reference")
     offsets = layout.offsets
@@ -177,7 +168,7 @@ def _page_constants(layout: PageLayout) -> dict:
                 KEY_SCALE_AT=offsets["key_scale"], KEY_MIN_AT=offsets["key_min"],
                 VALUE_SCALE_AT=offsets["value_scale"], VALUE_MIN_AT=offsets["value_min"],
                 BLOCK=layout.block_size, KEY_GROUP=layout.key_group, KEY_PER_TOKEN=not layout.key_per_channel,
-                TILE_PAGES=max(1, WARM_TILE // layout.block_size))
+                TILE_PAGES=max(1, warm_tile // layout.block_size))
 
 
 class DecodeWorkspace:
@@ -251,7 +242,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
         kv_start, kv_end, partial_plain, partial_rotated, partial_lse, page_lse if with_mass else partial_lse,
         scale * LOG2_E, pages_per_split, splits,
-        **_page_constants(layout), KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        **_page_constants(layout, WARM_TILE), KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
         UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT,
         num_warps=num_warps, num_stages=num_stages,

@@ -19,9 +19,17 @@ def partial_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     allowed: bool, broadcastable to (B, H_kv, G, Q, T), or None for all allowed
     returns out (B, H_kv, G, Q, D) and lse (B, H_kv, G, Q); rows with nothing allowed get out 0, lse -inf
     """
+    return attend_scores(masked_scores(queries, keys, allowed), values)
+
+
+def masked_scores(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """(B, H_kv, G, Q, T) scores, -inf where ``allowed`` is False."""
     scores = torch.einsum("bhgqd,bhtd->bhgqt", queries, keys)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, -torch.inf)
+    return scores if allowed is None else scores.masked_fill(~allowed, -torch.inf)
+
+
+def attend_scores(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of masked scores (B, H_kv, G, Q, T) over values (B, H_kv, T, D) -> out and lse, as above."""
     row_max = scores.amax(dim=-1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max.unsqueeze(-1))

@@ -62,6 +62,7 @@ def quantize_values(values: torch.Tensor):
     return _quantize(x, x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
-    """Packed codes (..., T, D // 2) with broadcastable params -> float32 (..., T, D)."""
-    return unpack_nibbles(codes).float() * scale.float() + minimum.float()
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed codes (..., T, D // 2) with broadcastable params -> (..., T, D) in ``dtype`` (float32 by default)."""
+    return unpack_nibbles(codes).to(dtype).mul_(scale.to(dtype)).add_(minimum.to(dtype))

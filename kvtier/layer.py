@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvtier.kernels.decode_attention import PagedKV, hot_table_rows
+from kvtier.kernels.decode_attention import PagedKV, hot_table_rows, hot_table_tensor
 
 from . import int4
 from .errors import BudgetExceededError
@@ -68,7 +68,7 @@ class TieredLayer(CacheLayerMixin):
         self.recent_count = 0
         self.recent_start = config.sink_tokens  # position of recent_keys[:, :, 0]
         self.hot_pages = self._hot_pages()
-        self.hot_table = torch.tensor(self.hot_pages, dtype=torch.int32).T.contiguous().to(self.device)  # (3, n_hot)
+        self.hot_table = hot_table_tensor(self.hot_pages, self.device)  # (3, n_hot)
         layout = PageLayout(batch, kv_heads, config.block_size, head_dim, config.key_group_size,
                             key_per_channel=config.key_axis == "channel")
         self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, self.cache.warm_share_bytes)
@@ -100,7 +100,7 @@ class TieredLayer(CacheLayerMixin):
         if self.is_initialized:
             self.recent_start = self.config.sink_tokens
             self.hot_pages = self._hot_pages()
-            self.hot_table.copy_(torch.tensor(self.hot_pages, dtype=torch.int32).T)
+            self.hot_table = hot_table_tensor(self.hot_pages, self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))

@@ -15,6 +15,7 @@ units, which tells the kernel's compiler that every page start is aligned for wi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,6 +25,7 @@ from . import int4
 
 # the fields of one page, in byte order
 PAGE_FIELDS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min")
+TABLE_ROW_BYTES = 8 + 4  # a device table row: an int64 page offset and an int32 position
 ALIGNMENT = 16  # every field starts on a 16-byte boundary, so that the kernel can load it in wide words
 
 
@@ -180,16 +182,14 @@ class WarmPages:
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` to the batch axis of every page field (beam reorder, batch selection), in place."""
-        if self.slabs and fn(torch.empty(self.layout.batch, 0)).shape[0] != self.layout.batch:
-            raise NotImplementedError("changing the batch size of a cache that holds warm pages")
+        new_batch = fn(torch.empty(self.layout.batch, 0)).shape[0]
+        if new_batch != self.layout.batch:
+            if self.slabs:
+                raise NotImplementedError("changing the batch size of a cache that holds warm pages")
+            self.layout = dataclasses.replace(self.layout, batch=new_batch)
         for slab in self.slabs:
             for view in self.layout.views(slab).values():
                 view.copy_(fn(view.transpose(0, 1)).transpose(0, 1))
-        if not self.slabs:
-            new_batch = fn(torch.empty(self.layout.batch, 0)).shape[0]
-            layout = self.layout
-            self.layout = PageLayout(new_batch, layout.kv_heads, layout.block_size, layout.head_dim,
-                                     layout.key_group, layout.key_per_channel)
 
     def _locate(self, page_id: int) -> tuple[torch.Tensor, int]:
         for slab, offset in zip(reversed(self.slabs), reversed(self.slab_offsets)):
@@ -231,13 +231,13 @@ class WarmPages:
         capacity = max(self.offsets.shape[0], 16)
         while capacity < pages:
             capacity *= 2
-        return capacity * (8 + 4)  # an int64 address and an int32 position per page
+        return capacity * TABLE_ROW_BYTES
 
     def _grow_table(self, pages: int) -> None:
         old_bytes, count = self.table_bytes, len(self.table)
-        capacity = self.table_bytes_for(pages) // (8 + 4)
-        addresses = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        capacity = self.table_bytes_for(pages) // TABLE_ROW_BYTES
+        offsets = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         positions = torch.zeros(capacity, dtype=torch.int32, device=self.device)
-        addresses[:count], positions[:count] = self.offsets[:count], self.positions[:count]
-        self.offsets, self.positions = addresses, positions
+        offsets[:count], positions[:count] = self.offsets[:count], self.positions[:count]
+        self.offsets, self.positions = offsets, positions
         self.budget.release(old_bytes)
