@@ -34,17 +34,19 @@ from transformers import LlamaConfig
 from kvtier import TierConfig, TieredCache
 from kvtier.kernels import decode_attention as kernel_module
 from kvtier.kernels.decode_attention import PagedKV, decode_attention, hot_table_rows, hot_table_tensor
+from kvtier.formats import Int4Format
 from kvtier.pages import PageLayout, WarmPages
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CHUNK = 16384  # tokens per layer.update while filling
 
 
-def filled(batch: int, tokens: int, seed: int):
-    """A one-layer TieredCache and dense bf16 keys/values (B, H_kv, T, D) holding the same random tokens."""
+def filled(batch: int, tokens: int, seed: int, **config):
+    """A one-layer TieredCache (TierConfig fields ``config``) and dense bf16 keys/values (B, H_kv, T, D) holding the
+    same random tokens."""
     model = LlamaConfig(num_hidden_layers=1, num_attention_heads=QUERY_HEADS, num_key_value_heads=KV_HEADS,
                         head_dim=HEAD_DIM, hidden_size=QUERY_HEADS * HEAD_DIM)
-    cache = TieredCache(TierConfig(budget_gb=40.0), model)
+    cache = TieredCache(TierConfig(budget_gb=40.0, **config), model)
     generator = torch.Generator(device="cuda").manual_seed(seed)
     shape = (batch, KV_HEADS, tokens, HEAD_DIM)
     keys = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
@@ -59,7 +61,7 @@ def filled(batch: int, tokens: int, seed: int):
 def dense_as_pages(keys: torch.Tensor, values: torch.Tensor) -> PagedKV:
     """The dense cache as bf16 pages of the kernel's hot kind (no warm pages)."""
     batch, heads, tokens, dim = keys.shape
-    layout = PageLayout(batch, heads, 64, dim, 32)
+    layout = PageLayout(batch, heads, 64, dim, Int4Format(32))
     no_warm = WarmPages(layout, keys.device, pages_per_slab=1, budget=None)
     rows = hot_table_rows([(0, 0, tokens)])
     return PagedKV(no_warm, keys, values, rows, hot_table_tensor(rows, keys.device), rotation=None)
@@ -135,7 +137,7 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
-def measure(batch: int, tokens: int) -> dict:
+def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> dict:
     layer, keys, values = filled(batch, tokens, seed=tokens + batch)
     query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     scale = HEAD_DIM**-0.5
@@ -179,7 +181,19 @@ def measure(batch: int, tokens: int) -> dict:
         "bf16_error_vs_sdpa": relative_error(bf16_out, reference),
         "mass_total_min": mass.sum(-1).min().item(),  # warm pages' share of the softmax
     }
-    del layer, keys, values, tiered, dense
+    del layer
+    for bits in turboquant_bits:  # the same tokens in TurboQuant pages (QJL keys, centered), timed alike
+        name = f"turboquant{bits}"
+        tq_layer, _, _ = filled(batch, tokens, seed=tokens + batch, warm_format="turboquant", turboquant_bits=bits)
+        tq = tq_layer.paged()
+        call = lambda tq=tq: decode_attention(query, tq, kv_start, kv_end, scale, workspace=workspace)  # noqa: E731
+        tq_bytes = tq.warm_pages * tq.warm.page_bytes + tq.hot_keys.nbytes + tq.hot_values.nbytes
+        row.update({f"{name}_bytes": tq_bytes, f"{name}_ms": median_ms(call), f"{name}_graph_ms": graph_ms(call),
+                    f"{name}_error_vs_dense": relative_error(call()[0], reference)})
+        row[f"{name}_graph_speedup"] = graph_times["sdpa_graph"] / row[f"{name}_graph_ms"]
+        row[f"{name}_graph_tb_per_s"] = tq_bytes / row[f"{name}_graph_ms"] / 1e9
+        del tq_layer, tq, call
+    del keys, values, tiered, dense
     torch.cuda.empty_cache()
     return row
 
@@ -244,6 +258,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def turboquant_table(rows: list[dict], bits: int) -> str:
+    name = f"turboquant{bits}"
+    lines = [f"TurboQuant {bits}-bit pages (QJL keys, keys centered per key group), graph replay:", "",
+             "| batch | tokens | SDPA ms | INT4 ms | TurboQuant ms | TurboQuant speedup | TurboQuant TB/s | "
+             "bytes vs INT4 | TurboQuant error |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_graph_ms']:.3f} | {row['int4_graph_ms']:.3f} | "
+                     f"{row[name + '_graph_ms']:.3f} | {row[name + '_graph_speedup']:.2f}x | "
+                     f"{row[name + '_graph_tb_per_s']:.2f} | {row[name + '_bytes'] / row['int4_bytes']:.2f} | "
+                     f"{row[name + '_error_vs_dense']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 524288])
@@ -251,6 +278,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default=None, help="results file name (default: kernel-<gpu>, e.g. kernel-h100)")
     parser.add_argument("--sweep", action="store_true", help="first time launch settings and use the best")
+    parser.add_argument("--turboquant", type=int, nargs="*", default=[], metavar="BITS",
+                        help="also time TurboQuant pages (QJL keys, centered) at these codebook bits")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel.py times GPU kernels: it needs a CUDA device.")
@@ -268,7 +297,7 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         for tokens in args.contexts:
-            rows.append(measure(batch, tokens))
+            rows.append(measure(batch, tokens, tuple(args.turboquant)))
             print(json.dumps(rows[-1]), flush=True)
     env = environment()
     args.name = args.name or "kernel-" + next((word.lower() for word in env["device"].split() if word[:1] in "HABL"
@@ -284,8 +313,9 @@ def main() -> None:
               "The first columns time eager calls (host launch overhead included); the graph columns replay the "
               "calls from a CUDA graph (device time alone). INT4 error: relative L2 distance of the INT4 output "
               "from SDPA's on the exact cache (random keys and values, the quantization error alone).\n\n")
-    (args.out / f"{args.name}.md").write_text(header + table(rows) + "\n")
-    print(table(rows))
+    text = table(rows) + "".join("\n\n" + turboquant_table(rows, bits) for bits in args.turboquant)
+    (args.out / f"{args.name}.md").write_text(header + text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier import int4
+from kvtier.formats import Int4Format, TurboQuantFormat
+from kvtier.formats.turboquant import levels as turboquant_levels
 from kvtier.kernels.partial_attention import PartialAccumulator, attend_scores, masked_scores, partial_attention
 from kvtier.pages import ALIGNMENT, PageLayout, WarmPages
 
@@ -49,6 +50,7 @@ class PagedKV:
     hot_pages: (offset in the hot buffer, position of the first token, token count) per hot page, on the host
     hot_table: (3, n_hot) int32 on the device, the same rows as columns
     rotation: (D, D) float32 R, or None; warm pages hold k R and v R
+    sketch: (D, D) float32 S of TurboQuant keys' residual signs, or None
     """
 
     warm: WarmPages
@@ -57,6 +59,7 @@ class PagedKV:
     hot_pages: list[tuple[int, int, int]]
     hot_table: torch.Tensor
     rotation: torch.Tensor | None
+    sketch: torch.Tensor | None = None
 
     @property
     def warm_pages(self) -> int:
@@ -107,7 +110,7 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
     table = paged.warm.table
     for first in range(0, len(table), pages_per_tile):
         entries = table[first:first + pages_per_tile]
-        keys, values = dequantize_pages(paged.warm, entries, dtype)  # (B, H, n * block, D)
+        keys, values = dequantize_pages(paged, entries, dtype)  # (B, H, n * block, D)
         positions = torch.cat([torch.arange(e.start, e.start + block, device=keys.device) for e in entries])
         scores = masked_scores(rotated_queries, keys, mask(positions))
         if with_mass:
@@ -133,42 +136,47 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
     return plain.out, plain.lse, shares.mean(dim=(2, 3))
 
 
-def dequantize_pages(warm: WarmPages, entries, dtype=torch.float32):
+def dequantize_pages(paged: PagedKV, entries, dtype=torch.float32):
     """Keys and values of consecutive table rows, in the rotated basis: two (B, H, n * block, D) tensors."""
-    fields = warm.read(entries)  # (n, *field shape) each
-    layout = warm.layout
-
-    key_scale, key_min = fields["key_scale"], fields["key_min"]
-    if layout.key_per_channel:  # (n, B, H, groups, D) -> one row per token
-        key_scale = key_scale.repeat_interleave(layout.key_group, dim=3)
-        key_min = key_min.repeat_interleave(layout.key_group, dim=3)
-    keys = int4.dequantize(fields["key_codes"], key_scale, key_min, dtype)
-    values = int4.dequantize(fields["value_codes"], fields["value_scale"], fields["value_min"], dtype)
-    # (n, B, H, block, D) -> (B, H, n * block, D)
+    fields = paged.warm.read(entries)  # (n, *field shape) each
+    keys, values = paged.warm.layout.format.dequantize(fields, dtype, paged.sketch)  # (n, B, H, block, D) each
     return keys.permute(1, 2, 0, 3, 4).flatten(2, 3), values.permute(1, 2, 0, 3, 4).flatten(2, 3)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
 def kernel_reads(layout: PageLayout) -> bool:
     """Whether the kernel reads pages of this layout (else attention uses the reference): power-of-two
-    sizes, and per-channel key groups of at least 16 tokens (a tensor-core tile)."""
+    sizes, and key groups (INT4 per-channel parameters, TurboQuant key means) of at least 16 tokens (a
+    tensor-core tile)."""
     def power_of_two(number: int) -> bool:
         return number >= 16 and number & (number - 1) == 0
 
-    key_tile = layout.key_group if layout.key_per_channel else layout.block_size
-    return power_of_two(layout.block_size) and power_of_two(key_tile) and power_of_two(layout.head_dim // 2)
+    key_group = getattr(layout.format, "key_group", 0) or layout.block_size
+    if isinstance(layout.format, Int4Format) and not layout.format.key_per_channel:
+        key_group = layout.block_size
+    return power_of_two(layout.block_size) and power_of_two(key_group) and power_of_two(layout.head_dim // 2)
 
 
 @functools.lru_cache(maxsize=64)
 def _page_constants(layout: PageLayout, warm_tile: int) -> dict:
+    """The kernel's compile-time description of a page: its format and each field's byte offset (0 where the
+    format has no such field)."""
     if not kernel_reads(layout):
         raise ValueError(f"the decode kernel cannot read pages of {layout}; use paged_attention_reference")
-    offsets = layout.offsets
-    return dict(KEY_CODES_AT=offsets["key_codes"], VALUE_CODES_AT=offsets["value_codes"],
-                KEY_SCALE_AT=offsets["key_scale"], KEY_MIN_AT=offsets["key_min"],
-                VALUE_SCALE_AT=offsets["value_scale"], VALUE_MIN_AT=offsets["value_min"],
-                BLOCK=layout.block_size, KEY_GROUP=layout.key_group, KEY_PER_TOKEN=not layout.key_per_channel,
-                TILE_PAGES=max(1, warm_tile // layout.block_size))
+    at = layout.offsets
+    common = dict(BLOCK=layout.block_size, TILE_PAGES=max(1, warm_tile // layout.block_size))
+    warm_format = layout.format
+    if isinstance(warm_format, TurboQuantFormat):
+        return dict(common, TURBOQUANT=True, BITS=warm_format.bits, QJL=warm_format.qjl,
+                    KEY_GROUP=warm_format.key_group or layout.block_size, KEY_CENTERED=warm_format.key_group > 0,
+                    KEY_PER_TOKEN=False, KEY_CODES_AT=at["key_planes"], VALUE_CODES_AT=at["value_planes"],
+                    KEY_SCALE_AT=at["key_norm"], KEY_MIN_AT=at.get("key_mean", 0),
+                    VALUE_SCALE_AT=at["value_norm"], VALUE_MIN_AT=0,
+                    KEY_SIGNS_AT=at.get("key_signs", 0), KEY_RESIDUAL_AT=at.get("key_residual_norm", 0))
+    return dict(common, TURBOQUANT=False, BITS=4, QJL=False, KEY_GROUP=warm_format.key_group, KEY_CENTERED=False,
+                KEY_PER_TOKEN=not warm_format.key_per_channel, KEY_CODES_AT=at["key_codes"],
+                VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"], KEY_MIN_AT=at["key_min"],
+                VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"], KEY_SIGNS_AT=0, KEY_RESIDUAL_AT=0)
 
 
 class DecodeWorkspace:
@@ -229,6 +237,12 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     mass = torch.empty(batch, kv_heads, warm_pages, device=query.device) if with_mass else None
     query = query.contiguous()
     rotated = query.float() @ paged.rotation if paged.rotation is not None else query.float()
+    constants = _page_constants(layout, WARM_TILE)
+    if constants["TURBOQUANT"]:  # the codebook, and the rotated query through the QJL sketch, scaled
+        codebook = turboquant_levels(layout.format.bits, head_dim, str(query.device))
+        sketched = rotated @ paged.sketch.T * (math.sqrt(math.pi / 2) / head_dim) if constants["QJL"] else rotated
+    else:
+        codebook, sketched = rotated, rotated  # not read
     hot_keys, hot_values = paged.hot_keys, paged.hot_values
     if hot_keys.stride(-1) != 1 or hot_keys.stride() != hot_values.stride():
         raise ValueError("the hot key and value buffers must share strides, with contiguous rows")
@@ -238,11 +252,11 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     num_warps, num_stages = LAUNCH["int4" if warm_pages >= hot_pages else "dense"]
     _decode_pages_kernel[(batch * kv_heads, splits)](
-        query, rotated, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
+        query, rotated, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
         kv_start, kv_end, partial_plain, partial_rotated, partial_lse, page_lse if with_mass else partial_lse,
         scale * LOG2_E, pages_per_split, splits,
-        **_page_constants(layout, WARM_TILE), KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        **constants, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
         UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT,
         num_warps=num_warps, num_stages=num_stages,
@@ -279,8 +293,21 @@ if triton is not None:
         return tl.reshape(expanded, (TILE, WIDTH))
 
     @triton.jit
+    def _plane_codes(rows_ptr, channels, row_ok, BITS: tl.constexpr, PLANE_BYTES: tl.constexpr):
+        """Codes of ``channels`` (C,) from bit planes: rows_ptr (T,) points at each token's first plane, where
+        bit p of channel j sits at bit j % 8 of byte j // 8 of plane p. Returns (T, C) int32."""
+        byte_at = (channels // 8)[None, :]
+        shift = (channels % 8)[None, :]
+        codes = tl.zeros([rows_ptr.shape[0], channels.shape[0]], tl.int32)
+        for plane in tl.static_range(BITS):
+            plane_bytes = tl.load(rows_ptr[:, None] + plane * PLANE_BYTES + byte_at, mask=row_ok[:, None], other=0)
+            codes = codes | (((plane_bytes.to(tl.int32) >> shift) & 1) << plane)
+        return codes
+
+    @triton.jit
     def _decode_pages_kernel(
         query_ptr, rotated_query_ptr,  # (B, H_q, D): model dtype, plain basis; float32, rotated basis
+        sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T sqrt(pi/2)/D; (2^BITS,) levels
         page_base_ptr, warm_offset_ptr, warm_position_ptr, warm_pages,  # uint8 base; (n_warm,) int64 distances
         # of the pages from it, in ALIGNMENT bytes; (n_warm,) int32 positions
         hot_keys_ptr, hot_values_ptr, hot_table_ptr, hot_pages,  # hot buffers (B, H_kv, T, D); table (3, n_hot)
@@ -289,8 +316,11 @@ if triton is not None:
         partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
         page_lse_ptr,  # (B, H_q, n_warm) log2-sum-exp of each warm page's scores
         scale_log2, pages_per_split, splits,
+        # field byte offsets; TurboQuant keeps norms in the SCALE fields and key means in KEY_MIN
         KEY_CODES_AT: tl.constexpr, VALUE_CODES_AT: tl.constexpr, KEY_SCALE_AT: tl.constexpr,
-        KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr, VALUE_MIN_AT: tl.constexpr,  # field byte offsets
+        KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr, VALUE_MIN_AT: tl.constexpr,
+        KEY_SIGNS_AT: tl.constexpr, KEY_RESIDUAL_AT: tl.constexpr,
+        TURBOQUANT: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, KEY_CENTERED: tl.constexpr,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
         HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
@@ -316,6 +346,11 @@ if triton is not None:
         query_sum = tl.sum(query_low + query_high, 1)  # (G,), for per-token key minimums
         query_low16 = query_low.to(tl.float16)
         query_high16 = query_high.to(tl.float16)
+        if QJL:  # the sketched query, in the same halves as the sign bits
+            sketched_low16 = tl.load(sketched_query_ptr + row_at + half[None, :], mask=head_ok[:, None],
+                                     other=0.0).to(tl.float16)
+            sketched_high16 = tl.load(sketched_query_ptr + row_at + HALF + half[None, :], mask=head_ok[:, None],
+                                      other=0.0).to(tl.float16)
         plain_query = tl.load(query_ptr + row_at + channels[None, :], mask=head_ok[:, None], other=0.0)  # (G, D)
         if UPCAST_HOT:
             plain_query = plain_query.to(tl.float32)
@@ -335,6 +370,8 @@ if triton is not None:
         rows = tl.arange(0, TILE)
         token = rows % BLOCK  # inside its page
         code_row = (page_rows * BLOCK + token) * HALF  # (T,)
+        plane_row = (page_rows * BLOCK + token) * (BITS * HEAD_DIM // 8)  # TurboQuant: (T,) first plane byte
+        sign_row = (page_rows * BLOCK + token) * (HEAD_DIM // 8)
         token_param_at = page_rows * BLOCK + token  # per-token (scale, min) rows: values, and keys per token
         key_groups = tl.arange(0, TILE // KEY_GROUP)
 
@@ -345,35 +382,64 @@ if triton is not None:
             positions = tl.load(warm_position_ptr + page, mask=page_ok, other=0) + token
             valid = page_ok & (positions >= kv_start) & (positions < kv_end)
 
-            key_codes = tl.load(row_ptr[:, None] + KEY_CODES_AT + code_row[:, None] + half[None, :],
-                                mask=page_ok[:, None], other=0)  # (T, D/2)
-            if KEY_PER_TOKEN:  # k_t = code_t * s_t + m_t: scale the dot product after
-                scale = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
-                                mask=page_ok, other=0.0).to(tl.float32)
-                minimum = tl.load((row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
-                                  mask=page_ok, other=0.0).to(tl.float32)
-                scores = tl.dot(query_low16, tl.trans(_nibble_values(key_codes & 0x0F)))
-                scores = tl.dot(query_high16, tl.trans(_nibble_values(key_codes >> 4)), scores)
-                scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
-            else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
+            if KEY_CENTERED or not (TURBOQUANT or KEY_PER_TOKEN):  # a row of parameters per key group (INT4
+                # scale and min; TurboQuant key mean)
                 group_page = tile_first + (key_groups * KEY_GROUP) // BLOCK  # (NG,)
                 group_ok = group_page < warm_last
                 group_ptr = page_base_ptr + tl.load(warm_offset_ptr + group_page, mask=group_ok, other=0) * ALIGNMENT
                 group_at = (page_rows * (BLOCK // KEY_GROUP) + (key_groups * KEY_GROUP % BLOCK) // KEY_GROUP) * HEAD_DIM
-                scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                low_keys = (_nibble_values(key_codes & 0x0F)
-                            * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                                         KEY_GROUP, TILE, HALF)
-                            + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                                         KEY_GROUP, TILE, HALF))
-                high_keys = (_nibble_values(key_codes >> 4)
-                             * _per_token(tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
-                                          KEY_GROUP, TILE, HALF)
-                             + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
-                                          KEY_GROUP, TILE, HALF))
-                scores = tl.dot(query_low16, tl.trans(low_keys))
-                scores = tl.dot(query_high16, tl.trans(high_keys), scores)
+            if TURBOQUANT:  # k = |k| levels[codes] (+ the group mean); the QJL term apart
+                key_norm = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                   mask=page_ok, other=0.0).to(tl.float32)
+                key_rows_ptr = row_ptr + KEY_CODES_AT + plane_row
+                low_keys = tl.load(codebook_ptr + _plane_codes(key_rows_ptr, half, page_ok, BITS, HEAD_DIM // 8))
+                high_keys = tl.load(codebook_ptr + _plane_codes(key_rows_ptr, half + HALF, page_ok, BITS,
+                                                                HEAD_DIM // 8))
+                low_keys = low_keys * key_norm[:, None]
+                high_keys = high_keys * key_norm[:, None]
+                if KEY_CENTERED:
+                    mean_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                    low_keys += _per_token(tl.load(mean_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                                           KEY_GROUP, TILE, HALF)
+                    high_keys += _per_token(tl.load(mean_ptr + HALF + half[None, :], mask=group_ok[:, None],
+                                                    other=0.0), KEY_GROUP, TILE, HALF)
+                scores = tl.dot(query_low16, tl.trans(low_keys.to(tl.float16)))
+                scores = tl.dot(query_high16, tl.trans(high_keys.to(tl.float16)), scores)
+                if QJL:  # + |k| |r| sqrt(pi/2)/D (q R S^T) . signs
+                    residual = tl.load((row_ptr + KEY_RESIDUAL_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                       mask=page_ok, other=0.0).to(tl.float32)
+                    sign_rows_ptr = row_ptr + KEY_SIGNS_AT + sign_row
+                    low_signs = _plane_codes(sign_rows_ptr, half, page_ok, 1, 0) * 2 - 1
+                    high_signs = _plane_codes(sign_rows_ptr, half + HALF, page_ok, 1, 0) * 2 - 1
+                    sketch_dots = tl.dot(sketched_low16, tl.trans(low_signs.to(tl.float16)))
+                    sketch_dots = tl.dot(sketched_high16, tl.trans(high_signs.to(tl.float16)), sketch_dots)
+                    scores += sketch_dots * (key_norm * residual)[None, :]
+            else:
+                key_codes = tl.load(row_ptr[:, None] + KEY_CODES_AT + code_row[:, None] + half[None, :],
+                                    mask=page_ok[:, None], other=0)  # (T, D/2)
+                if KEY_PER_TOKEN:  # k_t = code_t * s_t + m_t: scale the dot product after
+                    scale = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                    mask=page_ok, other=0.0).to(tl.float32)
+                    minimum = tl.load((row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                      mask=page_ok, other=0.0).to(tl.float32)
+                    scores = tl.dot(query_low16, tl.trans(_nibble_values(key_codes & 0x0F)))
+                    scores = tl.dot(query_high16, tl.trans(_nibble_values(key_codes >> 4)), scores)
+                    scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
+                else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
+                    scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                    min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                    low_keys = (_nibble_values(key_codes & 0x0F)
+                                * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                                             KEY_GROUP, TILE, HALF)
+                                + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                                             KEY_GROUP, TILE, HALF))
+                    high_keys = (_nibble_values(key_codes >> 4)
+                                 * _per_token(tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
+                                              KEY_GROUP, TILE, HALF)
+                                 + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
+                                              KEY_GROUP, TILE, HALF))
+                    scores = tl.dot(query_low16, tl.trans(low_keys))
+                    scores = tl.dot(query_high16, tl.trans(high_keys), scores)
             scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # (G, T)
 
             new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -390,19 +456,30 @@ if triton is not None:
                          safe_max[:, None] + tl.log2(page_sums),
                          mask=head_ok[:, None] & (tile_pages < warm_last)[None, :])
 
-            value_codes = tl.load(row_ptr[:, None] + VALUE_CODES_AT + code_row[:, None] + half[None, :],
-                                  mask=page_ok[:, None], other=0)
-            value_scale = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
-                                  mask=page_ok, other=0.0)
-            value_min = tl.load((row_ptr + VALUE_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
-                                mask=page_ok, other=0.0)
-            # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
-            scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
-            value_bias = tl.sum(weights * value_min.to(tl.float32)[None, :], 1)
-            low_acc = tl.dot(scaled_weights, _nibble_values(value_codes & 0x0F),
-                             low_acc * decay[:, None] + value_bias[:, None])
-            high_acc = tl.dot(scaled_weights, _nibble_values(value_codes >> 4),
-                              high_acc * decay[:, None] + value_bias[:, None])
+            if TURBOQUANT:  # v = |v| levels[codes]: fold |v| into the weights
+                value_norm = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                     mask=page_ok, other=0.0)
+                scaled_weights = (weights * value_norm.to(tl.float32)[None, :]).to(tl.float16)
+                value_rows_ptr = row_ptr + VALUE_CODES_AT + plane_row
+                low_values = tl.load(codebook_ptr + _plane_codes(value_rows_ptr, half, page_ok, BITS, HEAD_DIM // 8))
+                high_values = tl.load(codebook_ptr + _plane_codes(value_rows_ptr, half + HALF, page_ok, BITS,
+                                                                  HEAD_DIM // 8))
+                low_acc = tl.dot(scaled_weights, low_values.to(tl.float16), low_acc * decay[:, None])
+                high_acc = tl.dot(scaled_weights, high_values.to(tl.float16), high_acc * decay[:, None])
+            else:
+                value_codes = tl.load(row_ptr[:, None] + VALUE_CODES_AT + code_row[:, None] + half[None, :],
+                                      mask=page_ok[:, None], other=0)
+                value_scale = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                      mask=page_ok, other=0.0)
+                value_min = tl.load((row_ptr + VALUE_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
+                                    mask=page_ok, other=0.0)
+                # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
+                scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
+                value_bias = tl.sum(weights * value_min.to(tl.float32)[None, :], 1)
+                low_acc = tl.dot(scaled_weights, _nibble_values(value_codes & 0x0F),
+                                 low_acc * decay[:, None] + value_bias[:, None])
+                high_acc = tl.dot(scaled_weights, _nibble_values(value_codes >> 4),
+                                  high_acc * decay[:, None] + value_bias[:, None])
 
         hot_tokens = tl.arange(0, HOT_TILE)
         hot_base = batch_index.to(tl.int64) * hot_stride_batch + kv_head.to(tl.int64) * hot_stride_head

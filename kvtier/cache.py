@@ -69,11 +69,19 @@ class TieredCache(Cache):
                 f"kvtier: head dim {head_dim} is odd, and INT4 packs two channels per byte; "
                 "kvtier serves models with an even head dim."
             )
+        if self.config.warm_format == "turboquant" and head_dim % 8:
+            raise KVTierError(
+                f"kvtier: head dim {head_dim} is not a multiple of 8, and TurboQuant packs codes in bit planes of "
+                "8 channels per byte; choose warm_format='int4' for this model."
+            )
         if kv_heads != self.kv_heads:
             raise KVTierError(f"kvtier: the model config says {self.kv_heads} KV heads, but a layer produced {kv_heads}.")
         self.layer_shape = shape
         hot_per_layer = 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
-        rotation_per_layer = head_dim * head_dim * 4 if self.config.rotate else 0  # float32 (D, D)
+        # float32 (D, D) rotation and its (D,) signs; TurboQuant's (D, D) sketch
+        rotation_per_layer = (head_dim * head_dim + head_dim) * 4 if self.config.rotate else 0
+        if self.config.warm_format == "turboquant" and self.config.turboquant_qjl:
+            rotation_per_layer += head_dim * head_dim * 4
         self.hot_bytes = self.num_layers * (hot_per_layer + rotation_per_layer)
         self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype, device)
         if not self.reserve(self.hot_bytes + self.scratch_bytes):
@@ -142,7 +150,7 @@ class TieredCache(Cache):
                 "tokens": layer.warm_tokens(),
                 "pages": sum(len(each.warm.table) for each in self.layers),
                 "bytes": warm_allocated,
-                "format": self.config.warm_format,
+                "format": layer.warm.layout.format.label,
                 "bytes_per_token": self.num_layers * page_bytes / (self.config.block_size * batch),
             },
             "evicted_tokens": layer.evicted_tokens,

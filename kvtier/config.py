@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 from .policies import POLICIES
 
-WARM_FORMATS = ("int4",)
+WARM_FORMATS = ("int4", "turboquant")
+TURBOQUANT_BITS = (2, 3, 4)
 KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("raise", "evict")
 DECODE_KERNELS = ("auto", "triton", "torch")
@@ -20,16 +21,20 @@ class TierConfig:
 
     The hot tier (model dtype) holds the first ``sink_tokens`` tokens and the last ``recent_window`` tokens
     (up to ``block_size - 1`` more while a block fills). Older tokens are quantized once, a block of
-    ``block_size`` tokens at a time, into the warm tier (``warm_format``).
+    ``block_size`` tokens at a time, into the warm tier (``warm_format``: packed INT4, or TurboQuant at
+    ``turboquant_bits`` per channel).
     """
 
     budget_gb: float = 2.0
     sink_tokens: int = 4
     recent_window: int = 128
     block_size: int = 64
-    warm_format: str = "int4"
+    warm_format: str = "int4"  # or "turboquant": rotation + Lloyd-Max codes (+ a QJL residual bit on keys)
+    turboquant_bits: int = 3  # TurboQuant codebook bits per channel, keys and values
+    turboquant_qjl: bool = True  # TurboQuant keys add a 1-bit QJL sketch of their residual
+    turboquant_center_keys: bool = True  # TurboQuant keys: store the mean of each key_group tokens, quantize the rest
     key_axis: str = "channel"  # keys share a (scale, min) per channel over key_group tokens ("channel", KIVI) or per token
-    key_group: int = 32  # per-channel keys: tokens sharing one (scale, min) pair (at most block_size)
+    key_group: int = 32  # tokens sharing one per-channel key (scale, min) pair (INT4) or key mean (TurboQuant)
     rotate: bool = True  # randomized Hadamard rotation of the head dim before quantizing
     rotation_seed: int = 0
     on_budget_full: str = "raise"  # or "evict": drop the oldest warm block (policy sink_recent)
@@ -47,6 +52,11 @@ class TierConfig:
                f"block_size must be an even number >= 2, got {self.block_size}.")
         _check(self.warm_format in WARM_FORMATS,
                f"unknown warm_format {self.warm_format!r}; choose one of {WARM_FORMATS}.")
+        _check(self.turboquant_bits in TURBOQUANT_BITS,
+               f"turboquant_bits must be one of {TURBOQUANT_BITS}, got {self.turboquant_bits}.")
+        _check(self.rotate or self.warm_format != "turboquant",
+               "warm_format='turboquant' quantizes rotated vectors (its codebook assumes the rotation); "
+               "keep rotate=True, or choose warm_format='int4'.")
         _check(self.key_axis in KEY_AXES, f"unknown key_axis {self.key_axis!r}; choose one of {KEY_AXES}.")
         _check(self.key_group >= 1 and self.block_size % self.key_group_size == 0,
                f"key_group must be >= 1 and divide block_size ({self.block_size}), got {self.key_group}.")

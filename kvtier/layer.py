@@ -1,4 +1,5 @@
-"""One decoder layer's tiered cache: a hot tier in the model dtype and a warm tier of INT4 pages.
+"""One decoder layer's tiered cache: a hot tier in the model dtype and a warm tier of packed pages (INT4 or
+TurboQuant, see kvtier.formats).
 
 Positions 0 .. sink_tokens-1 stay hot as attention sinks. Later tokens enter the recent buffer; when it
 holds ``recent_window + block_size`` tokens, its oldest ``block_size`` tokens are quantized once into a
@@ -15,11 +16,15 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvtier.kernels.decode_attention import PagedKV, hot_table_rows, hot_table_tensor
 
-from . import int4
 from .errors import BudgetExceededError
+from .formats import make_format
+from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
 from .policies import make_policy
-from .rotation import random_rotation
+from .rotation import random_rotation, random_signs, rotate
+
+
+SKETCH_SEED_OFFSET = 1 << 20
 
 
 @dataclass
@@ -56,9 +61,13 @@ class TieredLayer(CacheLayerMixin):
         config = self.config
         self.dtype, self.device = key_states.dtype, key_states.device
         self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype, key_states.device)
-        self.rotation = (
-            random_rotation(head_dim, config.rotation_seed + self.layer_idx).to(self.device) if config.rotate else None
-        )
+        seed = config.rotation_seed + self.layer_idx
+        self.rotation = random_rotation(head_dim, seed).to(self.device) if config.rotate else None  # (D, D)
+        self.rotation_signs = random_signs(head_dim, seed).to(self.device) if config.rotate else None  # (D,)
+        warm_format = make_format(config)
+        # the TurboQuant keys' QJL sketch (D, D), seeded apart from the rotation
+        self.sketch = (qjl_sketch(head_dim, SKETCH_SEED_OFFSET + seed).to(self.device)
+                       if getattr(warm_format, "qjl", False) else None)
         hot_capacity = config.sink_tokens + config.recent_window + config.block_size
         # sinks at [0, sink_tokens), the recent buffer after them; zeroed, because attention reads whole hot pages
         # and masks the slots not filled yet (a NaN there would survive a zero weight)
@@ -69,8 +78,7 @@ class TieredLayer(CacheLayerMixin):
         self.recent_start = config.sink_tokens  # position of recent_keys[:, :, 0]
         self.hot_pages = self._hot_pages()
         self.hot_table = hot_table_tensor(self.hot_pages, self.device)  # (3, n_hot)
-        layout = PageLayout(batch, kv_heads, config.block_size, head_dim, config.key_group_size,
-                            key_per_channel=config.key_axis == "channel")
+        layout = PageLayout(batch, kv_heads, config.block_size, head_dim, warm_format)
         self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, self.cache.warm_share_bytes)
         self.is_initialized = True
 
@@ -186,25 +194,8 @@ class TieredLayer(CacheLayerMixin):
         """keys, values (B, H_kv, block, D); valid (B, block) bool or None -> one page's tensors."""
         keys, values = keys.float(), values.float()
         if self.rotation is not None:
-            keys, values = keys @ self.rotation, values @ self.rotation
-        if self.config.key_axis == "token":
-            key_codes, key_scale, key_min = int4.quantize_values(keys)
-        else:
-            key_codes, key_scale, key_min = self.quantize_keys_by_group(keys, valid)
-        value_codes, value_scale, value_min = int4.quantize_values(values)
-        return dict(key_codes=key_codes, key_scale=key_scale, key_min=key_min,
-                    value_codes=value_codes, value_scale=value_scale, value_min=value_min)
-
-    def quantize_keys_by_group(self, keys: torch.Tensor, valid: torch.Tensor | None):
-        """Per-channel INT4 over groups of key_group tokens: (B, H, block, D) -> codes (B, H, block, D // 2),
-        scale and minimum (B, H, groups, D)."""
-        batch, heads, block, dim = keys.shape
-        group = self.config.key_group_size
-        grouped = keys.view(batch, heads, block // group, group, dim)
-        if valid is not None:
-            valid = valid[:, None, :].expand(batch, heads, block).reshape(batch, heads, block // group, group)
-        codes, scale, minimum = int4.quantize_keys(grouped, valid)  # params (B, H, groups, 1, D)
-        return codes.view(batch, heads, block, dim // 2), scale.squeeze(-2), minimum.squeeze(-2)
+            keys, values = rotate(keys, self.rotation_signs), rotate(values, self.rotation_signs)
+        return self.warm.layout.format.quantize(keys, values, valid, self.sketch)
 
     def store_page(self, start: int, page: dict) -> None:
         while True:
@@ -219,7 +210,8 @@ class TieredLayer(CacheLayerMixin):
 
     def paged(self) -> PagedKV:
         """Every cached token, as the decode kernel and its reference read it."""
-        return PagedKV(self.warm, self.hot_keys, self.hot_values, self.hot_pages, self.hot_table, self.rotation)
+        return PagedKV(self.warm, self.hot_keys, self.hot_values, self.hot_pages, self.hot_table, self.rotation,
+                       self.sketch)
 
     def map_batch(self, fn) -> None:
         if not self.is_initialized:

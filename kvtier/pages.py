@@ -1,4 +1,4 @@
-"""The warm tier of one layer: fixed-size INT4 pages in slabs, and the block table that orders them.
+"""The warm tier of one layer: fixed-size pages of packed codes in slabs, and the block table that orders them.
 
 A page holds ``block_size`` consecutive tokens of every sequence in the batch and every KV head, as one
 run of bytes laid out by :class:`PageLayout`. Pages live in slabs of several pages (one uint8 allocation
@@ -21,71 +21,56 @@ from functools import cached_property
 
 import torch
 
-from . import int4
+from .formats import WarmFormat
 
-# the fields of one page, in byte order
-PAGE_FIELDS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min")
 TABLE_ROW_BYTES = 8 + 4  # a device table row: an int64 page offset and an int32 position
 ALIGNMENT = 16  # every field starts on a 16-byte boundary, so that the kernel can load it in wide words
 
 
 @dataclass(frozen=True)
 class PageLayout:
-    """Where each field of an INT4 page sits in the page's bytes.
-
-    key_codes, value_codes: (B, H, block, D // 2) uint8, two channels per byte (see int4)
-    key_scale, key_min: (B, H, block // key_group, D) float16 per channel, or (B, H, block, 1) per token
-    value_scale, value_min: (B, H, block, 1) float16
-    """
+    """Where each field of a warm page sits in the page's bytes; the fields, their shapes (B, H, ...) and
+    dtypes come from the warm format (see kvtier.formats), in byte order."""
 
     batch: int
     kv_heads: int
     block_size: int
     head_dim: int
-    key_group: int
-    key_per_channel: bool = True
+    format: WarmFormat
+
+    @cached_property
+    def fields(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return self.format.fields(self.batch, self.kv_heads, self.block_size, self.head_dim)
 
     @cached_property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        batch, heads, block, dim = self.batch, self.kv_heads, self.block_size, self.head_dim
-        key_params = (batch, heads, block // self.key_group, dim) if self.key_per_channel else (batch, heads, block, 1)
-        return {
-            "key_codes": (batch, heads, block, dim // 2),
-            "value_codes": (batch, heads, block, dim // 2),
-            "key_scale": key_params,
-            "key_min": key_params,
-            "value_scale": (batch, heads, block, 1),
-            "value_min": (batch, heads, block, 1),
-        }
+        return {name: shape for name, (shape, _) in self.fields.items()}
 
-    @staticmethod
-    def dtype(name: str) -> torch.dtype:
-        return torch.uint8 if name.endswith("codes") else int4.PARAM_DTYPE
+    def field_bytes(self, name: str) -> int:
+        shape, dtype = self.fields[name]
+        return torch.Size(shape).numel() * dtype.itemsize
 
     @cached_property
     def offsets(self) -> dict[str, int]:
         """Byte offset of each field inside a page."""
         offsets, position = {}, 0
-        for name in PAGE_FIELDS:
+        for name in self.fields:
             offsets[name] = position
-            position += _aligned(torch.Size(self.shapes[name]).numel() * self.dtype(name).itemsize)
+            position += _aligned(self.field_bytes(name))
         return offsets
 
     @cached_property
     def page_bytes(self) -> int:
         """Bytes one page occupies in a slab (fields and their alignment padding)."""
-        last = PAGE_FIELDS[-1]
-        return self.offsets[last] + _aligned(torch.Size(self.shapes[last]).numel() * self.dtype(last).itemsize)
+        return sum(_aligned(self.field_bytes(name)) for name in self.fields)
 
     def views(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (P, page_bytes) -> each field as a typed view (P, *field shape) of the same memory."""
         count = pages.shape[0]
         views = {}
-        for name in PAGE_FIELDS:
-            shape, dtype = self.shapes[name], self.dtype(name)
-            size = torch.Size(shape).numel() * dtype.itemsize
+        for name, (shape, dtype) in self.fields.items():
             start = self.offsets[name]
-            views[name] = pages[:, start:start + size].view(dtype).view(count, *shape)
+            views[name] = pages[:, start:start + self.field_bytes(name)].view(dtype).view(count, *shape)
         return views
 
 
@@ -143,7 +128,7 @@ class WarmPages:
         return self.offsets.nbytes + self.positions.nbytes
 
     def store(self, start: int, page: dict[str, torch.Tensor]) -> None:
-        """Write one quantized block (tensors named by PAGE_FIELDS, page shapes) at the end of the table."""
+        """Write one quantized block (tensors named as the layout's fields, page shapes) at the end of the table."""
         if self.table and start != self.table[-1].start + self.block_size:
             raise AssertionError(f"warm pages out of order: {start} after {self.table[-1].start}")
         if not self.free_page_ids:
@@ -151,8 +136,8 @@ class WarmPages:
         page_id = self.free_page_ids.pop()
         slab, slot = self._locate(page_id)
         views = self.layout.views(slab[slot:slot + 1])
-        for name in PAGE_FIELDS:
-            views[name][0].copy_(page[name])
+        for name, view in views.items():
+            view[0].copy_(page[name])
         row = len(self.table)
         distance = slab[slot].data_ptr() - self.base.data_ptr()
         self.offsets[row].fill_(distance // ALIGNMENT)  # on the device: no host-to-device copy

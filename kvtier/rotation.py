@@ -23,8 +23,30 @@ def hadamard_matrix(dim: int) -> torch.Tensor:
     return matrix
 
 
+def random_signs(dim: int, seed: int) -> torch.Tensor:
+    """(dim,) float32 of +-1, reproducible from ``seed``: the diagonal of R's sign flip."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (dim,), generator=generator).float() * 2 - 1
+
+
 def random_rotation(dim: int, seed: int) -> torch.Tensor:
     """Orthonormal (dim, dim) float32 matrix R; rotate row vectors with x @ R, undo with y @ R.T."""
-    generator = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (dim,), generator=generator).float() * 2 - 1
-    return signs[:, None] * hadamard_matrix(dim) / dim**0.5
+    return random_signs(dim, seed)[:, None] * hadamard_matrix(dim) / dim**0.5
+
+
+def fast_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x @ H (Sylvester, unnormalized) over the last axis in D log D additions: the fast Walsh-Hadamard transform."""
+    dim = x.shape[-1]
+    hadamard_matrix(dim)  # validates the power-of-two size
+    out = x.reshape(-1, dim)
+    half = 1
+    while half < dim:
+        pairs = out.view(-1, dim // (2 * half), 2, half)  # (rows, blocks, 2, half)
+        out = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
+        half *= 2
+    return out.reshape(x.shape)
+
+
+def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """x @ R for the R of ``random_rotation`` with these signs, by the fast transform: (..., D) -> (..., D)."""
+    return fast_hadamard(x * signs) / x.shape[-1] ** 0.5

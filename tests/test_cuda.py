@@ -69,8 +69,9 @@ def test_device_bytes_stay_within_budget(model, monkeypatch, batch, context, chu
     stats = cache.stats()
     print(f"batch {batch}: held {held:,} B, peak scratch {recorder.peak_growth:,} B of {cache.scratch_bytes:,} estimated")
     assert stats["evicted_tokens"] > 0  # the budget was the limit
-    # per layer: hot keys, values and page table, rotation, warm offsets, positions and base placeholder, slabs
-    tensors = sum(7 + len(each.warm.slabs) for each in cache.layers) + len(cache.workspace.buffers)
+    # per layer: hot keys, values and page table, rotation and its signs, warm offsets, positions and base
+    # placeholder, slabs
+    tensors = sum(8 + len(each.warm.slabs) for each in cache.layers) + len(cache.workspace.buffers)
     kept_scratch = cache.workspace.nbytes  # the decode kernel's workspace stays allocated between steps
     assert held <= cache.reserved_bytes - cache.scratch_bytes + kept_scratch + tensors * ALLOCATOR_ROUNDING
     assert recorder.peak_growth <= cache.scratch_bytes, (recorder.peak_growth, cache.scratch_bytes)

@@ -1,6 +1,6 @@
 """The Triton paged decode kernel against its torch reference (float64) and against dense attention.
 
-Fresh random states go through a real TieredCache layer (sinks, INT4 warm pages, recent buffer), so the
+Fresh random states go through a real TieredCache layer (sinks, INT4 or TurboQuant warm pages, recent buffer), so the
 kernel reads pages written by the real writer. On the CPU the kernel runs in Triton's interpreter (small
 shapes); on a GPU the same sweep runs compiled. Outputs and the kernel's scratch are poisoned with NaN
 before each run, so anything the kernel fails to write shows up.
@@ -57,6 +57,12 @@ CASES = {  # batch, query heads, KV heads, head dim, tokens, block, key group, e
     "gqa4-d64-token-keys": (2, 8, 2, 64, 120, 16, 16, {"key_axis": "token"}),
     "gqa4-d64-unrotated": (2, 8, 2, 64, 120, 16, 16, {"rotate": False}),
     "gqa4-d64-no-sinks": (2, 8, 2, 64, 101, 32, 32, {"sink_tokens": 0}),
+    "turboquant3-qjl-gqa4-d64": (2, 8, 2, 64, 150, 16, 16, {"warm_format": "turboquant", "turboquant_bits": 3}),
+    "turboquant4-gqa8-d128-block32": (1, 8, 1, 128, 200, 32, 16, {"warm_format": "turboquant", "turboquant_bits": 4,
+                                                                   "turboquant_qjl": False}),
+    "turboquant2-qjl-uncentered-mha-d64": (2, 2, 2, 64, 260, 64, 32, {"warm_format": "turboquant",
+                                                                      "turboquant_bits": 2,
+                                                                      "turboquant_center_keys": False}),
 }
 
 
@@ -64,8 +70,8 @@ CASES = {  # batch, query heads, KV heads, head dim, tokens, block, key group, e
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_float64_reference_and_dense(case, dtype, device):
-    if dtype == torch.bfloat16 and case not in ("gqa4-d64-block16", "gqa8-d128-block32"):
-        pytest.skip("bfloat16 hot tiers: two shapes are enough")
+    if dtype == torch.bfloat16 and case not in ("gqa4-d64-block16", "gqa8-d128-block32", "turboquant3-qjl-gqa4-d64"):
+        pytest.skip("bfloat16 hot tiers: three shapes are enough")
     batch, query_heads, kv_heads, head_dim, tokens, block, key_group, extra = CASES[case]
     layer = filled_layer(device, batch, query_heads, kv_heads, head_dim, tokens, dtype, seed=len(case),
                          block_size=block, key_group=key_group, **extra)
@@ -115,8 +121,9 @@ def test_fully_masked_split_and_single_split(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("warm_format", ["int4", "turboquant"])
 @torch.no_grad()
-def test_generate_through_kernel_matches_torch_path(device):
+def test_generate_through_kernel_matches_torch_path(warm_format, device):
     """Greedy generate() of a small random Llama with padding: the kernel path and the reference path agree."""
     import kvtier
     from transformers import LlamaForCausalLM
@@ -131,7 +138,7 @@ def test_generate_through_kernel_matches_torch_path(device):
     runs = {}
     for kernel in ("torch", "triton"):
         handle = kvtier.attach(model, budget_gb=0.5, decode_kernel=kernel, recent_window=32, block_size=16,
-                               key_group=16)
+                               key_group=16, warm_format=warm_format)
         try:
             result = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                                     output_logits=True, return_dict_in_generate=True)

@@ -31,7 +31,7 @@ def cached_tokens(layer):
     paged = layer.paged()
     positions, keys, values = [], [], []
     if paged.warm.table:
-        warm_keys, warm_values = dequantize_pages(paged.warm, paged.warm.table)
+        warm_keys, warm_values = dequantize_pages(paged, paged.warm.table)
         if layer.rotation is not None:
             warm_keys, warm_values = warm_keys @ layer.rotation.T, warm_values @ layer.rotation.T
         block = paged.warm.block_size
@@ -54,7 +54,8 @@ def tensor_bytes(cache):
         if not layer.is_initialized:
             continue
         total += layer.hot_keys.nbytes + layer.hot_values.nbytes
-        total += 0 if layer.rotation is None else layer.rotation.nbytes
+        total += sum(0 if extra is None else extra.nbytes for extra in (layer.rotation, layer.rotation_signs,
+                                                                         layer.sketch))
         total += sum(slab.nbytes for slab in layer.warm.slabs) + layer.warm.table_bytes
     return total
 

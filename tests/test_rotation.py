@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvtier.rotation import hadamard_matrix, random_rotation
+from kvtier.rotation import hadamard_matrix, random_rotation, random_signs, rotate
 
 
 @pytest.mark.parametrize("dim", [2, 8, 64, 128, 256])
@@ -24,3 +24,11 @@ def test_seeds_give_different_rotations():
 def test_non_power_of_two_is_refused_with_advice(dim):
     with pytest.raises(ValueError, match="rotate=False"):
         hadamard_matrix(dim)
+
+
+@pytest.mark.parametrize("dim", [2, 8, 64, 128])
+def test_fast_hadamard_rotation_equals_the_matrix_product(dim):
+    x = torch.randn(3, 5, dim, dtype=torch.float64)
+    signs = random_signs(dim, seed=dim).double()
+    expected = x @ random_rotation(dim, seed=dim).double()
+    assert torch.allclose(rotate(x, signs), expected, atol=1e-6, rtol=0)  # R is built in float32

@@ -1,0 +1,117 @@
+"""TurboQuant's pieces against their definitions: Lloyd-Max optimality, unbiased QJL dot products, round trips."""
+
+import math
+
+import pytest
+import torch
+
+from kvtier.formats.lloyd_max import boundaries, codebook, coordinate_density, distortion
+from kvtier.formats.turboquant import TurboQuantFormat, pack_planes, qjl_sketch, unpack_planes
+from kvtier.rotation import random_signs, rotate
+
+# D * E[(x - level(x))^2] per bit width for large D, as the TurboQuant paper reports (0.36, 0.117, 0.03, 0.009)
+PAPER_UNIT_MSE = {1: 0.36, 2: 0.117, 3: 0.03, 4: 0.009}
+
+
+def conditional_mean(dim: int, low: float, high: float, points: int = 200_001) -> float:
+    """E[x | low < x < high] for one coordinate of a random unit vector, by the trapezoid rule."""
+    x = torch.linspace(low, high, points, dtype=torch.float64)
+    density = coordinate_density(dim, x)
+    return float(torch.trapezoid(x * density, x) / torch.trapezoid(density, x))
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_every_level_is_the_mean_of_its_cell(dim, bits):
+    levels = codebook(bits, dim)
+    edges = [-1.0, *boundaries(levels).tolist(), 1.0]
+    for index, level in enumerate(levels.tolist()):
+        assert level == pytest.approx(conditional_mean(dim, edges[index], edges[index + 1]), abs=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_moving_any_level_raises_the_distortion(bits):
+    dim = 64
+    levels = codebook(bits, dim)
+    best = distortion(levels, dim)
+    step = 0.02 / math.sqrt(dim)
+    for index in range(len(levels)):
+        for sign in (-1, 1):
+            moved = levels.clone()
+            moved[index] += sign * step
+            assert distortion(moved.sort().values, dim) > best
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_distortion_matches_the_paper_and_its_bound(bits):
+    unit_mse = 128 * distortion(codebook(bits, 128), 128)
+    assert unit_mse == pytest.approx(PAPER_UNIT_MSE[bits], rel=0.15)  # the paper gives one or two digits
+    assert unit_mse <= math.sqrt(3) * math.pi / 2 * 4.0**-bits  # the paper's upper bound
+
+
+def test_one_bit_levels_are_plus_minus_the_mean_absolute_coordinate():
+    dim = 64  # E|x| = Gamma(D/2) / (sqrt(pi) Gamma((D+1)/2))
+    expected = math.exp(math.lgamma(dim / 2) - 0.5 * math.log(math.pi) - math.lgamma((dim + 1) / 2))
+    assert torch.allclose(codebook(1, dim), torch.tensor([-expected, expected], dtype=torch.float64), atol=1e-8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bit_planes_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 64))
+    planes = pack_planes(codes, bits)
+    assert planes.shape == (3, 5, bits, 8) and planes.dtype == torch.uint8
+    assert torch.equal(unpack_planes(planes), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_round_trip_error_of_rotated_vectors_is_the_codebook_distortion(bits):
+    dim, count = 64, 4096
+    vectors = torch.randn(count, dim) * torch.rand(count, 1) * 10  # all directions, norms up to 10
+    rotated = rotate(vectors, random_signs(dim, seed=1))
+    quantizer = TurboQuantFormat(bits, qjl=False)
+    page = quantizer.quantize(rotated, rotated, None, None)
+    _, restored = quantizer.dequantize(page, torch.float64)
+    relative = ((restored - rotated.double()).square().sum(-1) / rotated.double().square().sum(-1)).mean()
+    expected = dim * distortion(codebook(bits, dim), dim)
+    assert float(relative) == pytest.approx(expected, rel=0.1)
+    assert torch.allclose(page["value_norm"].double(), rotated.double().norm(dim=-1, keepdim=True), rtol=1e-3)
+
+
+def estimated_dot_products(bits: int, qjl: bool, draws: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One key and one query close to it; every draw a fresh rotation and sketch. Returns the estimates of
+    q . k (draws,) and the exact value, in float64."""
+    dim = 64
+    generator = torch.Generator().manual_seed(seed)
+    key = torch.randn(dim, generator=generator, dtype=torch.float64)
+    query = key + 0.5 * torch.randn(dim, generator=generator, dtype=torch.float64)
+    quantizer = TurboQuantFormat(bits, qjl)
+    estimates = []
+    for draw in range(draws):
+        signs = random_signs(dim, seed=seed * 100_003 + draw).double()
+        sketch = qjl_sketch(dim, seed=seed * 100_003 + draw) if qjl else None
+        rotated_key, rotated_query = rotate(key, signs), rotate(query, signs)
+        page = quantizer.quantize(rotated_key[None].float(), rotated_key[None].float(), None, sketch)
+        restored, _ = quantizer.dequantize(page, torch.float64, sketch)
+        estimates.append(restored[0] @ rotated_query)
+    return torch.stack(estimates), query @ key
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_qjl_dot_products_are_unbiased_and_the_mean_error_shrinks_with_draws(bits):
+    errors = {}
+    for draws in (200, 3200):
+        estimates, exact = estimated_dot_products(bits, qjl=True, draws=draws, seed=bits)
+        standard_error = estimates.std() / math.sqrt(draws)
+        errors[draws] = abs(float(estimates.mean() - exact))
+        assert errors[draws] <= 4 * standard_error, (draws, errors[draws], float(standard_error))
+    assert errors[3200] <= 0.01 * abs(float(exact))  # within 1% of q . k on average over 3200 draws
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_codebook_only_dot_products_shrink_toward_zero(bits):
+    """Without the QJL bit the estimate is biased low by about the codebook's distortion, which is what the
+    sketch removes: the unbiasedness test above is not passing by accident."""
+    estimates, exact = estimated_dot_products(bits, qjl=False, draws=400, seed=bits)
+    shrink = float(estimates.mean() / exact)
+    assert 1 - 2 * PAPER_UNIT_MSE[bits] < shrink < 1 - 0.5 * PAPER_UNIT_MSE[bits]
+    assert abs(float(estimates.mean() - exact)) > 4 * float(estimates.std()) / math.sqrt(400)
