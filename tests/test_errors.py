@@ -25,12 +25,28 @@ def tiny_llama(head_dim=16, **overrides):
     ("block_size", 7, "block_size must be an even number"),
     ("key_axis", "head", "unknown key_axis"),
     ("key_group", 24, r"key_group must be >= 1 and divide block_size \(64\)"),
+    ("turboquant_bits", 5, r"turboquant_bits must be one of \(2, 3, 4\), got 5"),
 ])
 def test_bad_configuration_is_refused(field, value, message):
     overrides = {field: value}
     budget = overrides.pop("budget_gb", 1.0)
     with pytest.raises(ValueError, match=message):
         kvtier.attach(tiny_llama(), budget_gb=budget, **overrides)
+
+
+def test_turboquant_without_rotation_is_refused_with_advice():
+    with pytest.raises(ValueError, match=r"turboquant.*keep rotate=True, or choose warm_format='int4'"):
+        kvtier.attach(tiny_llama(), budget_gb=1.0, warm_format="turboquant", rotate=False)
+
+
+def test_turboquant_needs_a_head_dim_of_whole_bytes():
+    model = tiny_llama(head_dim=20)  # 20 channels do not fill whole bytes of bit planes
+    kvtier.attach(model, budget_gb=1.0, warm_format="turboquant")
+    try:
+        with pytest.raises(KVTierError, match=r"head dim 20 is not a multiple of 8.*warm_format='int4'"):
+            model.generate(torch.randint(0, 128, (1, 8)), max_new_tokens=1, do_sample=False)
+    finally:
+        kvtier.detach(model)
 
 
 def test_sliding_window_model_is_refused():

@@ -1,8 +1,10 @@
-"""Fidelity gates on the real model: SmolLM2-135M-Instruct, 2048-token pydoc windows, INT4 warm, recent 128.
+"""Fidelity gates on the real model: SmolLM2-135M-Instruct, 2048-token pydoc windows, recent window 128.
 
-Targets (issue 2): on each of 8 evenly spaced windows and 4 decode steps, decode-logit MSE against the
-dense cache at most 0.10, top-10 overlap at least 0.9, argmax agreement 100%. Warm bytes per token with
+Targets (issue 2, INT4 warm): on each of 8 evenly spaced windows and 4 decode steps, decode-logit MSE against
+the dense cache at most 0.10, top-10 overlap at least 0.9, argmax agreement 100%. Warm bytes per token with
 scales at most 0.3 of bf16's.
+Targets (issue 6, TurboQuant warm): 3-bit keys and values with the QJL bit on keys, worst MSE at most 0.25 and
+top-10 overlap at least 0.9; 4-bit, worst MSE at most 0.05.
 """
 
 import pytest
@@ -68,3 +70,36 @@ def test_warm_bytes_per_token_at_most_three_tenths_of_bf16(smollm2, head_dim):
     bf16_per_head = 2 * head_dim * torch.bfloat16.itemsize  # keys and values
     assert stats["warm"]["tokens"] == config.block_size
     assert warm_per_head / bf16_per_head <= MAX_WARM_BYTES_RATIO, (warm_per_head, bf16_per_head)
+
+
+# Issue 6: TurboQuant warm pages (rotation, Lloyd-Max codes, keys centered per key group, QJL bit on keys).
+TURBOQUANT = {  # name: (TierConfig fields, gate)
+    "3bit+qjl": (dict(turboquant_bits=3, turboquant_qjl=True),
+                 FidelityGate(max_logit_mse=0.25, min_top10_overlap=0.9, require_argmax=False)),
+    "4bit+qjl": (dict(turboquant_bits=4, turboquant_qjl=True),
+                 FidelityGate(max_logit_mse=0.05, min_top10_overlap=0.0, require_argmax=False)),
+}
+TURBOQUANT_SHORTFALLS = {
+    ("3bit+qjl", 6): "MSE: window 6 reaches a worst decode-logit MSE above 1 at 3 bits with or without the QJL bit "
+                     "(benchmarks/results/fidelity-formats-cpu.md, fidelity-turboquant-seeds-cpu.md), with top-10 "
+                     "0.8-0.9; INT4 (4.75 bits) reaches 0.12 there",
+}
+
+
+@pytest.mark.parametrize("name, window", [
+    pytest.param(name, index, marks=pytest.mark.xfail(strict=True, reason=TURBOQUANT_SHORTFALLS[name, index]))
+    if (name, index) in TURBOQUANT_SHORTFALLS else (name, index)
+    for name in TURBOQUANT for index in range(WINDOWS)
+])
+def test_turboquant_warm_tier_stays_close_to_dense(smollm2, windows, name, window):
+    model, _ = smollm2
+    settings, gate = TURBOQUANT[name]
+    handle = kvtier.attach(model, budget_gb=1.0, recent_window=128, warm_format="turboquant", **settings)
+    try:
+        cache = handle.new_cache()
+        report = compare_decode(model, windows[window], cache, steps=STEPS, shared_prefill=True)
+    finally:
+        kvtier.detach(model)
+    assert cache.stats()["warm"]["tokens"] >= CONTEXT - 128 - 64 - handle.config.sink_tokens
+    summary = {key: round(value, 4) for key, value in report.summary().items()}
+    assert gate.passes(report), (gate.failures(report), summary)

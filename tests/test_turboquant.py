@@ -115,3 +115,56 @@ def test_codebook_only_dot_products_shrink_toward_zero(bits):
     shrink = float(estimates.mean() / exact)
     assert 1 - 2 * PAPER_UNIT_MSE[bits] < shrink < 1 - 0.5 * PAPER_UNIT_MSE[bits]
     assert abs(float(estimates.mean() - exact)) > 4 * float(estimates.std()) / math.sqrt(400)
+
+
+def filled_turboquant_cache(bits: int, qjl: bool, center: bool, seed: int = 0):
+    """One-layer TieredCache (2 KV heads, D = 64) with TurboQuant warm pages, filled with random keys that share
+    a large common offset, as real keys do. Returns the cache, keys and values (1, 2, T, 64)."""
+    from transformers import LlamaConfig
+
+    from kvtier import TierConfig, TieredCache
+
+    model = LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                        hidden_size=256)
+    config = TierConfig(budget_gb=0.1, sink_tokens=4, recent_window=32, block_size=64, key_group=32,
+                        warm_format="turboquant", turboquant_bits=bits, turboquant_qjl=qjl,
+                        turboquant_center_keys=center)
+    cache = TieredCache(config, model)
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, 420, 64, generator=generator) + 6 * torch.randn(1, 2, 1, 64, generator=generator)
+    values = torch.randn(1, 2, 420, 64, generator=generator)
+    cache.layers[0].update(keys, values)
+    return cache, keys, values
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_layer_round_trip_error_is_the_codebook_distortion_of_the_centered_keys(bits):
+    """Through a real layer (rotation by the fast transform, key means, bit planes, slabs): every warm key's
+    squared error relative to its distance from its group mean is the unit codebook distortion on average."""
+    from test_layer import cached_tokens
+
+    cache, keys, values = filled_turboquant_cache(bits, qjl=False, center=True)
+    layer = cache.layers[0]
+    positions, got_keys, got_values = cached_tokens(layer)
+    assert torch.equal(positions, torch.arange(keys.shape[2]))
+    warm = torch.cat([torch.arange(entry.start, entry.start + 64) for entry in layer.warm.table])
+    grouped = keys[:, :, warm].unflatten(2, (-1, 32))  # (1, 2, groups, 32, 64); pages hold whole groups
+    centered = (grouped - grouped.mean(3, keepdim=True)).flatten(2, 3)
+    key_error = (got_keys[:, :, warm] - keys[:, :, warm]).square().sum(-1) / centered.square().sum(-1)
+    value_error = (got_values[:, :, warm] - values[:, :, warm]).square().sum(-1) / values[:, :, warm].square().sum(-1)
+    expected = 64 * distortion(codebook(bits, 64), 64)
+    assert float(key_error.mean()) == pytest.approx(expected, rel=0.15)
+    assert float(value_error.mean()) == pytest.approx(expected, rel=0.15)
+
+
+@pytest.mark.parametrize("bits, qjl, center", [(3, True, True), (3, False, False), (4, True, False), (2, False, True)])
+def test_bytes_per_token_are_exactly_the_packed_fields(bits, qjl, center):
+    cache, _, _ = filled_turboquant_cache(bits, qjl, center)
+    dim, key_group = 64, 32
+    per_head = (2 * bits * dim / 8 + 2 * 2  # key and value codes, key and value norms (float16)
+                + (dim / 8 + 2 if qjl else 0)  # sign bits and the residual norm
+                + (2 * dim / key_group if center else 0))  # a float16 key mean per key group
+    stats = cache.stats()
+    assert stats["warm"]["pages"] > 0
+    assert stats["warm"]["bytes_per_token"] == 2 * per_head  # one layer, two KV heads, batch 1
+    assert stats["warm"]["format"].startswith(f"turboquant-{bits}bit")
