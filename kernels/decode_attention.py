@@ -1,8 +1,9 @@
 """Paged decode attention over every tier in place: a Triton split-K kernel and its plain-torch reference.
 
 One program takes one (sequence, KV head) pair, all the query heads that share that KV head (GQA, so each
-KV byte is read once), and a range of pages. Warm pages are packed INT4 (see :class:`~kvtier.pages.PageLayout`),
-dequantized in registers; hot pages are the model dtype, read from the hot buffer. An online softmax runs
+KV byte is read once), and a range of pages. Warm pages are packed INT4 or TurboQuant codes (see kvtier.formats),
+dequantized in registers (TurboQuant: codebook levels times the vector's norm, plus the key's QJL sign term
+scored against the sketched query); hot pages are the model dtype, read from the hot buffer. An online softmax runs
 over the pages; a second small kernel merges the splits by log-sum-exp and turns per-page log-sum-exps
 into per-page attention mass for the policies; one matrix product turns the warm part back to the model basis.
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.formats import Int4Format, TurboQuantFormat
+from kvtier.formats import TurboQuantFormat
 from kvtier.formats.turboquant import levels as turboquant_levels
 from kvtier.kernels.partial_attention import PartialAccumulator, attend_scores, masked_scores, partial_attention
 from kvtier.pages import ALIGNMENT, PageLayout, WarmPages
@@ -151,9 +152,9 @@ def kernel_reads(layout: PageLayout) -> bool:
     def power_of_two(number: int) -> bool:
         return number >= 16 and number & (number - 1) == 0
 
-    key_group = getattr(layout.format, "key_group", 0) or layout.block_size
-    if isinstance(layout.format, Int4Format) and not layout.format.key_per_channel:
-        key_group = layout.block_size
+    warm_format = layout.format
+    grouped = warm_format.key_group > 0 and getattr(warm_format, "key_per_channel", True)
+    key_group = warm_format.key_group if grouped else layout.block_size
     return power_of_two(layout.block_size) and power_of_two(key_group) and power_of_two(layout.head_dim // 2)
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def hadamard_matrix(dim: int) -> torch.Tensor:
-    """Sylvester Hadamard matrix (dim, dim) of +-1 in float32; dim must be a power of two."""
+def _check_power_of_two(dim: int) -> None:
     if dim < 1 or dim & (dim - 1):
         raise ValueError(
             f"the Hadamard rotation needs a power-of-two head dim, got {dim}; "
             "attach with rotate=False to quantize this model without rotation."
         )
+
+
+def hadamard_matrix(dim: int) -> torch.Tensor:
+    """Sylvester Hadamard matrix (dim, dim) of +-1 in float32; dim must be a power of two."""
+    _check_power_of_two(dim)
     matrix = torch.ones(1, 1)
     while matrix.shape[0] < dim:
         matrix = torch.cat((torch.cat((matrix, matrix), 1), torch.cat((matrix, -matrix), 1)), 0)
@@ -37,7 +41,7 @@ def random_rotation(dim: int, seed: int) -> torch.Tensor:
 def fast_hadamard(x: torch.Tensor) -> torch.Tensor:
     """x @ H (Sylvester, unnormalized) over the last axis in D log D additions: the fast Walsh-Hadamard transform."""
     dim = x.shape[-1]
-    hadamard_matrix(dim)  # validates the power-of-two size
+    _check_power_of_two(dim)
     out = x.reshape(-1, dim)
     half = 1
     while half < dim:
