@@ -79,10 +79,13 @@ TURBOQUANT = {  # name: (TierConfig fields, gate)
     "4bit+qjl": (dict(turboquant_bits=4, turboquant_qjl=True),
                  FidelityGate(max_logit_mse=0.05, min_top10_overlap=0.0, require_argmax=False)),
 }
+# The sweep runs the default rotation seed (0). Over seeds 0-2 (benchmarks/results/fidelity-turboquant-seeds-cpu.md)
+# the 3-bit gate also fails window 7 at seed 2 (MSE 0.31), and the 4-bit gate fails windows 0, 6 and 7 at seeds 1-2
+# (MSE up to 0.68): the 4-bit pass below holds at seed 0 only.
 TURBOQUANT_SHORTFALLS = {
-    ("3bit+qjl", 6): "MSE: window 6 reaches a worst decode-logit MSE above 1 at 3 bits with or without the QJL bit "
-                     "(benchmarks/results/fidelity-formats-cpu.md, fidelity-turboquant-seeds-cpu.md), with top-10 "
-                     "0.8-0.9; INT4 (4.75 bits) reaches 0.12 there",
+    ("3bit+qjl", 6): "MSE/top-10: window 6 reaches worst decode-logit MSE 1.22/1.30/3.33 and top-10 0.8/0.7/0.7 at "
+                     "rotation seeds 0/1/2 (benchmarks/results/fidelity-turboquant-seeds-cpu.md); INT4 (4.75 bits) "
+                     "reaches 0.12 there",
 }
 
 
