@@ -51,7 +51,7 @@ def format_settings(spec: str) -> dict:
 
 
 def gate_for(spec: str) -> FidelityGate:
-    return GATES["int4"] if spec == "int4" else GATES[int(spec[2])]
+    return GATES[format_settings(spec).get("turboquant_bits", "int4")]
 
 
 def environment(device: str) -> dict:

@@ -9,6 +9,7 @@ from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspa
 
 from .config import BYTES_PER_GB, TierConfig
 from .errors import BudgetTooSmallError, KVTierError
+from .formats import make_format
 from .layer import TieredLayer
 
 
@@ -25,6 +26,7 @@ class TieredCache(Cache):
         self.query_heads = model_config.num_attention_heads
         self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.query_heads
         self.padding_mask = None if padding_mask is None else padding_mask.bool()
+        self.warm_format = make_format(config)  # every layer's warm pages
         self.reserved_bytes = 0  # everything the cache holds on its device, reservations included
         self.hot_bytes = 0
         self.scratch_bytes = 0
@@ -80,7 +82,7 @@ class TieredCache(Cache):
         hot_per_layer = 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
         # float32 (D, D) rotation and its (D,) signs; TurboQuant's (D, D) sketch
         rotation_per_layer = (head_dim * head_dim + head_dim) * 4 if self.config.rotate else 0
-        if self.config.warm_format == "turboquant" and self.config.turboquant_qjl:
+        if self.warm_format.qjl:
             rotation_per_layer += head_dim * head_dim * 4
         self.hot_bytes = self.num_layers * (hot_per_layer + rotation_per_layer)
         self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype, device)

@@ -17,7 +17,6 @@ from transformers.cache_utils import CacheLayerMixin
 from kvtier.kernels.decode_attention import PagedKV, hot_table_rows, hot_table_tensor
 
 from .errors import BudgetExceededError
-from .formats import make_format
 from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
 from .policies import make_policy
@@ -64,14 +63,13 @@ class TieredLayer(CacheLayerMixin):
         seed = config.rotation_seed + self.layer_idx
         self.rotation = random_rotation(head_dim, seed).to(self.device) if config.rotate else None  # (D, D)
         self.rotation_signs = random_signs(head_dim, seed).to(self.device) if config.rotate else None  # (D,)
-        warm_format = make_format(config)
+        warm_format = self.cache.warm_format
         # the TurboQuant keys' QJL sketch (D, D), seeded apart from the rotation
-        self.sketch = (qjl_sketch(head_dim, SKETCH_SEED_OFFSET + seed).to(self.device)
-                       if getattr(warm_format, "qjl", False) else None)
-        hot_capacity = config.sink_tokens + config.recent_window + config.block_size
+        self.sketch = qjl_sketch(head_dim, SKETCH_SEED_OFFSET + seed).to(self.device) if warm_format.qjl else None
         # sinks at [0, sink_tokens), the recent buffer after them; zeroed, because attention reads whole hot pages
         # and masks the slots not filled yet (a NaN there would survive a zero weight)
-        self.hot_keys = torch.zeros(batch, kv_heads, hot_capacity, head_dim, dtype=self.dtype, device=self.device)
+        self.hot_keys = torch.zeros(batch, kv_heads, config.hot_capacity, head_dim, dtype=self.dtype,
+                                    device=self.device)
         self.hot_values = torch.zeros_like(self.hot_keys)
         self.sink_count = 0
         self.recent_count = 0

@@ -20,6 +20,7 @@ FieldSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 class WarmFormat(Protocol):
     name: str  # as TierConfig.warm_format names it
     label: str  # with its parameters, for stats and tables
+    qjl: bool  # whether keys carry a QJL sketch of their residual (the layer then holds a sketch matrix)
 
     def fields(self, batch: int, heads: int, block: int, dim: int) -> FieldSpec:
         """Each field's shape and dtype, in the order the fields sit in a page."""

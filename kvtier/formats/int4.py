@@ -20,6 +20,7 @@ class Int4Format:
     key_per_channel: bool = True
     name = "int4"
     label = "int4"
+    qjl = False  # INT4 keys carry no residual sketch
 
     def fields(self, batch: int, heads: int, block: int, dim: int):
         key_params = (batch, heads, block // self.key_group, dim) if self.key_per_channel else (batch, heads, block, 1)
