@@ -45,8 +45,9 @@ LOG2_E = 1.4426950408889634
 class PagedKV:
     """One layer's cached tokens as the decode attention reads them.
 
-    warm: INT4 pages; their device tables (``warm.base``, ``warm.offsets``, ``warm.positions``) feed the
-        kernel and their host rows (``warm.table``) the reference
+    warm: packed pages (WarmPages, or warm pages joined with staged cold ones, kvtier.prefetch); their device
+        tables (``warm.base``, ``warm.offsets``, ``warm.positions``, ``warm.rows`` rows) feed the kernel and
+        their host rows (``warm.table``, ``warm.read``) the reference
     hot_keys, hot_values: (B, H_kv, T_hot, D) model dtype buffers
     hot_pages: (offset in the hot buffer, position of the first token, token count) per hot page, on the host
     hot_table: (3, n_hot) int32 on the device, the same rows as columns
@@ -64,7 +65,7 @@ class PagedKV:
 
     @property
     def warm_pages(self) -> int:
-        return len(self.warm.table)
+        return self.warm.rows
 
 
 def hot_table_tensor(rows: list[tuple[int, int, int]], device) -> torch.Tensor:
@@ -215,11 +216,13 @@ def max_splits(batch: int, kv_heads: int, device) -> int:
 
 def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
                      with_mass: bool = False, workspace: DecodeWorkspace | None = None, splits: int | None = None,
-                     out: torch.Tensor | None = None):
+                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
     """One decode step's attention with the Triton kernels.
 
     query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends
-    returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32
+    returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32;
+    ``lse``, if given, (B, H_q) float32, receives each row's natural-log log-sum-exp (-inf where nothing was
+    attended), for merging with attention over other pages
     """
     batch, query_heads, head_dim = query.shape
     layout = paged.warm.layout
@@ -268,9 +271,11 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     merged_rotated = workspace.get("merged_rotated", (batch, query_heads, head_dim), query.device) if rotate else out
     _merge_splits_kernel[(batch * kv_heads,)](
         partial_plain, partial_rotated, partial_lse, out, merged_plain, merged_rotated,
-        page_lse if with_mass else partial_lse, mass if with_mass else partial_lse, warm_pages, splits,
+        page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
+        partial_lse if lse is None else lse, warm_pages, splits,
         KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=rotate, WITH_MASS=with_mass, MASS_TILE=128,
+        SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=rotate, WITH_MASS=with_mass,
+        WITH_LSE=lse is not None, MASS_TILE=128,
     )
     if rotate:  # out = plain + (sum of weighted v R) R^T, one float32 matrix product for all rows
         merged_plain.view(-1, head_dim).addmm_(merged_rotated.view(-1, head_dim), paged.rotation.T)
@@ -530,9 +535,11 @@ if triton is not None:
         out_ptr,  # (B, H_q, D) model dtype, written when nothing is rotated
         merged_plain_ptr, merged_rotated_ptr,  # (B, H_q, D) float32 each, written instead when warm pages are
         page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
+        lse_ptr,  # (B, H_q) natural-log log-sum-exp out
         warm_pages, splits,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        SPLITS_PAD: tl.constexpr, ROTATE: tl.constexpr, WITH_MASS: tl.constexpr, MASS_TILE: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, ROTATE: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
+        MASS_TILE: tl.constexpr,
     ):
         QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
         sequence_head = tl.program_id(0)
@@ -565,6 +572,9 @@ if triton is not None:
         else:
             tl.store(out_ptr + out_at, (plain + rotated).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
+        if WITH_LSE:
+            log2_total = tl.where(total == 0.0, float("-inf"), safe_top + tl.log2(safe_total))
+            tl.store(lse_ptr + query_rows, log2_total * 0.6931471805599453, mask=head_ok)  # times ln 2
         if WITH_MASS:
             log_total = tl.where(total == 0.0, float("inf"), safe_top + tl.log2(safe_total))
             pages = tl.arange(0, MASS_TILE)

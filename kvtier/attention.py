@@ -1,7 +1,7 @@
 """The attention function kvtier registers with transformers: it reads every tier in place.
 
 A decode step (one query row) goes to the paged decode kernel on CUDA (``decode_kernel="auto"``) and to
-its torch reference elsewhere. A prefill chunk attends the cached tiers through the reference, query tile
+its torch reference elsewhere; cold pages reach it through the staging ring (kvtier.prefetch). A prefill chunk attends the cached tiers through the reference, query tile
 by query tile, and its own tokens exactly; the pieces merge by log-sum-exp, so no dense copy of the
 whole cache is ever built. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
 """
@@ -12,10 +12,11 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvtier.kernels import decode_attention as paged_kernel
-from kvtier.kernels.partial_attention import PartialAccumulator, partial_attention
+from kvtier.kernels.partial_attention import PartialAccumulator, merge_partials, partial_attention
 
 from .errors import KVTierError
 from .layer import TierView
+from .prefetch import JoinedPages
 
 ATTENTION_NAME = "kvtier"
 
@@ -41,18 +42,33 @@ def attend_tiers(view: TierView, query: torch.Tensor, attention_mask, scaling: f
 
 
 def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Tensor:
-    """One query row over every cached token (the new one is already in the hot tier)."""
+    """One query row over every cached token (the new one is already in the hot tier).
+
+    Cold pages arrive as staged chunks: the first is read in the same launch as the warm and hot pages,
+    each further one in a launch of its own, merged by log-sum-exp."""
     layer = view.layer
     batch, query_heads, _, head_dim = query.shape
+    chunks = layer.cold_chunks()
+    first_chunk = next(chunks, None)
+    pages = layer.warm if first_chunk is None else JoinedPages(layer.warm, first_chunk)
     if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout):
-        out, _ = paged_kernel.decode_attention(query[:, :, 0], layer.paged(), kv_start, kv_end, scaling,
-                                               workspace=layer.cache.workspace)
-        return out.unsqueeze(1)
-    kv_heads = layer.hot_keys.shape[1]
-    queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
-    out, _, _ = paged_kernel.paged_attention_reference(queries, layer.paged(), kv_start, kv_end,
-                                                       key_tile=layer.config.key_tile)
-    return out.reshape(batch, query_heads, 1, head_dim).transpose(1, 2).to(query.dtype)
+        def attend(paged):  # -> out (B, H_q, D) model dtype, lse (B, H_q)
+            lse = torch.empty(batch, query_heads, device=query.device)
+            out, _ = paged_kernel.decode_attention(query[:, :, 0], paged, kv_start, kv_end, scaling,
+                                                   workspace=layer.cache.workspace, lse=lse)
+            return out, lse
+    else:
+        kv_heads = layer.hot_keys.shape[1]
+        queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
+
+        def attend(paged):  # -> out (B, H_q, D) float32, lse (B, H_q)
+            out, lse, _ = paged_kernel.paged_attention_reference(queries, paged, kv_start, kv_end,
+                                                                 key_tile=layer.config.key_tile)
+            return out.view(batch, query_heads, head_dim), lse.view(batch, query_heads)
+    out, lse = attend(layer.paged(pages))
+    for chunk in chunks:  # cold pages past the first chunk
+        out, lse = merge_partials(out.float(), lse, *attend(layer.paged(chunk, with_hot=False)))
+    return out.unsqueeze(1).to(query.dtype)
 
 
 def _decode_ranges(view: TierView, attention_mask):
@@ -107,13 +123,22 @@ def _prefill(view: TierView, query, attention_mask, scaling: float) -> torch.Ten
         queries = (query[:, :, rows].float() * scaling).view(batch, kv_heads, groups, count, head_dim)
         accumulator = PartialAccumulator()
         if view.past_length:
-            past, lse, _ = paged_kernel.paged_attention_reference(
-                queries, paged, kv_start, kv_end, None if allowed is None else allowed[:, 0, rows],
-                key_tile=view.layer.config.key_tile)
-            accumulator.add(past, lse)
+            tile_allowed = None if allowed is None else allowed[:, 0, rows]
+            for pages in _past_pages(view.layer, paged):
+                past, lse, _ = paged_kernel.paged_attention_reference(queries, pages, kv_start, kv_end, tile_allowed,
+                                                                      key_tile=view.layer.config.key_tile)
+                accumulator.add(past, lse)
         _attend_new_chunk(view, queries, allowed, rows, accumulator)
         out[:, rows] = accumulator.out.reshape(batch, query_heads, count, head_dim).transpose(1, 2)
     return out
+
+
+def _past_pages(layer, paged):
+    """The warm and hot pages, then each staged cold chunk; lazily, because a chunk's slot is recycled as soon
+    as the next one is asked for (a prefill streams every cold chunk again for each query tile)."""
+    yield paged
+    for chunk in layer.cold_chunks():
+        yield layer.paged(chunk, with_hot=False)
 
 
 def _attend_new_chunk(view: TierView, queries, allowed, rows: slice, accumulator: PartialAccumulator) -> None:

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import psutil
 import torch
 from transformers.cache_utils import Cache
 
 from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspace_bytes
 
+from .budget import ByteBudget
 from .config import BYTES_PER_GB, TierConfig
 from .errors import BudgetTooSmallError, KVTierError
 from .formats import make_format
 from .layer import TieredLayer
+from .pages import PageLayout
+from .prefetch import Prefetcher, StagingRing
+
+HOST_MARGIN_BYTES = 4 * BYTES_PER_GB  # the default host budget leaves this much of the available memory free
+HOST_MARGIN_SHARE = 0.2  # or this share of it, whichever is more
 
 
 class TieredCache(Cache):
-    """One :class:`TieredLayer` per decoder layer; owns the byte budget that every tier and the scratch share.
+    """One :class:`TieredLayer` per decoder layer; owns the device byte budget that every device tier, the staging
+    ring and the scratch share, and the host byte budget of the cold tier.
 
     ``padding_mask`` (B, L) marks the real tokens of a left-padded prompt (1) and its padding (0), so that
     padding never widens the quantization ranges of a block.
@@ -27,36 +35,60 @@ class TieredCache(Cache):
         self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.query_heads
         self.padding_mask = None if padding_mask is None else padding_mask.bool()
         self.warm_format = make_format(config)  # every layer's warm pages
-        self.reserved_bytes = 0  # everything the cache holds on its device, reservations included
+        self.device_budget = ByteBudget(config.budget_bytes)  # everything the cache holds on its device
+        self.host_budget = ByteBudget(default_host_budget_bytes() if config.host_budget_gb is None
+                                      else int(config.host_budget_gb * BYTES_PER_GB))
         self.hot_bytes = 0
         self.scratch_bytes = 0
-        self.warm_share_bytes = 0  # each layer's share of what the hot tier and scratch leave
+        self.staging_bytes = 0
+        self.warm_share_bytes = 0  # each layer's share of what the hot tier, staging ring and scratch leave
+        self.host_share_bytes = self.host_budget.limit_bytes // self.num_layers  # each layer's cold share
         self.layer_shape = None  # (batch, kv_heads, head_dim, dtype) once the first layer saw its states
+        self.chunk_pages = 0  # pages in a cold chunk, once the page size is known
         self.workspace = DecodeWorkspace()  # the decode kernel's scratch, shared by the layers
+        self.prefetcher: Prefetcher | None = None  # moves cold chunks to the device (with offloading)
         self.decode_ranges_key = self.decode_ranges = None  # what attention derived from this step's mask
         super().__init__(layers=[TieredLayer(self, index) for index in range(self.num_layers)])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer."""
+        if self.prefetcher is not None:
+            upcoming = self.layers[(layer_idx + 1) % self.num_layers]  # after the last layer, the next step's first
+            if upcoming.is_initialized and upcoming.cold.entries:
+                self.prefetcher.prefetch(upcoming)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ---------------------------------------------------------------- budget
     @property
     def budget_bytes(self) -> int:
         return self.config.budget_bytes
 
+    @property
+    def reserved_bytes(self) -> int:
+        """Everything the cache holds on its device, reservations included."""
+        return self.device_budget.used_bytes
+
     def reserve(self, nbytes: int) -> bool:
-        """Take ``nbytes`` out of the budget if they fit; the caller allocates only after True."""
-        if self.reserved_bytes + nbytes > self.budget_bytes:
-            return False
-        self.reserved_bytes += nbytes
-        return True
+        """Take ``nbytes`` out of the device budget if they fit; the caller allocates only after True."""
+        return self.device_budget.reserve(nbytes)
 
     def release(self, nbytes: int) -> None:
-        self.reserved_bytes -= nbytes
+        self.device_budget.release(nbytes)
 
     def budget_message(self, context: int) -> str:
         return (
             f"kvtier: the GPU budget of {self.config.budget_gb:g} GB ({self.budget_bytes:,} bytes) is full at "
             f"{context:,} tokens of context ({self.reserved_bytes:,} bytes in use, batch {self.layer_shape[0]}). "
-            "Raise budget_gb, or attach with on_budget_full='evict' to drop the oldest warm blocks "
-            "(sink+recent policy) and keep going."
+            "Raise budget_gb, attach with on_budget_full='offload' to move warm blocks to host memory, or with "
+            "on_budget_full='evict' to drop the oldest warm blocks (sink+recent policy) and keep going."
+        )
+
+    def host_budget_message(self, context: int) -> str:
+        return (
+            f"kvtier: the host budget of {self.host_budget.limit_bytes:,} bytes for cold pages is full at {context:,} "
+            f"tokens of context (each of {self.num_layers} layers may hold {self.host_share_bytes:,} bytes; "
+            f"{self.host_budget.used_bytes:,} in use, batch {self.layer_shape[0]}). Raise host_budget_gb, or attach "
+            "with on_host_full='evict' to drop the oldest cold blocks and keep going."
         )
 
     def check_layer_shape(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
@@ -86,15 +118,23 @@ class TieredCache(Cache):
             rotation_per_layer += head_dim * head_dim * 4
         self.hot_bytes = self.num_layers * (hot_per_layer + rotation_per_layer)
         self.scratch_bytes = self.estimate_scratch_bytes(batch, kv_heads, head_dim, dtype, device)
-        if not self.reserve(self.hot_bytes + self.scratch_bytes):
+        layout = PageLayout(batch, kv_heads, self.config.block_size, head_dim, self.warm_format)
+        self.chunk_pages = self.config.pages_per_chunk(layout.page_bytes)
+        if self.config.offloads:
+            self.staging_bytes = StagingRing.bytes_for(self.config.staging_chunks, self.chunk_pages, layout.page_bytes)
+        fixed_bytes = self.hot_bytes + self.scratch_bytes + self.staging_bytes
+        if not self.reserve(fixed_bytes):
             raise BudgetTooSmallError(
                 f"kvtier: budget_gb={self.config.budget_gb:g} ({self.budget_bytes:,} bytes) cannot hold the hot window: "
                 f"{self.hot_bytes:,} bytes for {self.config.sink_tokens} sinks + {self.config.recent_window} recent + "
                 f"{self.config.block_size} filling tokens x {self.num_layers} layers x batch {batch}, plus "
-                f"{self.scratch_bytes:,} bytes of attention scratch. Raise budget_gb to at least "
-                f"{(self.hot_bytes + self.scratch_bytes) / BYTES_PER_GB:.4f}, or shrink recent_window, key_tile or "
-                "query_tile."
+                f"{self.scratch_bytes:,} bytes of attention scratch and {self.staging_bytes:,} bytes of cold-page "
+                f"staging. Raise budget_gb to at least {fixed_bytes / BYTES_PER_GB:.4f}, or shrink recent_window, "
+                "key_tile, query_tile, or chunk_pages and staging_chunks."
             )
+        if self.config.offloads:
+            ring = StagingRing(self.config.staging_chunks, self.chunk_pages, layout.page_bytes, device)
+            self.prefetcher = Prefetcher(ring, layout, device)
         self.warm_share_bytes = (self.budget_bytes - self.reserved_bytes) // self.num_layers
 
     def estimate_scratch_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> int:
@@ -155,8 +195,10 @@ class TieredCache(Cache):
                 "format": layer.warm.layout.format.label,
                 "bytes_per_token": self.num_layers * page_bytes / (self.config.block_size * batch),
             },
+            "cold": self._cold_stats(page_bytes),
             "evicted_tokens": layer.evicted_tokens,
             "scratch_bytes": self.scratch_bytes,
+            "staging_bytes": self.staging_bytes,
             "cache_bytes": self.reserved_bytes,
             "budget_bytes": self.budget_bytes,
             "budget_used": self.reserved_bytes / self.budget_bytes,
@@ -164,3 +206,27 @@ class TieredCache(Cache):
             "dense_bytes_per_token": dense_bytes_per_token,
             "dense_bytes": dense_bytes_per_token * tokens * batch,
         }
+
+    def _cold_stats(self, page_bytes: int) -> dict:
+        """The host tier's tokens and bytes, and what prefetching moved back to the device so far."""
+        if self.prefetcher is None:
+            return {"tokens": 0, "pages": 0, "bytes": 0, "enabled": False}
+        prefetcher = self.prefetcher
+        return {
+            "enabled": True,
+            "tokens": self.layers[0].cold_tokens(),
+            "pages": sum(len(each.cold.entries) for each in self.layers if each.is_initialized),
+            "bytes": self.host_budget.used_bytes,
+            "host_budget_bytes": self.host_budget.limit_bytes,
+            "page_bytes": page_bytes,
+            "prefetch": self.config.prefetch,
+            "moved_bytes": prefetcher.moved_bytes,
+            "moved_chunks": prefetcher.moved_chunks,
+            "replans": prefetcher.replans,
+        }
+
+
+def default_host_budget_bytes() -> int:
+    """The host's available memory less a safety margin (the larger of HOST_MARGIN_BYTES and HOST_MARGIN_SHARE)."""
+    available = psutil.virtual_memory().available
+    return max(0, int(available - max(HOST_MARGIN_BYTES, HOST_MARGIN_SHARE * available)))

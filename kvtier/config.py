@@ -9,10 +9,14 @@ from .policies import POLICIES
 WARM_FORMATS = ("int4", "turboquant")
 TURBOQUANT_BITS = (2, 3, 4)
 KEY_AXES = ("channel", "token")
-ON_BUDGET_FULL = ("raise", "evict")
+ON_BUDGET_FULL = ("offload", "raise", "evict")
+ON_HOST_FULL = ("raise", "evict")
+PREFETCH_MODES = ("all",)
 DECODE_KERNELS = ("auto", "triton", "torch")
 
 BYTES_PER_GB = 1024**3
+CHUNK_BYTES = 48 * 1024**2  # the default cold chunk: few launches per layer, a staging ring of a few such chunks
+RING_BUDGET_SHARE = 1 / 16  # but the default staging ring takes at most this share of budget_gb
 
 
 @dataclass(frozen=True)
@@ -22,7 +26,10 @@ class TierConfig:
     The hot tier (model dtype) holds the first ``sink_tokens`` tokens and the last ``recent_window`` tokens
     (up to ``block_size - 1`` more while a block fills). Older tokens are quantized once, a block of
     ``block_size`` tokens at a time, into the warm tier (``warm_format``: packed INT4, or TurboQuant at
-    ``turboquant_bits`` per channel).
+    ``turboquant_bits`` per channel). When a layer's share of ``budget_gb`` is full, ``on_budget_full="offload"``
+    moves warm pages, chosen by ``policy``, byte for byte to the cold tier in pinned host memory (at most
+    ``host_budget_gb``), from where every decode step streams them back through a device staging ring of
+    ``staging_chunks`` chunks of ``chunk_pages`` pages, one layer ahead (``prefetch="all"``: exact).
     """
 
     budget_gb: float = 2.0
@@ -37,7 +44,13 @@ class TierConfig:
     key_group: int = 32  # tokens sharing one per-channel key (scale, min) pair (INT4) or key mean (TurboQuant)
     rotate: bool = True  # randomized Hadamard rotation of the head dim before quantizing
     rotation_seed: int = 0
-    on_budget_full: str = "raise"  # or "evict": drop the oldest warm block (policy sink_recent)
+    on_budget_full: str = "offload"  # move warm pages to the host tier; "raise"; or "evict": drop them (policy)
+    host_budget_gb: float | None = None  # cold tier cap; None: the host's available memory less a safety margin
+    on_host_full: str = "raise"  # when the host budget is full too; or "evict": drop cold pages (policy)
+    prefetch: str = "all"  # every cold page streams through attention each decode step (exact)
+    chunk_pages: int | None = None  # cold pages move in chunks of this many pages (a host slab holds one chunk);
+    # None: as many as fit in CHUNK_BYTES, or in RING_BUDGET_SHARE of the budget over the staging ring
+    staging_chunks: int = 3  # device staging ring, in chunks, counted in budget_gb
     policy: str = "sink_recent"
     pages_per_slab: int = 16  # warm pages are allocated this many at a time (fewer near the budget)
     key_tile: int = 1024  # attention reads the cache this many tokens at a time (bounds scratch)
@@ -62,6 +75,17 @@ class TierConfig:
                f"key_group must be >= 1 and divide block_size ({self.block_size}), got {self.key_group}.")
         _check(self.on_budget_full in ON_BUDGET_FULL,
                f"unknown on_budget_full {self.on_budget_full!r}; choose one of {ON_BUDGET_FULL}.")
+        _check(self.host_budget_gb is None or self.host_budget_gb > 0,
+               f"host_budget_gb must be positive (or None for the default), got {self.host_budget_gb}.")
+        _check(self.on_host_full in ON_HOST_FULL,
+               f"unknown on_host_full {self.on_host_full!r}; choose one of {ON_HOST_FULL}.")
+        _check(self.prefetch in PREFETCH_MODES,
+               f"unknown prefetch {self.prefetch!r}; choose one of {PREFETCH_MODES} (a 'topk' mode is offered only "
+               "once its fidelity is measured).")
+        _check(self.chunk_pages is None or self.chunk_pages >= 1,
+               f"chunk_pages must be >= 1 (or None for the default), got {self.chunk_pages}.")
+        _check(self.staging_chunks >= 2, f"staging_chunks must be >= 2 (one chunk in use, one arriving), "
+                                         f"got {self.staging_chunks}.")
         _check(self.policy in POLICIES, f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}.")
         _check(self.pages_per_slab >= 1, f"pages_per_slab must be >= 1, got {self.pages_per_slab}.")
         _check(self.key_tile >= self.block_size,
@@ -73,6 +97,16 @@ class TierConfig:
     @property
     def budget_bytes(self) -> int:
         return int(self.budget_gb * BYTES_PER_GB)
+
+    @property
+    def offloads(self) -> bool:
+        """Whether a full device budget sends warm pages to the host tier."""
+        return self.on_budget_full == "offload"
+
+    def pages_per_chunk(self, page_bytes: int) -> int:
+        """Pages in one cold chunk (a host slab, a staging slot)."""
+        chunk_bytes = min(CHUNK_BYTES, int(self.budget_bytes * RING_BUDGET_SHARE) // self.staging_chunks)
+        return self.chunk_pages or max(1, chunk_bytes // page_bytes)
 
     @property
     def key_group_size(self) -> int:

@@ -3,8 +3,10 @@ TurboQuant, see kvtier.formats).
 
 Positions 0 .. sink_tokens-1 stay hot as attention sinks. Later tokens enter the recent buffer; when it
 holds ``recent_window + block_size`` tokens, its oldest ``block_size`` tokens are quantized once into a
-warm page. Every token is in exactly one place, sinks < warm pages < recent buffer in position order,
-unless the budget made the policy drop the oldest warm pages (counted in ``evicted_tokens``).
+warm page. When the layer's share of the device budget is full, the policy picks a warm page to move, byte
+for byte, to the cold tier in host memory (``on_budget_full="offload"``, kvtier.cold), or to drop. Every
+token is in exactly one place (sinks, a warm page, a cold page or the recent buffer), unless a full budget
+made the policy drop pages (counted in ``evicted_tokens``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvtier.kernels.decode_attention import PagedKV, hot_table_rows, hot_table_tensor
 
+from .cold import ColdPages
 from .errors import BudgetExceededError
 from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
@@ -78,6 +81,8 @@ class TieredLayer(CacheLayerMixin):
         self.hot_table = hot_table_tensor(self.hot_pages, self.device)  # (3, n_hot)
         layout = PageLayout(batch, kv_heads, config.block_size, head_dim, warm_format)
         self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, self.cache.warm_share_bytes)
+        self.cold = ColdPages(layout, self.cache.chunk_pages, self.cache.host_budget, self.cache.host_share_bytes,
+                              pin=self.device.type == "cuda") if config.offloads else None
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -101,6 +106,8 @@ class TieredLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.is_initialized:
             self.warm.release_all()
+            if self.cold is not None:
+                self.cold.release_all()
         self.total_tokens = self.evicted_tokens = 0
         self.sink_count = self.recent_count = 0
         if self.is_initialized:
@@ -203,19 +210,49 @@ class TieredLayer(CacheLayerMixin):
             except NoRoomForPage:
                 if self.config.on_budget_full == "raise" or not self.warm.table:
                     raise BudgetExceededError(self.cache.budget_message(self.total_tokens)) from None
-                self.warm.drop(self.policy.victim([entry.start for entry in self.warm.table]))
-                self.evicted_tokens += self.config.block_size
+                victim = self.policy.victim([entry.start for entry in self.warm.table])
+                if self.cold is not None:
+                    self.demote(victim)
+                else:
+                    self.warm.drop(victim)
+                    self.evicted_tokens += self.config.block_size
 
-    def paged(self) -> PagedKV:
-        """Every cached token, as the decode kernel and its reference read it."""
-        return PagedKV(self.warm, self.hot_keys, self.hot_values, self.hot_pages, self.hot_table, self.rotation,
-                       self.sketch)
+    def demote(self, index: int) -> None:
+        """Move the warm page at ``index`` of the block table to the cold tier, making room in the host budget
+        first if ``on_host_full="evict"`` allows it."""
+        entry = self.warm.table[index]
+        while True:
+            try:
+                self.cold.store(entry.start, self.warm.page(entry))
+                break
+            except NoRoomForPage:
+                if self.config.on_host_full == "raise" or not self.cold.entries:
+                    raise BudgetExceededError(self.cache.host_budget_message(self.total_tokens)) from None
+                self.cold.drop(self.policy.victim([cold.start for cold in self.cold.entries]))
+                self.evicted_tokens += self.config.block_size
+        self.cache.prefetcher.host_write_done()  # copies out of host memory wait for this one
+        self.warm.drop(index)
+
+    def paged(self, pages=None, with_hot: bool = True) -> PagedKV:
+        """Cached tokens as the decode kernel and its reference read them: the warm pages (or another page set,
+        such as warm pages joined with a staged cold chunk) and the hot tier (or no hot page)."""
+        hot_pages, hot_table = (self.hot_pages, self.hot_table) if with_hot else ([], self.hot_table[:, :0])
+        return PagedKV(self.warm if pages is None else pages, self.hot_keys, self.hot_values, hot_pages, hot_table,
+                       self.rotation, self.sketch)
+
+    def cold_chunks(self):
+        """This layer's cold pages, staged on the device a chunk at a time (see Prefetcher.chunks)."""
+        if self.cold is None or not self.cold.entries:
+            return iter(())
+        return self.cache.prefetcher.chunks(self)
 
     def map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
         self.hot_keys, self.hot_values = fn(self.hot_keys), fn(self.hot_values)
         self.warm.map_batch(fn)
+        if self.cold is not None:
+            self.cold.map_batch(fn)
 
     # ---------------------------------------------------------------- accounting
     def hot_tokens(self) -> int:
@@ -223,4 +260,7 @@ class TieredLayer(CacheLayerMixin):
 
     def warm_tokens(self) -> int:
         return len(self.warm.table) * self.config.block_size if self.is_initialized else 0
+
+    def cold_tokens(self) -> int:
+        return self.cold.tokens if self.is_initialized and self.cold is not None else 0
 

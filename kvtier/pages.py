@@ -116,6 +116,11 @@ class WarmPages:
         return self.layout.page_bytes
 
     @property
+    def rows(self) -> int:
+        """Rows of the device page table in use: the pages the kernel reads."""
+        return len(self.table)
+
+    @property
     def capacity(self) -> int:
         return sum(slab.shape[0] for slab in self.slabs)
 
@@ -149,6 +154,11 @@ class WarmPages:
         rows = [self._locate(entry.page_id) for entry in entries]
         gathered = torch.stack([slab[slot] for slab, slot in rows])  # (n, page_bytes)
         return self.layout.views(gathered)
+
+    def page(self, entry: PageEntry) -> torch.Tensor:
+        """The bytes of one stored page: (page_bytes,) uint8, a view into its slab."""
+        slab, slot = self._locate(entry.page_id)
+        return slab[slot]
 
     def drop(self, index: int) -> PageEntry:
         """Free the page at ``index`` in the block table (its tokens leave the cache); return its row."""

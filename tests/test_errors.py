@@ -26,6 +26,11 @@ def tiny_llama(head_dim=16, **overrides):
     ("key_axis", "head", "unknown key_axis"),
     ("key_group", 24, r"key_group must be >= 1 and divide block_size \(64\)"),
     ("turboquant_bits", 5, r"turboquant_bits must be one of \(2, 3, 4\), got 5"),
+    ("host_budget_gb", -2.0, "host_budget_gb must be positive"),
+    ("on_host_full", "spill", "unknown on_host_full 'spill'"),
+    ("prefetch", "topk", r"unknown prefetch 'topk'.*offered only once its fidelity is measured"),
+    ("chunk_pages", 0, "chunk_pages must be >= 1"),
+    ("staging_chunks", 1, r"staging_chunks must be >= 2"),
 ])
 def test_bad_configuration_is_refused(field, value, message):
     overrides = {field: value}
@@ -106,7 +111,8 @@ def test_budget_smaller_than_the_hot_window():
 
 def test_full_budget_raises_during_generate_naming_budget_and_context():
     model = tiny_llama()
-    small = dict(sink_tokens=2, recent_window=8, block_size=4, key_tile=8, query_tile=4, pages_per_slab=1)
+    small = dict(sink_tokens=2, recent_window=8, block_size=4, key_tile=8, query_tile=4, pages_per_slab=1,
+                 on_budget_full="raise")
     probe = kvtier.attach(model, budget_gb=0.1, **small)
     model.generate(torch.randint(0, 128, (1, 20)), max_new_tokens=1)
     warm = probe.cache.layers[0].warm  # holds fewer than 16 pages, like the ten below: the same device table

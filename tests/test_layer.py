@@ -57,7 +57,7 @@ def tensor_bytes(cache):
         total += sum(0 if extra is None else extra.nbytes for extra in (layer.rotation, layer.rotation_signs,
                                                                          layer.sketch))
         total += sum(slab.nbytes for slab in layer.warm.slabs) + layer.warm.table_bytes
-    return total
+    return total + (cache.prefetcher.ring.nbytes if cache.prefetcher is not None else 0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -97,20 +97,20 @@ def budget_for_pages(pages_per_layer, **overrides):
     probe = make_cache(**overrides)
     fill(probe, 40)  # initializes the layers and their page size
     warm = probe.layers[0].warm
-    fixed = probe.hot_bytes + probe.scratch_bytes
+    fixed = probe.hot_bytes + probe.scratch_bytes + probe.staging_bytes
     per_layer = pages_per_layer * warm.page_bytes + warm.table_bytes  # the probe holds fewer than 16 pages too
     return (fixed + 2 * per_layer) / BYTES_PER_GB
 
 
 def test_full_budget_raises_with_the_budget_and_the_context():
-    cache = make_cache(budget_gb=budget_for_pages(3), pages_per_slab=2)
+    cache = make_cache(budget_gb=budget_for_pages(3, on_budget_full="raise"), pages_per_slab=2, on_budget_full="raise")
     with pytest.raises(BudgetExceededError, match=r"budget of .* GB .* is full at \d+ tokens of context"):
         fill(cache, 200)
     assert cache.reserved_bytes == tensor_bytes(cache) + cache.scratch_bytes <= cache.budget_bytes
 
 
 def test_full_budget_evicts_the_oldest_warm_blocks():
-    cache = make_cache(budget_gb=budget_for_pages(3), on_budget_full="evict", pages_per_slab=2)
+    cache = make_cache(budget_gb=budget_for_pages(3, on_budget_full="evict"), on_budget_full="evict", pages_per_slab=2)
     keys, values = fill(cache, 200)
     for layer in cache.layers:
         positions, got_keys, _ = cached_tokens(layer)
@@ -158,5 +158,6 @@ def test_stats_add_up():
     fill(cache, 50)
     stats = cache.stats()
     assert stats["tokens"] == 50 and stats["hot"]["tokens"] + stats["warm"]["tokens"] == 50
-    assert stats["cache_bytes"] == stats["hot"]["bytes"] + stats["warm"]["bytes"] + stats["scratch_bytes"]
+    assert stats["cache_bytes"] == (stats["hot"]["bytes"] + stats["warm"]["bytes"] + stats["scratch_bytes"]
+                                    + stats["staging_bytes"])
     assert 0 < stats["budget_used"] <= 1

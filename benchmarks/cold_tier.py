@@ -1,0 +1,287 @@
+"""Decode with most of the context in host memory: kvtier's cold tier beside transformers' dense and offloaded caches.
+
+A random-weight model of Llama-3.1-8B's shape (32 layers, 32 query heads, 8 KV heads, head dim 128, bf16) on the
+GPU; weights do not matter for speed. Every cache is filled with the same kind of random keys and values through
+its own update path (kvtier quantizes, demotes and pins; transformers' offloaded cache moves each layer to the
+host), because prefilling 512K tokens through the model is not what is measured here. Then ``--steps`` decode steps
+run through ``model()``; ms/token is the median synchronized step. Configurations, each where it fits:
+
+- dense: DynamicCache
+- offloaded: DynamicCache(offloading=True), which moves every layer's whole cache across PCIe each step
+- kvtier: budget_gb=8, warm pages past the budget in pinned host memory, streamed back each step (prefetch "all")
+- kvtier-cold: a budget that keeps only the hot tier and a few warm pages on the GPU (the cache mostly cold)
+- kvtier-warm: a budget holding every page on the GPU (the compute-only time of the same step)
+
+From these: PCIe bytes moved per step, the transfer time of those bytes alone (the same staging copies, timed
+without attention), the achieved bandwidth, and the share of the transfer hidden behind compute,
+(warm step + transfer - cold step) / transfer. Prints a table last; writes JSON and markdown.
+
+    python benchmarks/cold_tier.py --contexts 32768 131072 [--steps 8] [--name cold-tier-h100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import kvtier
+
+RESULTS = Path(__file__).parent / "results"
+FILL_CHUNK = 16384  # tokens per update while filling
+GB = 1024**3
+
+
+def llama_8b_shape() -> LlamaConfig:
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                       max_position_embeddings=1 << 21)
+
+
+def random_model(config: LlamaConfig) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def random_states(config: LlamaConfig, batch: int, tokens: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
+    keys = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+    keys[..., :4] += 3  # a few outlier channels, as real keys have
+    return keys, torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+
+
+def fill_dynamic(cache: DynamicCache, config: LlamaConfig, batch: int, context: int) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for index in range(config.num_hidden_layers):
+        cache.update(*random_states(config, batch, context, generator), index)
+
+
+def fill_tiered(cache: kvtier.TieredCache, config: LlamaConfig, batch: int, context: int) -> None:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for first in range(0, context, FILL_CHUNK):
+        length = min(FILL_CHUNK, context - first)
+        for layer in cache.layers:
+            layer.update(*random_states(config, batch, length, generator))
+
+
+@torch.no_grad()
+def decode_ms(model, cache, batch: int, steps: int) -> list[float]:
+    """Synchronized wall time of each decode step (the first two are warm-up and left out)."""
+    token = torch.full((batch, 1), 7, device="cuda")
+    times = []
+    for _ in range(steps + 2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+        if not torch.isfinite(logits).all():
+            raise RuntimeError("non-finite logits")
+    return times[2:]
+
+
+def transfer_ms(cache: kvtier.TieredCache, repeats: int = 3) -> float:
+    """The staging copies of one decode step alone: every layer's cold chunks through the ring, no attention."""
+    prefetcher = cache.prefetcher
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for layer in cache.layers:
+            prefetcher.prefetch(layer)
+            for _chunk in prefetcher.chunks(layer):
+                pass
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def pinned_bandwidth_gbs(nbytes: int = 2 * GB) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return 3 * nbytes / (time.perf_counter() - start) / 1e9
+
+
+def budget_gb_for_warm_pages(model, pages_per_layer: int, batch: int, **config) -> float:
+    """A budget that holds the hot tier, scratch, staging ring and ``pages_per_layer`` warm pages a layer."""
+    handle = kvtier.attach(model, budget_gb=40.0, **config)
+    try:
+        probe = handle.new_cache()
+        fill_tiered(probe, model.config, batch, 512)
+        fixed = probe.hot_bytes + probe.scratch_bytes + probe.staging_bytes
+        warm = probe.layers[0].warm
+        return (fixed + model.config.num_hidden_layers * (pages_per_layer * warm.page_bytes + warm.table_bytes)) / GB
+    finally:
+        kvtier.detach(model)
+
+
+def run_dynamic(model, batch: int, context: int, steps: int, offloading: bool) -> dict:
+    cache = DynamicCache(config=model.config, offloading=offloading)
+    start = time.perf_counter()
+    fill_dynamic(cache, model.config, batch, context)
+    fill_s = time.perf_counter() - start
+    times = decode_ms(model, cache, batch, steps)
+    return {"ms_per_token": statistics.median(times), "steps_ms": times, "fill_s": fill_s}
+
+
+def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, with_transfer: bool) -> dict:
+    handle = kvtier.attach(model, budget_gb=budget_gb)
+    try:
+        cache = handle.new_cache()
+        start = time.perf_counter()
+        fill_tiered(cache, model.config, batch, context)
+        torch.cuda.synchronize()
+        fill_s = time.perf_counter() - start
+        moved_before = cache.prefetcher.moved_bytes
+        times = decode_ms(model, cache, batch, steps)
+        moved_per_step = (cache.prefetcher.moved_bytes - moved_before) / (steps + 2)
+        stats = cache.stats()
+        row = {"ms_per_token": statistics.median(times), "steps_ms": times, "fill_s": fill_s,
+               "budget_gb": budget_gb, "device_cache_gb": stats["cache_bytes"] / GB,
+               "warm_tokens": stats["warm"]["tokens"], "cold_tokens": stats["cold"]["tokens"],
+               "host_gb": stats["cold"]["bytes"] / GB, "moved_gb_per_step": moved_per_step / GB,
+               "replans": stats["cold"]["replans"], "within_budget": stats["cache_bytes"] <= stats["budget_bytes"]}
+        if with_transfer and stats["cold"]["tokens"]:
+            row["transfer_ms"] = transfer_ms(cache)
+            row["transfer_gbs"] = moved_per_step / 1e9 / (row["transfer_ms"] / 1e3)
+        return row
+    finally:
+        kvtier.detach(model)
+
+
+def profile(model, batch: int, context: int, budget_gb: float, out: Path) -> None:
+    """Where a mostly cold decode step and a fill chunk spend host and device time (torch.profiler tables)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    handle = kvtier.attach(model, budget_gb=budget_gb)
+    try:
+        cache = handle.new_cache()
+        fill_tiered(cache, model.config, batch, context)
+        decode_ms(model, cache, batch, 1)
+        tables = []
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as step_profile:
+            decode_ms(model, cache, batch, 1)
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as fill_profile:
+            fill_tiered(cache, model.config, batch, 2048)
+            torch.cuda.synchronize()
+        for name, result in (("decode (3 steps)", step_profile), ("fill 2048 tokens", fill_profile)):
+            for key in ("self_cpu_time_total", "self_cuda_time_total"):
+                tables.append(f"## {name}, by {key}\n" + result.key_averages().table(sort_by=key, row_limit=30))
+        (out / "profile.txt").write_text("\n\n".join(tables))
+        print(tables[0][:6000])
+    finally:
+        kvtier.detach(model)
+
+
+def fits_dense(config: LlamaConfig, batch: int, context: int) -> bool:
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * batch * context
+    free, _ = torch.cuda.mem_get_info()
+    return kv_bytes * 1.15 < free
+
+
+def environment() -> dict:
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "kvtier": kvtier.__version__, "model": "random-weight Llama-3.1-8B shape, bf16"}
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Cold tier: decode with most of the context in host memory ({result['environment']['device']})", "",
+             f"torch {result['environment']['torch']}, transformers {result['environment']['transformers']}; "
+             f"{result['environment']['model']}; pinned host-to-device copy {result['pinned_gbs']:.1f} GB/s.", "",
+             "| context | batch | cache | ms/token | on GPU GB | in host GB | PCIe GB/step | transfer ms | GB/s | "
+             "hidden |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['context']:,} | {row['batch']} | {row['cache']} | skipped: {row['skipped']} |"
+                         " | | | | | |")
+            continue
+        hidden = f"{row['hidden_share']:.0%}" if "hidden_share" in row else ""
+        lines.append(
+            f"| {row['context']:,} | {row['batch']} | {row['cache']} | {row['ms_per_token']:.1f} | "
+            f"{row.get('device_cache_gb', float('nan')):.2f} | {row.get('host_gb', 0):.2f} | "
+            f"{row.get('moved_gb_per_step', 0):.2f} | {row.get('transfer_ms', float('nan')):.1f} | "
+            f"{row.get('transfer_gbs', float('nan')):.1f} | {hidden} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--budget-gb", type=float, default=8.0)
+    parser.add_argument("--cold-at", type=int, nargs="*", default=[32768],
+                        help="contexts at which to also run kvtier mostly cold, all warm and the offloaded cache")
+    parser.add_argument("--profile", action="store_true", help="profile a mostly cold step at the first context")
+    parser.add_argument("--name", default="cold-tier")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    config = llama_8b_shape()
+    model = random_model(config)
+    result = {"environment": environment(), "pinned_gbs": pinned_bandwidth_gbs(), "rows": []}
+    cold_budget = budget_gb_for_warm_pages(model, 4, args.batch)
+    if args.profile:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return profile(model, args.batch, args.contexts[0], cold_budget, args.out)
+    for context in args.contexts:
+        plans = [("kvtier", dict(budget_gb=args.budget_gb))]
+        if context in args.cold_at:
+            plans += [("kvtier-cold", dict(budget_gb=cold_budget)), ("kvtier-warm", dict(budget_gb=60.0)),
+                      ("offloaded", None)]
+        plans.append(("dense", None))
+        for name, settings in plans:
+            row = {"context": context, "batch": args.batch, "cache": name}
+            try:
+                if name == "dense" and not fits_dense(config, args.batch, context):
+                    row["skipped"] = "the dense cache does not fit beside the weights"
+                elif settings is None:
+                    row.update(run_dynamic(model, args.batch, context, max(3, args.steps // 2), name == "offloaded"))
+                else:
+                    row.update(run_tiered(model, args.batch, context, args.steps, with_transfer=name == "kvtier-cold"
+                                          or name == "kvtier", **settings))
+            except torch.OutOfMemoryError as error:
+                row["skipped"] = f"out of memory: {str(error).splitlines()[0][:120]}"
+            gc.collect()
+            torch.cuda.empty_cache()
+            result["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "steps_ms"}), flush=True)
+        by_cache = {row["cache"]: row for row in result["rows"] if row["context"] == context and "skipped" not in row}
+        if "kvtier-cold" in by_cache and "kvtier-warm" in by_cache and "transfer_ms" in by_cache["kvtier-cold"]:
+            cold, warm = by_cache["kvtier-cold"], by_cache["kvtier-warm"]
+            hidden = (warm["ms_per_token"] + cold["transfer_ms"] - cold["ms_per_token"]) / cold["transfer_ms"]
+            cold["hidden_share"] = max(0.0, min(1.0, hidden))
+            if "offloaded" in by_cache:
+                cold["speedup_vs_offloaded"] = by_cache["offloaded"]["ms_per_token"] / cold["ms_per_token"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

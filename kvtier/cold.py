@@ -1,0 +1,134 @@
+"""The cold tier of one layer: warm pages moved byte for byte into host memory.
+
+A cold page keeps its :class:`~kvtier.pages.PageLayout` bytes, so PCIe moves packed codes, never dense
+ones. Host memory comes in slabs of ``chunk_pages`` rows (pinned when a CUDA device is present, so that copies
+run asynchronously), never one allocation per page, and is paid for out of the host budget first. Beside each
+slab's pages lies an int32 array of each row's first token position, ``FREE_POSITION`` for an empty row: a
+whole slab moves to the device in two copies, and attention masks its empty rows by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .budget import ByteBudget
+from .errors import KVTierError
+from .pages import NoRoomForPage, PageLayout
+
+FREE_POSITION = 1 << 30  # past every real position; a page's last token (+ block) still fits in int32
+
+
+class HostSlab:
+    def __init__(self, rows: int, page_bytes: int, pin: bool):
+        self.pages = torch.empty(rows, page_bytes, dtype=torch.uint8, pin_memory=pin)  # (rows, page_bytes)
+        self.positions = torch.full((rows,), FREE_POSITION, dtype=torch.int32, pin_memory=pin)  # (rows,)
+        self.used_rows = 0  # rows below this were written at least once; a copy of the slab covers them
+        self.free_rows: list[int] = []  # freed rows below used_rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.nbytes + self.positions.nbytes
+
+    def take_row(self) -> int | None:
+        if self.free_rows:
+            return self.free_rows.pop()
+        if self.used_rows < self.pages.shape[0]:
+            self.used_rows += 1
+            return self.used_rows - 1
+        return None
+
+
+@dataclass
+class ColdEntry:
+    """One cold page: the tokens starting at ``start`` live in row ``row`` of slab ``slab``."""
+
+    start: int
+    slab: int
+    row: int
+
+
+class ColdPages:
+    """One layer's cold pages, in host slabs, with at most ``share_bytes`` of the host budget."""
+
+    def __init__(self, layout: PageLayout, chunk_pages: int, budget: ByteBudget, share_bytes: int, pin: bool):
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.chunk_pages = chunk_pages
+        self.budget = budget
+        self.share_bytes = share_bytes
+        self.pin = pin
+        self.slabs: list[HostSlab] = []
+        self.entries: list[ColdEntry] = []  # in the order they arrived
+        self.version = 0  # changes whenever a page arrives or leaves, so that staged copies know they are stale
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(slab.nbytes for slab in self.slabs)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.entries) * self.block_size
+
+    def store(self, start: int, page: torch.Tensor) -> None:
+        """Copy one page's bytes (page_bytes,) uint8 from the device into a host row; raises NoRoomForPage when the
+        host budget has no room for another slab. The copy is asynchronous from a CUDA device (pinned rows)."""
+        slab_index, row = self._free_row()
+        slab = self.slabs[slab_index]
+        slab.pages[row].copy_(page, non_blocking=self.pin)
+        slab.positions[row] = start
+        self.entries.append(ColdEntry(start, slab_index, row))
+        self.version += 1
+
+    def drop(self, index: int) -> ColdEntry:
+        """Free the page at ``index`` of ``entries`` (its tokens leave the cache); return its row."""
+        entry = self.entries.pop(index)
+        slab = self.slabs[entry.slab]
+        slab.positions[entry.row] = FREE_POSITION
+        slab.free_rows.append(entry.row)
+        self.version += 1
+        return entry
+
+    def chunks(self) -> list[tuple[HostSlab, int, list[ColdEntry]]]:
+        """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives."""
+        by_slab: dict[int, list[ColdEntry]] = {}
+        for entry in self.entries:
+            by_slab.setdefault(entry.slab, []).append(entry)
+        return [(self.slabs[index], self.slabs[index].used_rows, entries) for index, entries in sorted(by_slab.items())]
+
+    def release_all(self) -> None:
+        self.budget.release(self.allocated_bytes)
+        self.slabs, self.entries = [], []
+        self.version += 1
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` to the batch axis of every cold page field, in place (as WarmPages.map_batch)."""
+        if self.slabs and fn(torch.empty(self.layout.batch, 0)).shape[0] != self.layout.batch:
+            raise NotImplementedError("changing the batch size of a cache that holds cold pages")
+        for slab in self.slabs:
+            for view in self.layout.views(slab.pages).values():
+                view.copy_(fn(view.transpose(0, 1)).transpose(0, 1))
+        self.version += 1
+
+    def _free_row(self) -> tuple[int, int]:
+        for index in range(len(self.slabs) - 1, -1, -1):
+            row = self.slabs[index].take_row()
+            if row is not None:
+                return index, row
+        self.slabs.append(self._new_slab())
+        return len(self.slabs) - 1, self.slabs[-1].take_row()
+
+    def _new_slab(self) -> HostSlab:
+        nbytes = self.chunk_pages * (self.layout.page_bytes + 4)
+        if self.allocated_bytes + nbytes > self.share_bytes or not self.budget.reserve(nbytes):
+            raise NoRoomForPage()
+        try:
+            return HostSlab(self.chunk_pages, self.layout.page_bytes, self.pin)
+        except RuntimeError as error:  # the pinned allocation itself failed
+            self.budget.release(nbytes)
+            raise KVTierError(
+                f"kvtier: could not allocate {nbytes:,} bytes of {'pinned ' if self.pin else ''}host memory for the "
+                f"cold tier ({error}). Lower host_budget_gb (now {self.budget.limit_bytes:,} bytes), or free host "
+                "memory."
+            ) from error

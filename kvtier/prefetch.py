@@ -1,0 +1,232 @@
+"""Cold pages on their way back: a device staging ring, filled one layer ahead on a side stream.
+
+Each decode step attends every cold page (``prefetch="all"``, exact). A cold chunk (one host slab) moves into
+a slot of the :class:`StagingRing` in two asynchronous copies (page bytes and positions) on the
+:class:`Prefetcher`'s side stream, while the layers before it compute; the decode kernel then reads the slot in
+place, like warm pages. Events order everything without host synchronization: a copy waits for the kernel that
+last read its slot and for the latest device-to-host demotion; the kernel waits for its copy.
+
+A layer's chunks are planned from its cold pages as they are when the layer ahead updates; a page that moves
+after that (a demotion while this layer appends) makes the plan stale, and the layer replans before it attends.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from .cold import ColdEntry, HostSlab
+from .pages import ALIGNMENT, PageLayout
+
+
+class StagingRing:
+    """``slots`` device slots of ``chunk_pages`` pages each, and each page's position."""
+
+    def __init__(self, slots: int, chunk_pages: int, page_bytes: int, device):
+        self.pages = torch.empty(slots, chunk_pages, page_bytes, dtype=torch.uint8, device=device)
+        self.positions = torch.empty(slots, chunk_pages, dtype=torch.int32, device=device)
+        # each row's distance from the ring's first byte, in ALIGNMENT units, as the kernel's page table wants it
+        rows = torch.arange(slots * chunk_pages, dtype=torch.int64, device=device)
+        self.offsets = (rows * (page_bytes // ALIGNMENT)).view(slots, chunk_pages)
+        self.base = self.pages.view(-1)
+
+    @staticmethod
+    def bytes_for(slots: int, chunk_pages: int, page_bytes: int) -> int:
+        return slots * chunk_pages * (page_bytes + 4 + 8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.pages.nbytes + self.positions.nbytes + self.offsets.nbytes
+
+
+@dataclass(frozen=True)
+class StagedEntry:
+    """A staged cold page: the tokens starting at ``start`` sit in row ``row`` of the whole ring."""
+
+    start: int
+    row: int
+
+
+class StagedChunk:
+    """The staged pages of one or more slots as one page set that the decode kernel and its reference read (see
+    PagedKV.warm): ``rows`` device rows (empty ones at FREE_POSITION); ``table``, built only when the reference
+    asks, the cold pages among them."""
+
+    def __init__(self, ring: StagingRing, layout: PageLayout, jobs: list):
+        self.ring, self.layout, self.jobs = ring, layout, jobs
+        self.block_size = layout.block_size
+        self.base = ring.base  # the ring's first byte, which ``offsets`` count from
+        self.rows = sum(job.rows for job in jobs)
+        if len(jobs) == 1:
+            self.offsets = ring.offsets[jobs[0].slot, :jobs[0].rows]  # (rows,) int64
+            self.positions = ring.positions[jobs[0].slot, :jobs[0].rows]  # (rows,) int32
+        else:
+            self.offsets = torch.cat([ring.offsets[job.slot, :job.rows] for job in jobs])
+            self.positions = torch.cat([ring.positions[job.slot, :job.rows] for job in jobs])
+
+    @functools.cached_property
+    def table(self) -> list[StagedEntry]:
+        chunk_pages = self.ring.pages.shape[1]
+        return [StagedEntry(entry.start, job.slot * chunk_pages + entry.row) for job in self.jobs
+                for entry in job.entries]
+
+    def read(self, entries) -> dict[str, torch.Tensor]:
+        rows = torch.tensor([entry.row for entry in entries], device=self.ring.pages.device)
+        return self.layout.views(self.ring.pages.view(-1, self.ring.pages.shape[2]).index_select(0, rows))
+
+
+class JoinedPages:
+    """The warm pages and staged cold pages as one page set, so that one kernel launch reads both: the device
+    tables are concatenated, with offsets counted from whichever of the two allocations lies lower."""
+
+    def __init__(self, warm, chunk: StagedChunk):
+        self.warm, self.chunk = warm, chunk
+        self.layout = warm.layout
+        self.block_size = warm.block_size
+        self.rows = warm.rows + chunk.rows
+        self.base = min(warm.base, chunk.base, key=lambda tensor: tensor.data_ptr())
+        self.offsets = torch.cat((self._from_base(warm.offsets[:warm.rows], warm.base),
+                                  self._from_base(chunk.offsets, chunk.base)))
+        self.positions = torch.cat((warm.positions[:warm.rows], chunk.positions))
+
+    @functools.cached_property
+    def table(self) -> list:
+        return self.warm.table + self.chunk.table
+
+    def _from_base(self, offsets: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        shift = (base.data_ptr() - self.base.data_ptr()) // ALIGNMENT
+        return offsets + shift if shift else offsets
+
+    def read(self, entries) -> dict[str, torch.Tensor]:
+        """Entries in table order: warm ones, then staged ones."""
+        warm = [entry for entry in entries if not isinstance(entry, StagedEntry)]
+        staged = entries[len(warm):]
+        parts = [part.read(chosen) for part, chosen in ((self.warm, warm), (self.chunk, staged)) if chosen]
+        if len(parts) == 1:
+            return parts[0]
+        return {name: torch.cat((parts[0][name], parts[1][name])) for name in parts[0]}
+
+
+@dataclass
+class Job:
+    """One chunk of one layer on its way: the host slab, how many rows move, and where they land."""
+
+    slab: HostSlab
+    rows: int
+    entries: list[ColdEntry]
+    slot: int | None = None
+    ready: object = None  # CUDA event recorded after the copies, or None off CUDA
+
+
+class Prefetcher:
+    """Plans each layer's cold chunks, copies them into free ring slots ahead of use, and hands them to attention."""
+
+    def __init__(self, ring: StagingRing, layout: PageLayout, device):
+        self.ring = ring
+        self.layout = layout
+        self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+        self.free_slots = deque(range(ring.pages.shape[0]))
+        self.slot_released: list[object] = [None] * ring.pages.shape[0]  # event after the last read of each slot
+        self.host_written = None  # event after the latest device-to-host demotion
+        self.jobs: dict[int, list[Job]] = {}  # layer index -> its planned chunks, in order
+        self.versions: dict[int, int] = {}  # layer index -> its cold version when planned
+        self.moved_bytes = 0
+        self.moved_chunks = 0
+        self.replans = 0  # plans made stale by a demotion after them
+
+    # ---------------------------------------------------------------- what layers call
+    def prefetch(self, layer) -> None:
+        """Plan ``layer``'s cold chunks and start copying as many as there are free slots."""
+        self.cancel(layer.layer_idx)
+        self.jobs[layer.layer_idx] = [Job(slab, rows, entries) for slab, rows, entries in layer.cold.chunks()]
+        self.versions[layer.layer_idx] = layer.cold.version
+        self._issue_waiting(layer.layer_idx)
+
+    def chunks(self, layer):
+        """Yield ``layer``'s cold pages as staged chunks, every one of them, each chunk holding every slot of the
+        layer that is already on its way (so one launch reads them all); the consumer launches its attention over
+        each before asking for the next, and the slots are recycled after that attention."""
+        index = layer.layer_idx
+        if index not in self.jobs or self.versions[index] != layer.cold.version:
+            self.replans += index in self.jobs
+            self.prefetch(layer)
+        jobs = self.jobs[index]
+        while jobs:
+            if jobs[0].slot is None:
+                self._issue(jobs[0], self._take_slot(index))
+            group = list(itertools.takewhile(lambda job: job.slot is not None, jobs))  # every slot already coming
+            for job in group:
+                if job.ready is not None:
+                    torch.cuda.current_stream(self.ring.pages.device).wait_event(job.ready)
+            yield StagedChunk(self.ring, self.layout, group)
+            del jobs[:len(group)]
+            for job in group:
+                self._release(job)
+            self._issue_waiting(index)
+        del self.jobs[index]
+        for other in list(self.jobs):  # the next layer's chunks take the freed slots
+            self._issue_waiting(other)
+
+    def host_write_done(self) -> None:
+        """Call after queueing device-to-host demotions: later copies out of host memory wait for them."""
+        if self.stream is not None:
+            self.host_written = torch.cuda.Event()
+            self.host_written.record(torch.cuda.current_stream(self.ring.pages.device))
+
+    def cancel(self, layer_index: int) -> None:
+        """Forget a layer's plan; its slots go back to the ring (a copy still in flight is ordered before the next
+        copy into the slot, both on the side stream)."""
+        for job in self.jobs.pop(layer_index, []):
+            if job.slot is not None:
+                self.free_slots.append(job.slot)
+
+    def reset(self) -> None:
+        for index in list(self.jobs):
+            self.cancel(index)
+
+    # ---------------------------------------------------------------- slots and copies
+    def _issue_waiting(self, layer_index: int) -> None:
+        for job in self.jobs.get(layer_index, []):
+            if job.slot is None and self.free_slots:
+                self._issue(job, self.free_slots.popleft())
+
+    def _take_slot(self, layer_index: int) -> int:
+        """A free slot, or else one taken back from another layer's chunk that is not consumed yet."""
+        if self.free_slots:
+            return self.free_slots.popleft()
+        for other, jobs in self.jobs.items():
+            for job in reversed(jobs):
+                if other != layer_index and job.slot is not None:
+                    slot, job.slot, job.ready = job.slot, None, None
+                    return slot
+        raise RuntimeError("the staging ring has no slot to give")  # staging_chunks >= 2 prevents this
+
+    def _issue(self, job: Job, slot: int) -> None:
+        job.slot = slot
+        pages, positions = self.ring.pages[slot, :job.rows], self.ring.positions[slot, :job.rows]
+        if self.stream is None:  # off CUDA: plain synchronous copies
+            pages.copy_(job.slab.pages[:job.rows])
+            positions.copy_(job.slab.positions[:job.rows])
+        else:
+            with torch.cuda.stream(self.stream):
+                for event in (self.slot_released[slot], self.host_written):
+                    if event is not None:
+                        self.stream.wait_event(event)
+                pages.copy_(job.slab.pages[:job.rows], non_blocking=True)
+                positions.copy_(job.slab.positions[:job.rows], non_blocking=True)
+                job.ready = torch.cuda.Event()
+                job.ready.record(self.stream)
+        self.moved_bytes += pages.nbytes + positions.nbytes
+        self.moved_chunks += 1
+
+    def _release(self, job: Job) -> None:
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.ring.pages.device))
+            self.slot_released[job.slot] = event
+        self.free_slots.append(job.slot)
+        job.slot = None
