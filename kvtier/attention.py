@@ -1,9 +1,9 @@
 """The attention function kvtier registers with transformers: it reads every tier in place.
 
 A decode step (one query row) goes to the paged decode kernel on CUDA (``decode_kernel="auto"``) and to
-its torch reference elsewhere; cold pages reach it through the staging ring (kvtier.prefetch). A prefill chunk attends the cached tiers through the reference, query tile
-by query tile, and its own tokens exactly; the pieces merge by log-sum-exp, so no dense copy of the
-whole cache is ever built. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
+its torch reference elsewhere; cold pages reach it through the staging ring (kvtier.prefetch). A prefill
+chunk attends the cached tiers through the reference, query tile by query tile, and its own tokens exactly;
+the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever built. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def attend_tiers(view: TierView, query: torch.Tensor, attention_mask, scaling: f
 def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Tensor:
     """One query row over every cached token (the new one is already in the hot tier).
 
-    Cold pages arrive as staged chunks: the first is read in the same launch as the warm and hot pages,
-    each further one in a launch of its own, merged by log-sum-exp."""
+    Cold pages arrive staged, as many ring slots at a time as are on their way: the first group is read in the
+    same launch as the warm and hot pages, each further group (when the ring is smaller than the layer's cold
+    pages) in a launch of its own, merged by log-sum-exp."""
     layer = view.layer
     batch, query_heads, _, head_dim = query.shape
     chunks = layer.cold_chunks()
