@@ -132,7 +132,10 @@ class TieredLayer(CacheLayerMixin):
 
     # ---------------------------------------------------------------- tiers
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Place new tokens (B, H_kv, L, D): sinks first, then the recent buffer, flushing full blocks warm."""
+        """Place new tokens (B, H_kv, L, D): sinks first, then the recent buffer, flushing full blocks warm.
+
+        A long chunk whose tokens would flush more than a block past the recent buffer's goes through
+        :meth:`append_long` instead: the same pages, quantized several blocks at a time."""
         count = keys.shape[2]
         taken = min(self.config.sink_tokens - self.sink_count, count)
         if taken > 0:
@@ -141,6 +144,9 @@ class TieredLayer(CacheLayerMixin):
             self.sink_count += taken
             self.total_tokens += taken
         capacity = self.recent_keys.shape[2]
+        if self._flushed_tokens(count - taken) - self.recent_count >= self.config.block_size:
+            self.append_long(keys[:, :, taken:], values[:, :, taken:])
+            return
         while taken < count:
             room = min(capacity - self.recent_count, count - taken)
             end = self.recent_count + room
@@ -152,19 +158,61 @@ class TieredLayer(CacheLayerMixin):
             if self.recent_count == capacity:
                 self.flush_oldest_block()
 
+    def _flushed_tokens(self, arriving: int) -> int:
+        """How many of the recent buffer's tokens followed by ``arriving`` new ones leave for warm pages: a block
+        each time the buffer fills, until it holds fewer than its capacity."""
+        capacity, block = self.recent_keys.shape[2], self.config.block_size
+        waiting = self.recent_count + arriving
+        if waiting < capacity:
+            return 0
+        return waiting - (capacity - block + (waiting - capacity) % block)
+
+    def append_long(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (B, H_kv, L, D) after the sinks: the recent buffer's tokens and the first new ones leave in
+        whole blocks, quantized up to key_tile tokens at a time straight from ``keys``; the last ones become the
+        buffer."""
+        block, held = self.config.block_size, self.recent_count
+        flushed = self._flushed_tokens(keys.shape[2])
+        lead = -held % block  # new tokens that complete the buffer's last block
+        if held:
+            self.store_blocks(torch.cat((self.recent_keys[:, :, :held], keys[:, :, :lead]), 2),
+                              torch.cat((self.recent_values[:, :, :held], values[:, :, :lead]), 2), self.recent_start)
+        self.store_blocks(keys[:, :, lead:flushed - held], values[:, :, lead:flushed - held],
+                          self.recent_start + held + lead)
+        kept = keys.shape[2] - (flushed - held)
+        self.recent_keys[:, :, :kept] = keys[:, :, flushed - held:]
+        self.recent_values[:, :, :kept] = values[:, :, flushed - held:]
+        self.recent_count = kept
+        self.total_tokens += keys.shape[2]
+        self._advance_recent(flushed)
+
+    def store_blocks(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Quantize whole blocks (B, H_kv, n * block, D) starting at position ``start`` into warm pages, at most
+        key_tile tokens per quantization (the scratch estimate's bound), and store them in order."""
+        block = self.config.block_size
+        run = max(block, self.config.key_tile // block * block)
+        for first in range(0, keys.shape[2], run):
+            chunk_keys, chunk_values = keys[:, :, first:first + run], values[:, :, first:first + run]
+            pages = self.quantize_blocks(chunk_keys, chunk_values,
+                                         self.cache.valid_tokens(start + first, chunk_keys.shape[2]))
+            for index, page in enumerate(pages):
+                self.store_page(start + first + index * block, page)
+
     def flush_oldest_block(self) -> None:
         """Quantize the recent buffer's oldest block into a warm page and shift the buffer."""
         block = self.config.block_size
-        page = self.quantize_block(self.recent_keys[:, :, :block], self.recent_values[:, :, :block],
-                                   self.cache.valid_tokens(self.recent_start, block))
-        self.store_page(self.recent_start, page)
+        self.store_blocks(self.recent_keys[:, :, :block], self.recent_values[:, :, :block], self.recent_start)
         kept = self.recent_count - block
         self.recent_keys[:, :, :kept] = self.recent_keys[:, :, block:self.recent_count].clone()
         self.recent_values[:, :, :kept] = self.recent_values[:, :, block:self.recent_count].clone()
         self.recent_count = kept
-        self.recent_start += block
+        self._advance_recent(block)
+
+    def _advance_recent(self, tokens: int) -> None:
+        """The recent buffer now starts ``tokens`` positions later."""
+        self.recent_start += tokens
         self.hot_pages = self._hot_pages()
-        self.hot_table[1, self._sink_rows:] += block  # on the device: no host-to-device copy
+        self.hot_table[1, self._sink_rows:] += tokens  # on the device: no host-to-device copy
 
     # the hot buffer's two parts, as views
     @property
@@ -195,12 +243,24 @@ class TieredLayer(CacheLayerMixin):
     def _sink_rows(self) -> int:
         return len(hot_table_rows([(0, 0, self.config.sink_tokens)])) if self.config.sink_tokens else 0
 
-    def quantize_block(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> dict:
-        """keys, values (B, H_kv, block, D); valid (B, block) bool or None -> one page's tensors."""
-        keys, values = keys.float(), values.float()
+    def quantize_blocks(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> list[dict]:
+        """keys, values (B, H_kv, n * block, D); valid (B, n * block) bool or None -> n pages' tensors. The n blocks
+        are quantized in one call, as a batch of n * B sequences, each block on its own as a page requires."""
+        batch, heads, tokens, dim = keys.shape
+        count, block = tokens // self.config.block_size, self.config.block_size
+
+        def as_batch(states):  # (B, H, n * block, D) -> (n * B, H, block, D)
+            return states.float().view(batch, heads, count, block, dim).transpose(0, 2).transpose(1, 2).reshape(
+                count * batch, heads, block, dim)
+
+        keys, values = as_batch(keys), as_batch(values)
+        if valid is not None:  # (B, n * block) -> (n * B, block)
+            valid = valid.view(batch, count, block).transpose(0, 1).reshape(count * batch, block)
         if self.rotation is not None:
             keys, values = rotate(keys, self.rotation_signs), rotate(values, self.rotation_signs)
-        return self.warm.layout.format.quantize(keys, values, valid, self.sketch)
+        fields = self.warm.layout.format.quantize(keys, values, valid, self.sketch)  # (n * B, ...) each
+        fields = {name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()}
+        return [{name: field[index] for name, field in fields.items()} for index in range(count)]
 
     def store_page(self, start: int, page: dict) -> None:
         while True:

@@ -10,6 +10,7 @@ from kvtier import BudgetExceededError, BudgetTooSmallError, TierConfig, TieredC
 from kvtier.attention import attend_tiers
 from kvtier.config import BYTES_PER_GB
 from kvtier.kernels.decode_attention import dequantize_pages
+from kvtier.rotation import rotate
 
 MODEL = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64)
 SMALL = dict(sink_tokens=2, recent_window=8, block_size=4, key_tile=8, query_tile=4)
@@ -161,3 +162,38 @@ def test_stats_add_up():
     assert stats["cache_bytes"] == (stats["hot"]["bytes"] + stats["warm"]["bytes"] + stats["scratch_bytes"]
                                     + stats["staging_bytes"])
     assert 0 < stats["budget_used"] <= 1
+
+
+@pytest.mark.parametrize("warm_format", ["int4", "turboquant"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_long_chunks_store_each_block_as_its_own_quantization(warm_format, padded):
+    """Long chunks quantize many blocks per call (append_long); each page must hold exactly the fields that
+    quantizing its block alone gives (padding masks included), and the hot tier must end as a token at a time
+    leaves it."""
+    padding = torch.ones(2, 300, dtype=torch.long)
+    if padded:
+        padding[1, :23] = 0
+    config = TierConfig(budget_gb=0.05, **SMALL, warm_format=warm_format, key_group=4)
+    caches = [TieredCache(config, MODEL, padding_mask=padding) for _ in range(2)]
+    keys, values = random_states(300, seed=11)
+    for first in range(300):  # one token at a time: one block per flush
+        for layer in caches[0].layers:
+            layer.update(keys[:, :, first:first + 1], values[:, :, first:first + 1])
+    for first, length in ((0, 3), (3, 250), (253, 47)):  # the sinks, a long chunk, a shorter one
+        for layer in caches[1].layers:
+            layer.update(keys[:, :, first:first + length], values[:, :, first:first + length])
+    for one, long in zip(*(cache.layers for cache in caches)):
+        layout, block = long.warm.layout, config.block_size
+        assert [entry.start for entry in one.warm.table] == [entry.start for entry in long.warm.table]
+        for entry in long.warm.table:
+            block_keys, block_values = (rotate(states[:, :, entry.start:entry.start + block].float(), long.rotation_signs)
+                                        for states in (keys, values))
+            valid = padding[:, entry.start:entry.start + block].bool()
+            expected = layout.format.quantize(block_keys, block_values, valid if padded else None, long.sketch)
+            stored = layout.views(long.warm.page(entry)[None])
+            for name, field in expected.items():
+                assert torch.equal(stored[name][0], field.to(stored[name].dtype)), (entry.start, name)
+        assert (one.recent_count, one.recent_start, one.hot_pages) == (long.recent_count, long.recent_start,
+                                                                       long.hot_pages)
+        assert torch.equal(one.hot_keys[:, :, :one.hot_tokens()], long.hot_keys[:, :, :long.hot_tokens()])
+        assert torch.equal(one.hot_table, long.hot_table)
