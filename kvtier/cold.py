@@ -26,6 +26,7 @@ class HostSlab:
         self.positions = torch.full((rows,), FREE_POSITION, dtype=torch.int32, pin_memory=pin)  # (rows,)
         self.used_rows = 0  # rows below this were written at least once; a copy of the slab covers them
         self.free_rows: list[int] = []  # freed rows below used_rows
+        self.entries: list[ColdEntry] = []  # the pages it holds
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +62,7 @@ class ColdPages:
         self.pin = pin
         self.slabs: list[HostSlab] = []
         self.entries: list[ColdEntry] = []  # in the order they arrived
+        self.starts: list[int] = []  # their first positions, in the same order (what policies rank)
         self.version = 0  # changes whenever a page arrives or leaves, so that staged copies know they are stale
 
     @property
@@ -78,28 +80,30 @@ class ColdPages:
         slab = self.slabs[slab_index]
         slab.pages[row].copy_(page, non_blocking=self.pin)
         slab.positions[row] = start
-        self.entries.append(ColdEntry(start, slab_index, row))
+        entry = ColdEntry(start, slab_index, row)
+        self.entries.append(entry)
+        self.starts.append(start)
+        slab.entries.append(entry)
         self.version += 1
 
     def drop(self, index: int) -> ColdEntry:
         """Free the page at ``index`` of ``entries`` (its tokens leave the cache); return its row."""
         entry = self.entries.pop(index)
+        self.starts.pop(index)
         slab = self.slabs[entry.slab]
         slab.positions[entry.row] = FREE_POSITION
         slab.free_rows.append(entry.row)
+        slab.entries.remove(entry)
         self.version += 1
         return entry
 
     def chunks(self) -> list[tuple[HostSlab, int, list[ColdEntry]]]:
         """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives."""
-        by_slab: dict[int, list[ColdEntry]] = {}
-        for entry in self.entries:
-            by_slab.setdefault(entry.slab, []).append(entry)
-        return [(self.slabs[index], self.slabs[index].used_rows, entries) for index, entries in sorted(by_slab.items())]
+        return [(slab, slab.used_rows, list(slab.entries)) for slab in self.slabs if slab.entries]
 
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)
-        self.slabs, self.entries = [], []
+        self.slabs, self.entries, self.starts = [], [], []
         self.version += 1
 
     def map_batch(self, fn) -> None:

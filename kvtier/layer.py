@@ -270,7 +270,7 @@ class TieredLayer(CacheLayerMixin):
             except NoRoomForPage:
                 if self.config.on_budget_full == "raise" or not self.warm.table:
                     raise BudgetExceededError(self.cache.budget_message(self.total_tokens)) from None
-                victim = self.policy.victim([entry.start for entry in self.warm.table])
+                victim = self.policy.victim(self.warm.starts)
                 if self.cold is not None:
                     self.demote(victim)
                 else:
@@ -288,7 +288,7 @@ class TieredLayer(CacheLayerMixin):
             except NoRoomForPage:
                 if self.config.on_host_full == "raise" or not self.cold.entries:
                     raise BudgetExceededError(self.cache.host_budget_message(self.total_tokens)) from None
-                self.cold.drop(self.policy.victim([cold.start for cold in self.cold.entries]))
+                self.cold.drop(self.policy.victim(self.cold.starts))
                 self.evicted_tokens += self.config.block_size
         self.cache.prefetcher.host_write_done()  # copies out of host memory wait for this one
         self.warm.drop(index)

@@ -107,6 +107,7 @@ class WarmPages:
         self.slab_offsets: list[int] = []  # page id of each slab's first slot
         self.free_page_ids: list[int] = []
         self.table: list[PageEntry] = []  # in position order
+        self.starts: list[int] = []  # their first positions (what policies rank)
         self.offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) each page's units from base
         self.positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) its first token's position
         self.base = _placeholder(device)  # the slab at the lowest address
@@ -148,6 +149,7 @@ class WarmPages:
         self.offsets[row].fill_(distance // ALIGNMENT)  # on the device: no host-to-device copy
         self.positions[row].fill_(start)
         self.table.append(PageEntry(page_id, start))
+        self.starts.append(start)
 
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
         """Gather the pages of ``entries`` into field tensors with a leading page axis: (n, *field shape)."""
@@ -166,12 +168,13 @@ class WarmPages:
         for column in (self.offsets, self.positions):
             column[index:count - 1] = column[index + 1:count].clone()
         entry = self.table.pop(index)
+        self.starts.pop(index)
         self.free_page_ids.append(entry.page_id)
         return entry
 
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)
-        self.slabs, self.slab_offsets, self.free_page_ids, self.table = [], [], [], []
+        self.slabs, self.slab_offsets, self.free_page_ids, self.table, self.starts = [], [], [], [], []
         self.offsets, self.positions = self.offsets[:0].clone(), self.positions[:0].clone()
         self.base = _placeholder(self.device)
 
