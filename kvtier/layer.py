@@ -195,8 +195,8 @@ class TieredLayer(CacheLayerMixin):
             chunk_keys, chunk_values = keys[:, :, first:first + run], values[:, :, first:first + run]
             pages = self.quantize_blocks(chunk_keys, chunk_values,
                                          self.cache.valid_tokens(start + first, chunk_keys.shape[2]))
-            for index, page in enumerate(pages):
-                self.store_page(start + first + index * block, page)
+            for index in range(pages.shape[0]):
+                self.store_page(start + first + index * block, pages[index])
 
     def flush_oldest_block(self) -> None:
         """Quantize the recent buffer's oldest block into a warm page and shift the buffer."""
@@ -243,9 +243,10 @@ class TieredLayer(CacheLayerMixin):
     def _sink_rows(self) -> int:
         return len(hot_table_rows([(0, 0, self.config.sink_tokens)])) if self.config.sink_tokens else 0
 
-    def quantize_blocks(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> list[dict]:
-        """keys, values (B, H_kv, n * block, D); valid (B, n * block) bool or None -> n pages' tensors. The n blocks
-        are quantized in one call, as a batch of n * B sequences, each block on its own as a page requires."""
+    def quantize_blocks(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """keys, values (B, H_kv, n * block, D); valid (B, n * block) bool or None -> n packed pages (n, page_bytes)
+        uint8. The n blocks are quantized in one call, as a batch of n * B sequences, each block on its own as a
+        page requires, and packed in one pass per field."""
         batch, heads, tokens, dim = keys.shape
         count, block = tokens // self.config.block_size, self.config.block_size
 
@@ -259,10 +260,9 @@ class TieredLayer(CacheLayerMixin):
         if self.rotation is not None:
             keys, values = rotate(keys, self.rotation_signs), rotate(values, self.rotation_signs)
         fields = self.warm.layout.format.quantize(keys, values, valid, self.sketch)  # (n * B, ...) each
-        fields = {name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()}
-        return [{name: field[index] for name, field in fields.items()} for index in range(count)]
+        return self.warm.layout.pack({name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()})
 
-    def store_page(self, start: int, page: dict) -> None:
+    def store_page(self, start: int, page: torch.Tensor) -> None:
         while True:
             try:
                 self.warm.store(start, page)

@@ -64,6 +64,14 @@ class PageLayout:
         """Bytes one page occupies in a slab (fields and their alignment padding)."""
         return sum(_aligned(self.field_bytes(name)) for name in self.fields)
 
+    def pack(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fields with a leading page axis (n, *field shape) -> the pages' bytes, (n, page_bytes) uint8."""
+        count = next(iter(fields.values())).shape[0]
+        pages = torch.zeros(count, self.page_bytes, dtype=torch.uint8, device=next(iter(fields.values())).device)
+        for name, view in self.views(pages).items():
+            view.copy_(fields[name])
+        return pages
+
     def views(self, pages: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (P, page_bytes) -> each field as a typed view (P, *field shape) of the same memory."""
         count = pages.shape[0]
@@ -108,13 +116,25 @@ class WarmPages:
         self.free_page_ids: list[int] = []
         self.table: list[PageEntry] = []  # in position order
         self.starts: list[int] = []  # their first positions (what policies rank)
-        self.offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) each page's units from base
-        self.positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) its first token's position
+        # the device table: row head + i describes table[i]; dropping the first row only moves head
+        self.table_offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) page distances from base
+        self.table_positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) first token positions
+        self.head = 0
         self.base = _placeholder(device)  # the slab at the lowest address
 
     @property
     def page_bytes(self) -> int:
         return self.layout.page_bytes
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """(capacity - head,) int64: each page's distance from ``base`` in ALIGNMENT units, table order."""
+        return self.table_offsets[self.head:]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(capacity - head,) int32: each page's first token position, table order."""
+        return self.table_positions[self.head:]
 
     @property
     def rows(self) -> int:
@@ -131,19 +151,20 @@ class WarmPages:
 
     @property
     def table_bytes(self) -> int:
-        return self.offsets.nbytes + self.positions.nbytes
+        return self.table_offsets.nbytes + self.table_positions.nbytes
 
-    def store(self, start: int, page: dict[str, torch.Tensor]) -> None:
-        """Write one quantized block (tensors named as the layout's fields, page shapes) at the end of the table."""
+    def store(self, start: int, page: torch.Tensor) -> None:
+        """Write one quantized block, packed as the layout lays it out ((page_bytes,) uint8, see PageLayout.pack), at
+        the end of the table."""
         if self.table and start != self.table[-1].start + self.block_size:
             raise AssertionError(f"warm pages out of order: {start} after {self.table[-1].start}")
         if not self.free_page_ids:
             self._grow()
         page_id = self.free_page_ids.pop()
         slab, slot = self._locate(page_id)
-        views = self.layout.views(slab[slot:slot + 1])
-        for name, view in views.items():
-            view[0].copy_(page[name])
+        slab[slot].copy_(page)
+        if self.head + len(self.table) == self.table_offsets.shape[0]:
+            self._compact()
         row = len(self.table)
         distance = slab[slot].data_ptr() - self.base.data_ptr()
         self.offsets[row].fill_(distance // ALIGNMENT)  # on the device: no host-to-device copy
@@ -165,8 +186,11 @@ class WarmPages:
     def drop(self, index: int) -> PageEntry:
         """Free the page at ``index`` in the block table (its tokens leave the cache); return its row."""
         count = len(self.table)
-        for column in (self.offsets, self.positions):
-            column[index:count - 1] = column[index + 1:count].clone()
+        if index == 0:  # the oldest page, as sink+recent drops: the table starts one row later
+            self.head += 1
+        else:
+            for column in (self.offsets, self.positions):
+                column[index:count - 1] = column[index + 1:count].clone()
         entry = self.table.pop(index)
         self.starts.pop(index)
         self.free_page_ids.append(entry.page_id)
@@ -175,7 +199,8 @@ class WarmPages:
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)
         self.slabs, self.slab_offsets, self.free_page_ids, self.table, self.starts = [], [], [], [], []
-        self.offsets, self.positions = self.offsets[:0].clone(), self.positions[:0].clone()
+        self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
+        self.head = 0
         self.base = _placeholder(self.device)
 
     def map_batch(self, fn) -> None:
@@ -224,9 +249,9 @@ class WarmPages:
 
     def table_bytes_for(self, pages: int) -> int:
         """Bytes of the new device table that ``pages`` pages need, or 0 if the current one has room."""
-        if pages <= self.offsets.shape[0]:
+        if pages <= self.table_offsets.shape[0]:
             return 0
-        capacity = max(self.offsets.shape[0], 16)
+        capacity = max(self.table_offsets.shape[0], 16)
         while capacity < pages:
             capacity *= 2
         return capacity * TABLE_ROW_BYTES
@@ -237,5 +262,12 @@ class WarmPages:
         offsets = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         positions = torch.zeros(capacity, dtype=torch.int32, device=self.device)
         offsets[:count], positions[:count] = self.offsets[:count], self.positions[:count]
-        self.offsets, self.positions = offsets, positions
+        self.table_offsets, self.table_positions, self.head = offsets, positions, 0
         self.budget.release(old_bytes)
+
+    def _compact(self) -> None:
+        """Move the table's rows back to the start of the device table (after many drops of its first row)."""
+        count = len(self.table)
+        for column in (self.table_offsets, self.table_positions):
+            column[:count] = column[self.head:self.head + count].clone()
+        self.head = 0
