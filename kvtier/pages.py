@@ -15,6 +15,7 @@ units, which tells the kernel's compiler that every page start is aligned for wi
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
@@ -143,7 +144,8 @@ class WarmPages:
 
     @property
     def capacity(self) -> int:
-        return sum(slab.shape[0] for slab in self.slabs)
+        """Page slots allocated (the slabs' rows)."""
+        return self.slab_offsets[-1] + self.slabs[-1].shape[0] if self.slabs else 0
 
     @property
     def allocated_bytes(self) -> int:
@@ -215,10 +217,10 @@ class WarmPages:
                 view.copy_(fn(view.transpose(0, 1)).transpose(0, 1))
 
     def _locate(self, page_id: int) -> tuple[torch.Tensor, int]:
-        for slab, offset in zip(reversed(self.slabs), reversed(self.slab_offsets)):
-            if page_id >= offset:
-                return slab, page_id - offset
-        raise KeyError(page_id)
+        index = bisect.bisect_right(self.slab_offsets, page_id) - 1  # slabs sit in page-id order
+        if index < 0 or page_id >= self.capacity:
+            raise KeyError(page_id)
+        return self.slabs[index], page_id - self.slab_offsets[index]
 
     def _grow(self) -> None:
         """Allocate a slab of as many pages (up to pages_per_slab) as the budget allows, and room in the table.
@@ -248,11 +250,12 @@ class WarmPages:
         self.free_page_ids.extend(range(offset + pages - 1, offset - 1, -1))
 
     def table_bytes_for(self, pages: int) -> int:
-        """Bytes of the new device table that ``pages`` pages need, or 0 if the current one has room."""
-        if pages <= self.table_offsets.shape[0]:
+        """Bytes of the new device table that ``pages`` pages need, or 0 if the current one has room. The table keeps
+        room for twice the pages, so that the head moved by dropped pages reaches its end rarely."""
+        if 2 * pages <= self.table_offsets.shape[0]:
             return 0
         capacity = max(self.table_offsets.shape[0], 16)
-        while capacity < pages:
+        while capacity < 2 * pages:
             capacity *= 2
         return capacity * TABLE_ROW_BYTES
 
@@ -266,7 +269,8 @@ class WarmPages:
         self.budget.release(old_bytes)
 
     def _compact(self) -> None:
-        """Move the table's rows back to the start of the device table (after many drops of its first row)."""
+        """Move the table's rows back to the start of the device table (after at least as many drops of its first
+        row as the table holds rows, so the copy costs O(1) a drop)."""
         count = len(self.table)
         for column in (self.table_offsets, self.table_positions):
             column[:count] = column[self.head:self.head + count].clone()

@@ -115,9 +115,10 @@ def test_full_budget_raises_during_generate_naming_budget_and_context():
                  on_budget_full="raise")
     probe = kvtier.attach(model, budget_gb=0.1, **small)
     model.generate(torch.randint(0, 128, (1, 20)), max_new_tokens=1)
-    warm = probe.cache.layers[0].warm  # holds fewer than 16 pages, like the ten below: the same device table
+    warm = probe.cache.layers[0].warm
     fixed = probe.cache.hot_bytes + probe.cache.scratch_bytes
-    room_for_ten_pages = fixed + 2 * (10 * warm.page_bytes + warm.table_bytes)
+    table_bytes = warm.table_bytes_for(10) or warm.table_bytes  # the device table that ten pages need
+    room_for_ten_pages = fixed + 2 * (10 * warm.page_bytes + table_bytes)
     kvtier.detach(model)
     budget_gb = room_for_ten_pages / 1024**3
     handle = kvtier.attach(model, budget_gb=budget_gb, **small)

@@ -99,7 +99,7 @@ def budget_for_pages(pages_per_layer, **overrides):
     fill(probe, 40)  # initializes the layers and their page size
     warm = probe.layers[0].warm
     fixed = probe.hot_bytes + probe.scratch_bytes + probe.staging_bytes
-    per_layer = pages_per_layer * warm.page_bytes + warm.table_bytes  # the probe holds fewer than 16 pages too
+    per_layer = pages_per_layer * warm.page_bytes + warm.table_bytes  # up to 8 pages share the smallest table
     return (fixed + 2 * per_layer) / BYTES_PER_GB
 
 
