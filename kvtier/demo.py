@@ -2,6 +2,8 @@
 
     python -m kvtier.demo [--context-tokens 3000] [--max-new-tokens 48] [--budget-gb 0.25]
 
+With a smaller budget (``--budget-gb 0.08``) the older warm pages move to the host tier and stream back each step.
+
 It builds a long prompt from ``pydoc_data.topics``, generates greedily twice (the dense DynamicCache, then
 kvtier), and prints both answers and a table of the tiers beside the dense cache's bytes.
 """
@@ -43,10 +45,15 @@ def tier_table(stats: dict, dense_bytes: int) -> str:
         row("hot", stats["hot"]["tokens"], stats["hot"]["bytes"], f"{stats['hot']['dtype']} (sinks + recent)"),
         row("warm", warm["tokens"], warm["bytes"], f"{warm['format']}, {warm['bytes_per_token']:,.0f} B/token"),
         row("scratch", 0, stats["scratch_bytes"], "attention temporaries"),
+        row("staging", 0, stats["staging_bytes"], "device ring for cold pages"),
         row("kvtier", stats["tokens"], stats["cache_bytes"],
             f"{stats['budget_used']:.1%} of {stats['budget_bytes'] / 2**30:g} GiB"),
         row("dense", stats["tokens"], dense_bytes, f"{stats['dense_bytes_per_token']:,} B/token"),
     ]
+    cold = stats["cold"]
+    if cold["enabled"]:
+        lines.insert(3, row("cold", cold["tokens"], cold["bytes"],
+                            f"host; {cold['moved_bytes'] / 2**20:,.0f} MiB moved back"))
     if stats["evicted_tokens"]:
         lines.append(f"evicted by the sink+recent policy: {stats['evicted_tokens']:,} tokens")
     return "\n".join(lines)
