@@ -48,29 +48,67 @@ class FidelityReport:
                 "argmax_agreement": self.argmax_agreement, "worst_attention_l2": self.worst_attention_l2}
 
 
+@dataclass
+class DenseReference:
+    """The dense DynamicCache's side of :func:`compare_decode` for one context, computed once.
+
+    The dense run does not depend on the cache under test (it only chooses the tokens both caches see), so one
+    reference serves every cache compared on the same context: same prefill keys and values, same greedy
+    tokens, same logits and attention outputs at every step.
+    """
+
+    context: torch.Tensor  # (1, L)
+    prefill_states: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values after the prefill
+    tokens: list[torch.Tensor] = field(default_factory=list)  # (1, 1) per step: the token both caches are fed
+    logits: list[torch.Tensor] = field(default_factory=list)  # (1, V) per step: the dense logits after it
+    attention: list[list[torch.Tensor]] = field(default_factory=list)  # per step, per layer: attention outputs
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
+
+
 @torch.no_grad()
-def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_prefill: bool = False) -> FidelityReport:
+def dense_reference(model, context: torch.Tensor, steps: int = 4) -> DenseReference:
+    """Prefill ``context`` (1, L) into a DynamicCache and decode ``steps`` greedy tokens, recording each step."""
+    dense = DynamicCache()
+    logits = model(context, past_key_values=dense, use_cache=True, logits_to_keep=1).logits[:, -1]
+    # DynamicCache appends by concatenation, so these tensors stay the prefill's as decoding goes on
+    reference = DenseReference(context, [(layer.keys, layer.values) for layer in dense.layers])
+    for _ in range(steps):
+        token = logits.argmax(dim=-1, keepdim=True)  # (1, 1): both caches see the dense model's choice
+        with _AttentionOutputs(model) as attention:
+            logits = model(token, past_key_values=dense, use_cache=True).logits[:, -1]
+        reference.tokens.append(token)
+        reference.logits.append(logits)
+        reference.attention.append(attention.outputs)
+    return reference
+
+
+@torch.no_grad()
+def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_prefill: bool = False,
+                   reference: DenseReference | None = None) -> FidelityReport:
     """Decode ``steps`` tokens after ``context`` (1, L) with a DynamicCache and with ``cache``; compare each step.
 
     With ``shared_prefill`` the cache under test is filled from the dense prefill's keys and values instead of
     running its own prefill: the same tokens reach the same tiers (a tiered prefill attends its own chunk
-    exactly, as dense does), at half the cost.
+    exactly, as dense does), at half the cost. ``reference`` (from :func:`dense_reference` on the same
+    context, at least ``steps`` steps) skips the dense run when several caches are compared on one context.
     """
-    dense = DynamicCache()
-    dense_logits = model(context, past_key_values=dense, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if reference is None:
+        reference = dense_reference(model, context, steps)
+    elif reference.steps < steps or not torch.equal(reference.context, context):
+        raise ValueError("compare_decode: the dense reference is for another context or has fewer steps.")
     if shared_prefill:
-        for index, layer in enumerate(dense.layers):
-            cache.layers[index].update(layer.keys, layer.values)
+        for index, (keys, values) in enumerate(reference.prefill_states):  # copies: the reference may serve more
+            cache.layers[index].update(keys.clone(), values.clone())
     else:
         model(context, past_key_values=cache, use_cache=True, logits_to_keep=1)
     report = FidelityReport()
-    for _ in range(steps):
-        token = dense_logits.argmax(dim=-1, keepdim=True)  # (1, 1): both caches see the dense model's choice
-        with _AttentionOutputs(model) as dense_attention:
-            dense_logits = model(token, past_key_values=dense, use_cache=True).logits[:, -1]
+    for step in range(steps):
         with _AttentionOutputs(model) as tested_attention:
-            tested_logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
-        report.steps.append(_step_fidelity(dense_logits, tested_logits, dense_attention.outputs,
+            tested_logits = model(reference.tokens[step], past_key_values=cache, use_cache=True).logits[:, -1]
+        report.steps.append(_step_fidelity(reference.logits[step], tested_logits, reference.attention[step],
                                            tested_attention.outputs))
     return report
 

@@ -14,10 +14,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def answers(smollm2):
+def cases(smollm2):
+    """The CASES passkey prompts (seed 0), tokenized once: the prompts whose length is checked are the ones
+    answered below (passkey_cases is deterministic in its seed, so this is what each test built on its own)."""
+    _, tokenizer = smollm2
+    return passkey_cases(tokenizer, CASES, target_tokens=PROMPT_TOKENS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def answers(smollm2, cases):
     """{case index: (dense answered, kvtier answered)} over the same prompts."""
     model, tokenizer = smollm2
-    cases = passkey_cases(tokenizer, CASES, target_tokens=PROMPT_TOKENS, seed=0)
     results = {}
     for index, case in enumerate(cases):
         dense = answer_passkey(model, tokenizer, case, DynamicCache())
@@ -32,9 +39,8 @@ def answers(smollm2):
     return results
 
 
-def test_prompts_are_long_enough(smollm2):
-    _, tokenizer = smollm2
-    lengths = [case.prompt_ids.shape[1] for case in passkey_cases(tokenizer, CASES, PROMPT_TOKENS, seed=0)]
+def test_prompts_are_long_enough(cases):
+    lengths = [case.prompt_ids.shape[1] for case in cases]
     assert min(lengths) >= 0.9 * PROMPT_TOKENS and max(lengths) <= 1.1 * PROMPT_TOKENS
 
 
