@@ -15,6 +15,7 @@ from kvtier.kernels import decode_attention as paged_kernel
 from kvtier.kernels.partial_attention import PartialAccumulator, merge_partials, partial_attention
 
 from .errors import KVTierError
+from .host_tier import attend_cold_on_host
 from .layer import TierView
 from .prefetch import JoinedPages
 
@@ -46,10 +47,12 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
 
     Cold pages arrive staged, as many ring slots at a time as are on their way: the first group is read in the
     same launch as the warm and hot pages, each further group (when the ring is smaller than the layer's cold
-    pages) in a launch of its own, merged by log-sum-exp."""
+    pages) in a launch of its own, merged by log-sum-exp. With ``cold_attention="host"`` the cold pages are attended
+    where they live instead (kvtier.host_tier) and merged the same way."""
     layer = view.layer
     batch, query_heads, _, head_dim = query.shape
-    chunks = layer.cold_chunks()
+    on_host = layer.config.cold_attention == "host" and layer.cold_tokens() > 0
+    chunks = iter(()) if on_host else layer.cold_chunks()
     first_chunk = next(chunks, None)
     pages = layer.warm if first_chunk is None else JoinedPages(layer.warm, first_chunk)
     if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout):
@@ -69,6 +72,8 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
     out, lse = attend(layer.paged(pages))
     for chunk in chunks:  # cold pages past the first chunk
         out, lse = merge_partials(out.float(), lse, *attend(layer.paged(chunk, with_hot=False)))
+    if on_host:
+        out, lse = merge_partials(out.float(), lse, *attend_cold_on_host(layer, query, scaling, kv_start, kv_end))
     return out.unsqueeze(1).to(query.dtype)
 
 

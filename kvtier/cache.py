@@ -52,7 +52,7 @@ class TieredCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer."""
-        if self.prefetcher is not None:
+        if self.prefetcher is not None and self.config.cold_attention == "stream":
             upcoming = self.layers[(layer_idx + 1) % self.num_layers]  # after the last layer, the next step's first
             if upcoming.is_initialized and upcoming.cold.entries:
                 self.prefetcher.prefetch(upcoming)

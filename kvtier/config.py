@@ -12,6 +12,7 @@ KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("offload", "raise", "evict")
 ON_HOST_FULL = ("raise", "evict")
 PREFETCH_MODES = ("all",)
+COLD_ATTENTION = ("stream", "host")
 DECODE_KERNELS = ("auto", "triton", "torch")
 
 BYTES_PER_GB = 1024**3
@@ -48,6 +49,7 @@ class TierConfig:
     host_budget_gb: float | None = None  # cold tier cap; None: the host's available memory less a safety margin
     on_host_full: str = "raise"  # when the host budget is full too; or "evict": drop cold pages (policy)
     prefetch: str = "all"  # every cold page streams through attention each decode step (exact)
+    cold_attention: str = "stream"  # decode over cold pages: stream them to the device, or compute on the host
     chunk_pages: int | None = None  # cold pages move in chunks of this many pages (a host slab holds one chunk);
     # None: as many as fit in CHUNK_BYTES, or in RING_BUDGET_SHARE of the budget over the staging ring
     staging_chunks: int = 3  # device staging ring, in chunks, counted in budget_gb
@@ -82,6 +84,8 @@ class TierConfig:
         _check(self.prefetch in PREFETCH_MODES,
                f"unknown prefetch {self.prefetch!r}; choose one of {PREFETCH_MODES} (a 'topk' mode is offered only "
                "once its fidelity is measured).")
+        _check(self.cold_attention in COLD_ATTENTION,
+               f"unknown cold_attention {self.cold_attention!r}; choose one of {COLD_ATTENTION}.")
         _check(self.chunk_pages is None or self.chunk_pages >= 1,
                f"chunk_pages must be >= 1 (or None for the default), got {self.chunk_pages}.")
         _check(self.staging_chunks >= 2, f"staging_chunks must be >= 2 (one chunk in use, one arriving), "

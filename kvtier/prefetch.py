@@ -177,6 +177,11 @@ class Prefetcher:
             self.host_written = torch.cuda.Event()
             self.host_written.record(torch.cuda.current_stream(self.ring.pages.device))
 
+    def wait_for_host_writes(self) -> None:
+        """Block the host until the queued device-to-host demotions have landed (before the host reads cold pages)."""
+        if self.host_written is not None:
+            self.host_written.synchronize()
+
     def cancel(self, layer_index: int) -> None:
         """Forget a layer's plan; its slots go back to the ring (a copy still in flight is ordered before the next
         copy into the slot, both on the side stream)."""

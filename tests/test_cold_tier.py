@@ -165,6 +165,22 @@ def test_decode_over_cold_pages_equals_the_warm_only_cache(decode_kernel, chunk_
         assert relative_error(outputs[1][index], expected) < (FP32_RELATIVE if decode_kernel == "torch" else 1e-2)
 
 
+def test_decode_with_cold_pages_attended_on_the_host_equals_the_warm_only_cache():
+    """cold_attention="host": the numba kernel reads the host slabs in place; merged with the device partials."""
+    keys, values = random_states(330, seed=8)
+    kv_start = torch.tensor([0, 37])
+    outputs = []
+    for cache in (make_cache(budget_gb=0.5, on_budget_full="raise"),
+                  offloading_cache(2, chunk_pages=3, cold_attention="host")):
+        step(cache, keys[:, :, :320], values[:, :, :320])
+        views = step(cache, keys[:, :, 320:321], values[:, :, 320:321])
+        query = torch.randn(2, HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(5))
+        outputs.append([attend_tiers(view, query, decode_mask(kv_start, 321), 0.25)[:, 0] for view in views])
+    assert cache.stats()["cold"]["tokens"] > 200 and cache.prefetcher.moved_chunks == 0  # nothing was streamed
+    for index in range(MODEL.num_hidden_layers):
+        assert relative_error(outputs[1][index], outputs[0][index]) < FP32_RELATIVE
+
+
 def test_prefill_over_cold_pages_equals_the_warm_only_cache():
     keys, values = random_states(260, seed=3)
     out = []
@@ -254,9 +270,10 @@ def test_a_failed_host_allocation_is_a_clear_error(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ generate()
 @torch.no_grad()
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])])
-def test_generate_with_most_of_the_context_cold_matches_the_warm_only_cache(device):
+@pytest.mark.parametrize("device,cold_attention", [("cpu", "stream"), ("cpu", "host"), pytest.param(
+    "cuda", "stream", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                   reason="needs a CUDA device")])])
+def test_generate_with_most_of_the_context_cold_matches_the_warm_only_cache(device, cold_attention):
     """On CUDA: pinned slabs, the side stream and its events, and the Triton kernel over joined page tables."""
     torch.manual_seed(0)
     model = kvtier_test_model().to(device)
@@ -265,7 +282,8 @@ def test_generate_with_most_of_the_context_cold_matches_the_warm_only_cache(devi
     mask[1, :13] = 0  # left padding
     outputs = []
     for config in (dict(budget_gb=0.5, on_budget_full="raise"),
-                   dict(budget_gb=budget_for_warm_pages(2, device, chunk_pages=2), chunk_pages=2)):
+                   dict(budget_gb=budget_for_warm_pages(2, device, chunk_pages=2), chunk_pages=2,
+                        cold_attention=cold_attention)):
         handle = kvtier.attach(model, **{**SMALL, **config})
         try:
             outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
@@ -274,7 +292,7 @@ def test_generate_with_most_of_the_context_cold_matches_the_warm_only_cache(devi
         finally:
             kvtier.detach(model)
     warm_only, offloading = outputs
-    assert stats["cold"]["tokens"] > 200 and stats["cold"]["moved_chunks"] > 0
+    assert stats["cold"]["tokens"] > 200 and (stats["cold"]["moved_chunks"] > 0) == (cold_attention == "stream")
     assert torch.equal(offloading.sequences, warm_only.sequences)
     same_codes = FP32_RELATIVE if device == "cpu" else KERNEL_RESPLIT_RELATIVE  # the kernel on CUDA, see above
     for got, expected in zip(offloading.logits, warm_only.logits):

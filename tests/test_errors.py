@@ -30,6 +30,7 @@ def tiny_llama(head_dim=16, **overrides):
     ("on_host_full", "spill", "unknown on_host_full 'spill'"),
     ("prefetch", "topk", r"unknown prefetch 'topk'.*offered only once its fidelity is measured"),
     ("chunk_pages", 0, "chunk_pages must be >= 1"),
+    ("cold_attention", "disk", "unknown cold_attention 'disk'"),
     ("staging_chunks", 1, r"staging_chunks must be >= 2"),
 ])
 def test_bad_configuration_is_refused(field, value, message):
