@@ -189,10 +189,6 @@ class Prefetcher:
             if job.slot is not None:
                 self.free_slots.append(job.slot)
 
-    def reset(self) -> None:
-        for index in list(self.jobs):
-            self.cancel(index)
-
     # ---------------------------------------------------------------- slots and copies
     def _issue_waiting(self, layer_index: int) -> None:
         for job in self.jobs.get(layer_index, []):
