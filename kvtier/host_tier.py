@@ -27,12 +27,11 @@ def attend_cold_on_host(layer, query: torch.Tensor, scaling: float, kv_start: to
     starts, ends = kv_start.cpu(), kv_end.cpu()
     sketch = None if layer.sketch is None else layer.sketch.cpu()
     accumulator = PartialAccumulator()
-    for slab in layer.cold.slabs:
-        if slab.entries:
-            rows = torch.tensor([entry.row for entry in slab.entries])
-            positions = torch.tensor([entry.start for entry in slab.entries])
-            out, lse, _ = host_attention(rotated, slab.pages, rows, positions, starts, ends, layer.warm.layout, sketch)
-            accumulator.add(out, lse)
+    for slab, _, entries in layer.cold.chunks():  # each slab that holds pages, with its entries
+        rows = torch.tensor([entry.row for entry in entries])
+        positions = torch.tensor([entry.start for entry in entries])
+        out, lse, _ = host_attention(rotated, slab.pages, rows, positions, starts, ends, layer.warm.layout, sketch)
+        accumulator.add(out, lse)
     out = accumulator.out  # (B, H_kv, G, D), rotated basis
     if layer.rotation is not None:
         out = out @ layer.rotation.cpu().T
