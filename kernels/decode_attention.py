@@ -84,7 +84,8 @@ def hot_table_rows(segments: list[tuple[int, int, int]]) -> list[tuple[int, int,
 
 # ------------------------------------------------------------------------------------------------ reference
 def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor,
-                              allowed: torch.Tensor | None = None, key_tile: int = 1024, with_mass: bool = False):
+                              allowed: torch.Tensor | None = None, key_tile: int = 1024, with_mass: bool = False,
+                              other_lse: torch.Tensor | None = None):
     """Softmax attention of scaled queries over the cached tokens at positions kv_start[b] <= p < kv_end[b].
 
     queries: (B, H_kv, G, Q, D) float (float32, or float64 for a reference), multiplied by the softmax scale
@@ -92,7 +93,8 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
     allowed: (B, Q, K) bool or None; further restricts which positions each query row may attend
     returns out (B, H_kv, G, Q, D), lse (B, H_kv, G, Q) (natural log; -inf where nothing was attended) and,
     with ``with_mass``, the attention mass of each warm page (B, H_kv, n_warm): summed softmax weight,
-    averaged over the query heads and rows.
+    averaged over the query heads and rows; a share of this call's softmax, or, given ``other_lse`` (B, H_kv, G, Q),
+    the log-sum-exp of what the rows attend elsewhere, a share of the whole.
     """
     dtype = queries.dtype
     start, end = kv_start.view(-1, 1, 1, 1, 1), kv_end.view(-1, 1, 1, 1, 1)
@@ -133,7 +135,8 @@ def paged_attention_reference(queries: torch.Tensor, paged: PagedKV, kv_start: t
         return plain.out, plain.lse, None
     if not page_lse:
         return plain.out, plain.lse, no_mass
-    safe_lse = torch.where(torch.isfinite(plain.lse), plain.lse, torch.zeros_like(plain.lse))
+    whole_lse = plain.lse if other_lse is None else torch.logaddexp(plain.lse, other_lse.to(plain.lse.dtype))
+    safe_lse = torch.where(torch.isfinite(whole_lse), whole_lse, torch.zeros_like(whole_lse))
     shares = torch.exp(torch.cat(page_lse, -1) - safe_lse.unsqueeze(-1))  # (B, H, G, Q, n_warm)
     return plain.out, plain.lse, shares.mean(dim=(2, 3))
 

@@ -8,6 +8,8 @@ the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever bui
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -48,33 +50,64 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
     Cold pages arrive staged, as many ring slots at a time as are on their way: the first group is read in the
     same launch as the warm and hot pages, each further group (when the ring is smaller than the layer's cold
     pages) in a launch of its own, merged by log-sum-exp. With ``cold_attention="host"`` the cold pages are attended
-    where they live instead (kvtier.host_tier) and merged the same way."""
+    where they live instead (kvtier.host_tier) and merged the same way. A policy that wants attention mass gets
+    each launch's per-page mass once the step's log-sum-exp is known."""
     layer = view.layer
     batch, query_heads, _, head_dim = query.shape
     on_host = layer.config.cold_attention == "host" and layer.cold_tokens() > 0
     chunks = iter(()) if on_host else layer.cold_chunks()
     first_chunk = next(chunks, None)
     pages = layer.warm if first_chunk is None else JoinedPages(layer.warm, first_chunk)
-    if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout):
-        def attend(paged):  # -> out (B, H_q, D) model dtype, lse (B, H_q)
+    with_mass = layer.policy.wants_mass
+    low = layer.low_pages()
+    if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout, low):
+        def attend(pages, with_hot=True):  # -> out (B, H_q, D) model dtype, lse (B, H_q), mass (B, H_kv, rows)
             lse = torch.empty(batch, query_heads, device=query.device)
-            out, _ = paged_kernel.decode_attention(query[:, :, 0], paged, kv_start, kv_end, scaling,
-                                                   workspace=layer.cache.workspace, lse=lse)
-            return out, lse
+            out, mass = paged_kernel.decode_attention(query[:, :, 0], layer.paged(pages, with_hot), kv_start, kv_end,
+                                                      scaling, with_mass, workspace=layer.cache.workspace, lse=lse)
+            return out, lse, mass, (pages.positions[:pages.rows] if with_mass else None)
     else:
         kv_heads = layer.hot_keys.shape[1]
         queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
 
-        def attend(paged):  # -> out (B, H_q, D) float32, lse (B, H_q)
-            out, lse, _ = paged_kernel.paged_attention_reference(queries, paged, kv_start, kv_end,
-                                                                 key_tile=layer.config.key_tile)
-            return out.view(batch, query_heads, head_dim), lse.view(batch, query_heads)
-    out, lse = attend(layer.paged(pages))
-    for chunk in chunks:  # cold pages past the first chunk
-        out, lse = merge_partials(out.float(), lse, *attend(layer.paged(chunk, with_hot=False)))
+        def attend(pages, with_hot=True):  # -> out (B, H_q, D) float32, lse (B, H_q), mass (B, H_kv, table rows)
+            out, lse, mass = paged_kernel.paged_attention_reference(queries, layer.paged(pages, with_hot), kv_start,
+                                                                    kv_end, key_tile=layer.config.key_tile,
+                                                                    with_mass=with_mass)
+            return (out.view(batch, query_heads, head_dim), lse.view(batch, query_heads), mass,
+                    _table_starts(pages) if with_mass else None)
+    out, lse, *observed = attend(pages)
+    launches = [(lse, *observed)]
+    for chunk in itertools.chain([low] if low is not None else [], chunks):  # low-precision pages, further cold ones
+        chunk_out, chunk_lse, *observed = attend(chunk, with_hot=False)
+        out, lse = merge_partials(out.float(), lse, chunk_out, chunk_lse)
+        launches.append((chunk_lse, *observed))
     if on_host:
         out, lse = merge_partials(out.float(), lse, *attend_cold_on_host(layer, query, scaling, kv_start, kv_end))
+    if with_mass:
+        for launch_lse, mass, starts in launches:
+            _observe(layer, mass, starts, launch_lse, lse, layer.total_tokens)
     return out.unsqueeze(1).to(query.dtype)
+
+
+def _table_starts(pages) -> torch.Tensor:
+    """(n,) int32 first positions of a page set's table rows (the rows the reference reports mass for)."""
+    return torch.tensor([entry.start for entry in pages.table], dtype=torch.int32, device=pages.positions.device)
+
+
+def _observe(layer, mass, starts, piece_lse, total_lse, visible: int) -> None:
+    """Feed the policy the mass (B, H_kv, n) of the pages at ``starts`` (n,), which one attention call measured as
+    shares of its own softmax (log-sum-exp ``piece_lse``: (B, H_q) of a decode step, (B, H_kv, G, Q) of a prefill
+    tile), rescaled to shares of the whole softmax (``total_lse``; the same tensor when the call saw every token,
+    and then exact; else the rescale is averaged over the query heads and rows of a KV head, an approximation).
+    Only pages wholly before position ``visible`` count: a prefill's own chunk may already fill pages that its
+    queries read as new tokens."""
+    if mass.numel() == 0:
+        return
+    if piece_lse is not total_lse:  # the call saw only part of the tokens
+        scale = torch.exp(piece_lse - total_lse).nan_to_num(0.0).view(*mass.shape[:2], -1).mean(-1)  # (B, H_kv)
+        mass = mass * scale.unsqueeze(-1)
+    layer.policy.observe(starts, mass.sum((0, 1)), ignore_from=visible - layer.config.block_size + 1)
 
 
 def _decode_ranges(view: TierView, attention_mask):
@@ -98,10 +131,11 @@ def _decode_ranges(view: TierView, attention_mask):
     return ranges
 
 
-def _use_kernel(choice: str, query: torch.Tensor, layout) -> bool:
+def _use_kernel(choice: str, query: torch.Tensor, layout, low_pages=None) -> bool:
     if choice == "torch" or (choice == "auto" and not query.is_cuda):
         return False
-    if paged_kernel.triton is None or not paged_kernel.kernel_reads(layout):
+    readable = paged_kernel.kernel_reads(layout) and (low_pages is None or paged_kernel.kernel_reads(low_pages.layout))
+    if paged_kernel.triton is None or not readable:
         if choice == "triton":
             raise KVTierError(
                 "kvtier: decode_kernel='triton' needs the triton package (pip install triton) and pages it can read: "
@@ -122,29 +156,39 @@ def _prefill(view: TierView, query, attention_mask, scaling: float) -> torch.Ten
     tile = view.layer.config.query_tile
     kv_start = torch.zeros(batch, dtype=torch.int32, device=query.device)
     kv_end = torch.full_like(kv_start, view.past_length)
-    paged = view.layer.paged()
+    layer = view.layer
+    with_mass = layer.policy.wants_mass
     for first in range(0, query_length, tile):
         rows = slice(first, min(first + tile, query_length))
         count = rows.stop - rows.start
         queries = (query[:, :, rows].float() * scaling).view(batch, kv_heads, groups, count, head_dim)
         accumulator = PartialAccumulator()
+        _attend_new_chunk(view, queries, allowed, rows, accumulator)
+        pieces = []  # (mass, log-sum-exp once added) of each past piece, when the policy wants mass
         if view.past_length:
             tile_allowed = None if allowed is None else allowed[:, 0, rows]
-            for pages in _past_pages(view.layer, paged):
-                past, lse, _ = paged_kernel.paged_attention_reference(queries, pages, kv_start, kv_end, tile_allowed,
-                                                                      key_tile=view.layer.config.key_tile)
+            for pages, with_hot in _past_pages(layer):
+                past, lse, mass = paged_kernel.paged_attention_reference(
+                    queries, layer.paged(pages, with_hot), kv_start, kv_end, tile_allowed,
+                    key_tile=layer.config.key_tile, with_mass=with_mass, other_lse=accumulator.lse)
                 accumulator.add(past, lse)
-        _attend_new_chunk(view, queries, allowed, rows, accumulator)
+                if with_mass:
+                    pieces.append((mass, _table_starts(pages), accumulator.lse))
+        for mass, starts, lse in pieces:  # exact for the last piece; rescaled, approximately, for earlier ones
+            _observe(layer, mass, starts, lse, accumulator.lse, view.past_length)
         out[:, rows] = accumulator.out.reshape(batch, query_heads, count, head_dim).transpose(1, 2)
     return out
 
 
-def _past_pages(layer, paged):
-    """The warm and hot pages, then each staged cold chunk; lazily, because a chunk's slot is recycled as soon
-    as the next one is asked for (a prefill streams every cold chunk again for each query tile)."""
-    yield paged
+def _past_pages(layer):
+    """(pages, with the hot tier): the warm pages with the hot tier, the low-precision ones, then each staged cold
+    chunk; lazily, because a chunk's slot is recycled as soon as the next one is asked for (a prefill streams every
+    cold chunk again for each query tile)."""
+    yield layer.warm, True
+    if layer.low_pages() is not None:
+        yield layer.low, False
     for chunk in layer.cold_chunks():
-        yield layer.paged(chunk, with_hot=False)
+        yield chunk, False
 
 
 def _attend_new_chunk(view: TierView, queries, allowed, rows: slice, accumulator: PartialAccumulator) -> None:

@@ -11,7 +11,7 @@ from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspa
 from .budget import ByteBudget
 from .config import BYTES_PER_GB, TierConfig
 from .errors import BudgetTooSmallError, KVTierError
-from .formats import make_format
+from .formats import make_format, make_low_format
 from .layer import TieredLayer
 from .pages import PageLayout
 from .prefetch import Prefetcher, StagingRing
@@ -35,6 +35,7 @@ class TieredCache(Cache):
         self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.query_heads
         self.padding_mask = None if padding_mask is None else padding_mask.bool()
         self.warm_format = make_format(config)  # every layer's warm pages
+        self.low_format = make_low_format(config)  # its low-precision warm pages (low_bits), or None
         self.device_budget = ByteBudget(config.budget_bytes)  # everything the cache holds on its device
         self.host_budget = ByteBudget(default_host_budget_bytes() if config.host_budget_gb is None
                                       else int(config.host_budget_gb * BYTES_PER_GB))
@@ -51,8 +52,10 @@ class TieredCache(Cache):
         super().__init__(layers=[TieredLayer(self, index) for index in range(self.num_layers)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer."""
+        """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer. A prefill
+        chunk (more than one token) attends every cold page, even under prefetch="topk", and so scores them all."""
         if self.prefetcher is not None and self.config.cold_attention == "stream":
+            self.prefetcher.every_page = key_states.shape[2] > 1  # a plan made for another kind of step is replanned
             upcoming = self.layers[(layer_idx + 1) % self.num_layers]  # after the last layer, the next step's first
             if upcoming.is_initialized and upcoming.cold.entries:
                 self.prefetcher.prefetch(upcoming)
@@ -103,10 +106,10 @@ class TieredCache(Cache):
                 f"kvtier: head dim {head_dim} is odd, and INT4 packs two channels per byte; "
                 "kvtier serves models with an even head dim."
             )
-        if self.config.warm_format == "turboquant" and head_dim % 8:
+        if (self.config.warm_format == "turboquant" or self.low_format is not None) and head_dim % 8:
             raise KVTierError(
                 f"kvtier: head dim {head_dim} is not a multiple of 8, and TurboQuant packs codes in bit planes of "
-                "8 channels per byte; choose warm_format='int4' for this model."
+                "8 channels per byte; choose warm_format='int4' (and low_bits=None) for this model."
             )
         if kv_heads != self.kv_heads:
             raise KVTierError(f"kvtier: the model config says {self.kv_heads} KV heads, but a layer produced {kv_heads}.")
@@ -129,7 +132,7 @@ class TieredCache(Cache):
                 f"{self.hot_bytes:,} bytes for {self.config.sink_tokens} sinks + {self.config.recent_window} recent + "
                 f"{self.config.block_size} filling tokens x {self.num_layers} layers x batch {batch}, plus "
                 f"{self.scratch_bytes:,} bytes of attention scratch and {self.staging_bytes:,} bytes of cold-page "
-                f"staging. Raise budget_gb to at least {fixed_bytes / BYTES_PER_GB:.4f}, or shrink recent_window, "
+                f"staging. Raise budget_gb to at least {fixed_bytes / BYTES_PER_GB:.4g}, or shrink recent_window, "
                 "key_tile, query_tile, or chunk_pages and staging_chunks."
             )
         if self.config.offloads:
@@ -183,7 +186,7 @@ class TieredCache(Cache):
         warm_allocated = sum(each.warm.allocated_bytes for each in self.layers)
         page_bytes = layer.warm.page_bytes
         dense_bytes_per_token = self.num_layers * 2 * kv_heads * head_dim * dtype.itemsize
-        held = layer.hot_tokens() + layer.warm_tokens()
+        held = layer.hot_tokens() + layer.warm_tokens() + layer.low_tokens()
         return {
             "tokens": tokens,
             "batch": batch,
@@ -195,6 +198,7 @@ class TieredCache(Cache):
                 "format": layer.warm.layout.format.label,
                 "bytes_per_token": self.num_layers * page_bytes / (self.config.block_size * batch),
             },
+            "low": self._low_stats(),
             "cold": self._cold_stats(page_bytes),
             "evicted_tokens": layer.evicted_tokens,
             "scratch_bytes": self.scratch_bytes,
@@ -205,6 +209,21 @@ class TieredCache(Cache):
             "bytes_per_token": self.reserved_bytes / max(held * batch, 1),
             "dense_bytes_per_token": dense_bytes_per_token,
             "dense_bytes": dense_bytes_per_token * tokens * batch,
+        }
+
+    def _low_stats(self) -> dict:
+        """The low-precision warm pages (the precision rule, ``low_bits``)."""
+        if self.low_format is None:
+            return {"tokens": 0, "pages": 0, "bytes": 0, "enabled": False}
+        layers = [each for each in self.layers if each.is_initialized]
+        return {
+            "enabled": True,
+            "tokens": self.layers[0].low_tokens(),
+            "pages": sum(len(each.low.table) for each in layers),
+            "bytes": sum(each.low.allocated_bytes for each in layers),
+            "format": self.low_format.label,
+            "bytes_per_token": self.num_layers * layers[0].low.page_bytes
+            / (self.config.block_size * self.layer_shape[0]),
         }
 
     def _cold_stats(self, page_bytes: int) -> dict:
@@ -220,6 +239,7 @@ class TieredCache(Cache):
             "host_budget_bytes": self.host_budget.limit_bytes,
             "page_bytes": page_bytes,
             "prefetch": self.config.prefetch,
+            "prefetch_share": self.config.prefetch_share if self.config.prefetch == "topk" else 1.0,
             "moved_bytes": prefetcher.moved_bytes,
             "moved_chunks": prefetcher.moved_chunks,
             "replans": prefetcher.replans,

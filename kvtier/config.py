@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .policies import POLICIES
+from .policies import POLICIES, PagePolicy
 
 WARM_FORMATS = ("int4", "turboquant")
 TURBOQUANT_BITS = (2, 3, 4)
 KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("offload", "raise", "evict")
 ON_HOST_FULL = ("raise", "evict")
-PREFETCH_MODES = ("all",)
+PREFETCH_MODES = ("all", "topk")
 COLD_ATTENTION = ("stream", "host")
 DECODE_KERNELS = ("auto", "triton", "torch")
 
@@ -45,15 +45,20 @@ class TierConfig:
     key_group: int = 32  # tokens sharing one per-channel key (scale, min) pair (INT4) or key mean (TurboQuant)
     rotate: bool = True  # randomized Hadamard rotation of the head dim before quantizing
     rotation_seed: int = 0
+    low_bits: int | None = None  # precision rule: the warm pages the policy scores lowest drop to TurboQuant at this
+    # many bits (keys and values, no QJL bit) when the warm pages at full precision fill their share; None: off
+    low_share: float = 0.5  # with low_bits: the share of each layer's warm bytes that holds low-precision pages
     on_budget_full: str = "offload"  # move warm pages to the host tier; "raise"; or "evict": drop them (policy)
     host_budget_gb: float | None = None  # cold tier cap; None: the host's available memory less a safety margin
     on_host_full: str = "raise"  # when the host budget is full too; or "evict": drop cold pages (policy)
-    prefetch: str = "all"  # every cold page streams through attention each decode step (exact)
+    prefetch: str = "all"  # every cold page streams through attention each decode step (exact); or "topk": only
+    # the prefetch_share of the cold pages the policy ranks highest (approximate; benchmarks/results/policy-fidelity-*)
+    prefetch_share: float = 0.25  # with prefetch="topk"
     cold_attention: str = "stream"  # decode over cold pages: stream them to the device, or compute on the host
     chunk_pages: int | None = None  # cold pages move in chunks of this many pages (a host slab holds one chunk);
     # None: as many as fit in CHUNK_BYTES, or in RING_BUDGET_SHARE of the budget over the staging ring
     staging_chunks: int = 3  # device staging ring, in chunks, counted in budget_gb
-    policy: str = "sink_recent"
+    policy: str | PagePolicy = "sink_recent"  # or "attention_mass", or a PagePolicy object (see kvtier.policies)
     pages_per_slab: int = 16  # warm pages are allocated this many at a time (fewer near the budget)
     key_tile: int = 1024  # attention reads the cache this many tokens at a time (bounds scratch)
     query_tile: int = 256  # and handles this many query rows at a time (prefill)
@@ -75,22 +80,33 @@ class TierConfig:
         _check(self.key_axis in KEY_AXES, f"unknown key_axis {self.key_axis!r}; choose one of {KEY_AXES}.")
         _check(self.key_group >= 1 and self.block_size % self.key_group_size == 0,
                f"key_group must be >= 1 and divide block_size ({self.block_size}), got {self.key_group}.")
+        _check(self.low_bits is None or self.low_bits in TURBOQUANT_BITS,
+               f"low_bits must be one of {TURBOQUANT_BITS} (or None), got {self.low_bits}.")
+        _check(self.low_bits is None or self.rotate, "low_bits re-quantizes pages with TurboQuant, whose codebook "
+               "assumes rotated vectors; keep rotate=True.")
+        _check(self.low_bits is None or 0 < self.low_share < 1, f"low_share must be in (0, 1), got {self.low_share}.")
+        _check(self.low_bits is None or self.on_budget_full != "offload",
+               "low_bits (low-precision warm pages) does not combine with the host tier yet: attach with "
+               "on_budget_full='evict' (the lowest-scored low-precision pages leave) or 'raise'.")
         _check(self.on_budget_full in ON_BUDGET_FULL,
                f"unknown on_budget_full {self.on_budget_full!r}; choose one of {ON_BUDGET_FULL}.")
         _check(self.host_budget_gb is None or self.host_budget_gb > 0,
                f"host_budget_gb must be positive (or None for the default), got {self.host_budget_gb}.")
         _check(self.on_host_full in ON_HOST_FULL,
                f"unknown on_host_full {self.on_host_full!r}; choose one of {ON_HOST_FULL}.")
-        _check(self.prefetch in PREFETCH_MODES,
-               f"unknown prefetch {self.prefetch!r}; choose one of {PREFETCH_MODES} (a 'topk' mode is offered only "
-               "once its fidelity is measured).")
+        _check(self.prefetch in PREFETCH_MODES, f"unknown prefetch {self.prefetch!r}; choose one of {PREFETCH_MODES}.")
+        _check(0 < self.prefetch_share <= 1, f"prefetch_share must be in (0, 1], got {self.prefetch_share}.")
+        _check(self.prefetch == "all" or self.cold_attention == "stream",
+               "prefetch='topk' chooses which cold pages stream to the device; with cold_attention='host' every cold "
+               "page is attended on the host instead. Choose one of the two.")
         _check(self.cold_attention in COLD_ATTENTION,
                f"unknown cold_attention {self.cold_attention!r}; choose one of {COLD_ATTENTION}.")
         _check(self.chunk_pages is None or self.chunk_pages >= 1,
                f"chunk_pages must be >= 1 (or None for the default), got {self.chunk_pages}.")
         _check(self.staging_chunks >= 2, f"staging_chunks must be >= 2 (one chunk in use, one arriving), "
                                          f"got {self.staging_chunks}.")
-        _check(self.policy in POLICIES, f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}.")
+        _check(isinstance(self.policy, PagePolicy) or self.policy in POLICIES,
+               f"unknown policy {self.policy!r}; choose one of {sorted(POLICIES)}, or pass a PagePolicy object.")
         _check(self.pages_per_slab >= 1, f"pages_per_slab must be >= 1, got {self.pages_per_slab}.")
         _check(self.key_tile >= self.block_size,
                f"key_tile ({self.key_tile}) must be at least block_size ({self.block_size}).")
@@ -121,6 +137,27 @@ class TierConfig:
     def hot_capacity(self) -> int:
         """Tokens the hot tier holds at most: sinks, the recent window and one filling block."""
         return self.sink_tokens + self.recent_window + self.block_size
+
+    def describe(self) -> str:
+        """Each tier with its place, precision and the tokens it holds, one line each (the per-tier precision)."""
+        from .formats import make_format, make_low_format  # the formats read their settings from a TierConfig
+
+        policy = self.policy if isinstance(self.policy, str) else type(self.policy).__name__
+        warm, low = make_format(self).label, make_low_format(self)
+        lines = [f"hot  (device, model dtype): {self.sink_tokens} sink tokens and the last {self.recent_window} tokens",
+                 f"warm (device, {warm}): older tokens, {self.block_size} a page, within budget_gb={self.budget_gb:g}"]
+        if low is not None:
+            lines.append(f"low  (device, {low.label}): the pages {policy} scores lowest, once the {warm} pages fill "
+                         f"{1 - self.low_share:.0%} of a layer's warm bytes")
+        if self.offloads:
+            host = "available memory less a margin" if self.host_budget_gb is None else f"{self.host_budget_gb:g} GB"
+            share = f" ({self.prefetch_share:.0%})" if self.prefetch == "topk" else ""
+            where = "on the host" if self.cold_attention == "host" else "on the device"
+            lines.append(f"cold (host, {warm}): the pages {policy} demotes past the device budget, within {host}; "
+                         f"prefetch={self.prefetch}{share}, attended {where}")
+        full, action = (("host", self.on_host_full) if self.offloads else ("device", self.on_budget_full))
+        lines.append(f"full {full} budget: " + ("BudgetExceededError" if action == "raise" else f"{policy} evicts"))
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in asdict(self).items())

@@ -1,6 +1,6 @@
 """The main job: attach kvtier to the real SmolLM2-135M-Instruct, generate from a long prompt, show the tiers.
 
-    python -m kvtier.demo [--context-tokens 3000] [--max-new-tokens 48] [--budget-gb 0.25]
+    python -m kvtier.demo [--context-tokens 3000] [--max-new-tokens 48] [--budget-gb 0.25] [--policy sink_recent]
 
 With a smaller budget (``--budget-gb 0.08``) the older warm pages move to the host tier and stream back each step.
 
@@ -35,7 +35,7 @@ def dense_cache_bytes(cache: DynamicCache) -> int:
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
-def tier_table(stats: dict, dense_bytes: int) -> str:
+def tier_table(stats: dict, dense_bytes: int, policy: str = "sink_recent") -> str:
     def row(name, tokens, nbytes, note=""):
         return f"{name:<10}{tokens:>10,}{nbytes / 2**20:>12.2f}{note:>28}"
 
@@ -50,12 +50,15 @@ def tier_table(stats: dict, dense_bytes: int) -> str:
             f"{stats['budget_used']:.1%} of {stats['budget_bytes'] / 2**30:g} GiB"),
         row("dense", stats["tokens"], dense_bytes, f"{stats['dense_bytes_per_token']:,} B/token"),
     ]
-    cold = stats["cold"]
+    low, cold = stats["low"], stats["cold"]
+    if low["enabled"]:
+        note = f"{low['format']}, {low['bytes_per_token']:,.0f} B/token"
+        lines.insert(3, row("low", low["tokens"], low["bytes"], note))
     if cold["enabled"]:
-        lines.insert(3, row("cold", cold["tokens"], cold["bytes"],
+        lines.insert(3 + low["enabled"], row("cold", cold["tokens"], cold["bytes"],
                             f"host; {cold['moved_bytes'] / 2**20:,.0f} MiB moved back"))
     if stats["evicted_tokens"]:
-        lines.append(f"evicted by the sink+recent policy: {stats['evicted_tokens']:,} tokens")
+        lines.append(f"evicted by the {policy} policy: {stats['evicted_tokens']:,} tokens")
     return "\n".join(lines)
 
 
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-tokens", type=int, default=3000)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--budget-gb", type=float, default=0.25)
+    parser.add_argument("--policy", default="sink_recent", choices=sorted(kvtier.policies.POLICIES))
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     answers, seconds = {}, {}
     dense = DynamicCache()
     generate("dense", past_key_values=dense)
-    handle = kvtier.attach(model, budget_gb=args.budget_gb)
+    handle = kvtier.attach(model, budget_gb=args.budget_gb, policy=args.policy)
     generate("kvtier")  # generate() now builds a TieredCache
     stats = handle.stats()
     kvtier.detach(model)
@@ -92,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, answer in answers.items():
         print(f"\n--- {name} ({seconds[name]:.1f} s) ---\n{answer.strip()}")
     print(f"\nanswers identical: {answers['dense'] == answers['kvtier']}\n")
-    print(tier_table(stats, dense_cache_bytes(dense)))
+    print(handle.config.describe() + "\n")
+    print(tier_table(stats, dense_cache_bytes(dense), args.policy))
 
 
 if __name__ == "__main__":

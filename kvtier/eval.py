@@ -87,13 +87,15 @@ def dense_reference(model, context: torch.Tensor, steps: int = 4) -> DenseRefere
 
 @torch.no_grad()
 def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_prefill: bool = False,
-                   reference: DenseReference | None = None) -> FidelityReport:
+                   reference: DenseReference | None = None, prefill_chunk: int | None = None) -> FidelityReport:
     """Decode ``steps`` tokens after ``context`` (1, L) with a DynamicCache and with ``cache``; compare each step.
 
     With ``shared_prefill`` the cache under test is filled from the dense prefill's keys and values instead of
     running its own prefill: the same tokens reach the same tiers (a tiered prefill attends its own chunk
     exactly, as dense does), at half the cost. ``reference`` (from :func:`dense_reference` on the same
     context, at least ``steps`` steps) skips the dense run when several caches are compared on one context.
+    ``prefill_chunk`` prefills the cache under test that many tokens per forward (chunked prefill), so that the
+    pages of earlier chunks are attended, and scored by a mass-aware policy, before later chunks fill the budget.
     """
     if reference is None:
         reference = dense_reference(model, context, steps)
@@ -103,7 +105,9 @@ def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_p
         for index, (keys, values) in enumerate(reference.prefill_states):  # copies: the reference may serve more
             cache.layers[index].update(keys.clone(), values.clone())
     else:
-        model(context, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        chunk = prefill_chunk or context.shape[1]
+        for first in range(0, context.shape[1], chunk):
+            model(context[:, first:first + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     report = FidelityReport()
     for step in range(steps):
         with _AttentionOutputs(model) as tested_attention:
@@ -192,12 +196,13 @@ def passkey_cases(tokenizer, count: int, target_tokens: int = 3000, seed: int = 
 
 
 @torch.no_grad()
-def answer_passkey(model, tokenizer, case: PasskeyCase, cache=None, max_new_tokens: int = 8) -> bool:
+def answer_passkey(model, tokenizer, case: PasskeyCase, cache=None, max_new_tokens: int = 8, **generate_kwargs) -> bool:
     """Greedy-decode after the prompt; True if the key is in the answer.
 
-    ``cache`` None lets ``generate`` pick its cache (a TieredCache when kvtier is attached, else dynamic).
+    ``cache`` None lets ``generate`` pick its cache (a TieredCache when kvtier is attached, else dynamic);
+    ``generate_kwargs`` go to ``generate`` (``prefill_chunk_size=256``, say).
     """
     extra = {} if cache is None else {"past_key_values": cache}
     output = model.generate(case.prompt_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.eos_token_id, **extra)
+                            pad_token_id=tokenizer.eos_token_id, **extra, **generate_kwargs)
     return case.passkey in tokenizer.decode(output[0, case.prompt_ids.shape[1]:])

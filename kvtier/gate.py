@@ -1,14 +1,16 @@
 """Fidelity gates: thresholds a cache configuration must meet at every decode step of a fidelity report.
 
 A configuration passes only if each step passes: a pass at one step and a failure at the next is a
-failure. Tests and benchmarks state their thresholds by building a gate; the gate names what failed.
+failure. Tests and benchmarks state their thresholds by building a gate; the gate names what failed, and
+:func:`run_gate` runs a configuration through it on several contexts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .eval import FidelityReport
+from .attach import attach, detach
+from .eval import FidelityReport, compare_decode
 
 
 @dataclass(frozen=True)
@@ -41,3 +43,49 @@ class FidelityGate:
 
     def passes(self, report: FidelityReport) -> bool:
         return not self.failures(report)
+
+
+@dataclass
+class GateRun:
+    """One configuration through a gate on several contexts: a report per context, and what failed where."""
+
+    gate: FidelityGate
+    reports: list[FidelityReport]
+    stats: list[dict]  # the cache's stats after each context
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"context {index}, {line}" for index, report in enumerate(self.reports)
+                for line in self.gate.failures(report)]
+
+    @property
+    def passes(self) -> bool:
+        return not self.failures
+
+    @property
+    def worst_mse(self) -> float:
+        return max(report.worst_mse for report in self.reports)
+
+    @property
+    def worst_top10(self) -> float:
+        return min(report.worst_top10 for report in self.reports)
+
+
+def run_gate(model, contexts, gate: FidelityGate, steps: int = 4, references=None, prefill_chunk: int | None = None,
+             **config) -> GateRun:
+    """Attach kvtier with ``config`` (TierConfig fields, budget_gb included), compare ``steps`` decode steps with the
+    dense cache on each context (1, L) and judge every step with ``gate``. ``references`` (one DenseReference per
+    context, see kvtier.eval.dense_reference) spare the dense runs when several configurations share contexts;
+    ``prefill_chunk`` prefills in chunks, so that a mass-aware policy scores pages while the budget fills."""
+    reports, stats = [], []
+    for index, context in enumerate(contexts):
+        handle = attach(model, **{"budget_gb": 1.0, **config})
+        try:
+            cache = handle.new_cache()
+            reference = None if references is None else references[index]
+            reports.append(compare_decode(model, context, cache, steps=steps, reference=reference,
+                                          prefill_chunk=prefill_chunk))
+        finally:
+            detach(model)
+        stats.append(cache.stats())
+    return GateRun(gate, reports, stats)

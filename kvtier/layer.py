@@ -3,10 +3,11 @@ TurboQuant, see kvtier.formats).
 
 Positions 0 .. sink_tokens-1 stay hot as attention sinks. Later tokens enter the recent buffer; when it
 holds ``recent_window + block_size`` tokens, its oldest ``block_size`` tokens are quantized once into a
-warm page. When the layer's share of the device budget is full, the policy picks a warm page to move, byte
-for byte, to the cold tier in host memory (``on_budget_full="offload"``, kvtier.cold), or to drop. Every
-token is in exactly one place (sinks, a warm page, a cold page or the recent buffer), unless a full budget
-made the policy drop pages (counted in ``evicted_tokens``).
+warm page. When the layer's share of the device budget is full, the policy picks a warm page to re-quantize
+at fewer bits (``low_bits``: a low-precision warm page), to move byte for byte to the cold tier in host memory
+(``on_budget_full="offload"``, kvtier.cold), or to drop. Every token is in exactly one place (sinks, a warm
+page, a low-precision page, a cold page or the recent buffer), unless a full budget made the policy drop pages
+(counted in ``evicted_tokens``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class TieredLayer(CacheLayerMixin):
         self.cache = cache
         self.config = cache.config
         self.layer_idx = layer_idx
-        self.policy = make_policy(self.config.policy)
         self.total_tokens = 0  # positions seen, evicted ones included
         self.evicted_tokens = 0
 
@@ -62,6 +62,7 @@ class TieredLayer(CacheLayerMixin):
         batch, kv_heads, _, head_dim = key_states.shape
         config = self.config
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.policy = make_policy(config.policy).for_layer(config.block_size, self.device)
         self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype, key_states.device)
         seed = config.rotation_seed + self.layer_idx
         self.rotation = random_rotation(head_dim, seed).to(self.device) if config.rotate else None  # (D, D)
@@ -80,7 +81,13 @@ class TieredLayer(CacheLayerMixin):
         self.hot_pages = self._hot_pages()
         self.hot_table = hot_table_tensor(self.hot_pages, self.device)  # (3, n_hot)
         layout = PageLayout(batch, kv_heads, config.block_size, head_dim, warm_format)
-        self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, self.cache.warm_share_bytes)
+        warm_share = self.cache.warm_share_bytes
+        low_format = self.cache.low_format
+        low_share = int(warm_share * config.low_share) if low_format is not None else 0
+        self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, warm_share - low_share)
+        # low-precision warm pages (the precision rule, low_bits), in the order the policy sends them
+        self.low = WarmPages(PageLayout(batch, kv_heads, config.block_size, head_dim, low_format), self.device,
+                             config.pages_per_slab, self.cache, low_share, in_order=False) if low_format else None
         self.cold = ColdPages(layout, self.cache.chunk_pages, self.cache.host_budget, self.cache.host_share_bytes,
                               pin=self.device.type == "cuda") if config.offloads else None
         self.is_initialized = True
@@ -106,12 +113,15 @@ class TieredLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.is_initialized:
             self.warm.release_all()
+            if self.low is not None:
+                self.low.release_all()
             if self.cold is not None:
                 self.cold.release_all()
         self.total_tokens = self.evicted_tokens = 0
         self.sink_count = self.recent_count = 0
         if self.is_initialized:
             self.recent_start = self.config.sink_tokens
+            self.policy = make_policy(self.config.policy).for_layer(self.config.block_size, self.device)
             self.hot_pages = self._hot_pages()
             self.hot_table = hot_table_tensor(self.hot_pages, self.device)
 
@@ -263,33 +273,58 @@ class TieredLayer(CacheLayerMixin):
         return self.warm.layout.pack({name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()})
 
     def store_page(self, start: int, page: torch.Tensor) -> None:
+        """Store a new warm page, making room first when the layer's share is full: the policy's choice drops to low
+        precision (with ``low_bits``), moves to the cold tier (``on_budget_full="offload"``) or leaves the cache."""
         while True:
             try:
                 self.warm.store(start, page)
                 return
             except NoRoomForPage:
-                if self.config.on_budget_full == "raise" or not self.warm.table:
+                if (self.config.on_budget_full == "raise" and self.low is None) or not self.warm.table:
                     raise BudgetExceededError(self.cache.budget_message(self.total_tokens)) from None
-                victim = self.policy.victim(self.warm.starts)
-                if self.cold is not None:
-                    self.demote(victim)
+                if self.low is not None:
+                    self.lower_precision(self.policy.pick_demotion(self.warm.starts))
+                elif self.cold is not None:
+                    self.demote(self.policy.pick_demotion(self.warm.starts))
                 else:
-                    self.warm.drop(victim)
+                    self.warm.drop(self.policy.pick_eviction(self.warm.starts))
                     self.evicted_tokens += self.config.block_size
+
+    def lower_precision(self, index: int) -> None:
+        """Re-quantize the warm page at ``index`` of the block table into a low-precision page (TurboQuant at
+        ``low_bits``); when those fill their share, the policy's lowest low-precision page leaves the cache first
+        (``on_budget_full="evict"``), or the budget error is raised."""
+        entry = self.warm.table[index]
+        self.store_evicting(self.low, entry.start, self.requantize(entry), self.config.on_budget_full == "evict",
+                            lambda: self.cache.budget_message(self.total_tokens))
+        self.warm.drop(index)
+
+    def store_evicting(self, pages, start: int, page: torch.Tensor, may_evict: bool, message) -> None:
+        """Store ``page`` among ``pages`` (the low-precision or the cold ones); while they have no room, drop the page
+        the policy picks among them if ``may_evict``, else raise BudgetExceededError with ``message()``."""
+        while True:
+            try:
+                pages.store(start, page)
+                return
+            except NoRoomForPage:
+                if not may_evict or not pages.starts:
+                    raise BudgetExceededError(message()) from None
+                pages.drop(self.policy.pick_eviction(pages.starts))
+                self.evicted_tokens += self.config.block_size
+
+    def requantize(self, entry) -> torch.Tensor:
+        """One warm page's tokens, dequantized (rotated basis) and quantized again in the low format: (page_bytes,)"""
+        keys, values = self.warm.layout.format.dequantize(self.warm.read([entry]), torch.float32, self.sketch)
+        valid = self.cache.valid_tokens(entry.start, self.config.block_size)  # (B, block) or None
+        fields = self.low.layout.format.quantize(keys[0], values[0], valid, None)  # keys, values (B, H, block, D)
+        return self.low.layout.pack({name: field.unsqueeze(0) for name, field in fields.items()})[0]
 
     def demote(self, index: int) -> None:
         """Move the warm page at ``index`` of the block table to the cold tier, making room in the host budget
         first if ``on_host_full="evict"`` allows it."""
         entry = self.warm.table[index]
-        while True:
-            try:
-                self.cold.store(entry.start, self.warm.page(entry))
-                break
-            except NoRoomForPage:
-                if self.config.on_host_full == "raise" or not self.cold.entries:
-                    raise BudgetExceededError(self.cache.host_budget_message(self.total_tokens)) from None
-                self.cold.drop(self.policy.victim(self.cold.starts))
-                self.evicted_tokens += self.config.block_size
+        self.store_evicting(self.cold, entry.start, self.warm.page(entry), self.config.on_host_full == "evict",
+                            lambda: self.cache.host_budget_message(self.total_tokens))
         self.cache.prefetcher.host_write_done()  # copies out of host memory wait for this one
         self.warm.drop(index)
 
@@ -299,6 +334,10 @@ class TieredLayer(CacheLayerMixin):
         hot_pages, hot_table = (self.hot_pages, self.hot_table) if with_hot else ([], self.hot_table[:, :0])
         return PagedKV(self.warm if pages is None else pages, self.hot_keys, self.hot_values, hot_pages, hot_table,
                        self.rotation, self.sketch)
+
+    def low_pages(self):
+        """The low-precision warm pages, as one page set, or None when the layer holds none."""
+        return self.low if self.low is not None and self.low.table else None
 
     def cold_chunks(self):
         """This layer's cold pages, staged on the device a chunk at a time (see Prefetcher.chunks)."""
@@ -311,6 +350,8 @@ class TieredLayer(CacheLayerMixin):
             return
         self.hot_keys, self.hot_values = fn(self.hot_keys), fn(self.hot_values)
         self.warm.map_batch(fn)
+        if self.low is not None:
+            self.low.map_batch(fn)
         if self.cold is not None:
             self.cold.map_batch(fn)
 
@@ -320,6 +361,9 @@ class TieredLayer(CacheLayerMixin):
 
     def warm_tokens(self) -> int:
         return len(self.warm.table) * self.config.block_size if self.is_initialized else 0
+
+    def low_tokens(self) -> int:
+        return len(self.low.table) * self.config.block_size if self.is_initialized and self.low is not None else 0
 
     def cold_tokens(self) -> int:
         return self.cold.tokens if self.is_initialized and self.cold is not None else 0

@@ -105,13 +105,15 @@ class NoRoomForPage(Exception):
 
 
 class WarmPages:
-    def __init__(self, layout: PageLayout, device, pages_per_slab: int, budget, share_bytes: int = 0):
+    def __init__(self, layout: PageLayout, device, pages_per_slab: int, budget, share_bytes: int = 0,
+                 in_order: bool = True):
         self.layout = layout
         self.block_size = layout.block_size
         self.device = device
         self.pages_per_slab = pages_per_slab
         self.budget = budget  # has reserve(nbytes) -> bool and release(nbytes)
         self.share_bytes = share_bytes  # this layer's share of the warm budget, so that layers hold equal context
+        self.in_order = in_order  # pages arrive in position order (else, as a policy sends them: any order)
         self.slabs: list[torch.Tensor] = []  # uint8 (pages, page_bytes) each
         self.slab_offsets: list[int] = []  # page id of each slab's first slot
         self.free_page_ids: list[int] = []
@@ -157,8 +159,8 @@ class WarmPages:
 
     def store(self, start: int, page: torch.Tensor) -> None:
         """Write one quantized block, packed as the layout lays it out ((page_bytes,) uint8, see PageLayout.pack), at
-        the end of the table."""
-        if self.table and start != self.table[-1].start + self.block_size:
+        the end of the table (with ``in_order``, after every page it holds: a policy may have dropped the last)."""
+        if self.in_order and self.table and start <= self.table[-1].start:
             raise AssertionError(f"warm pages out of order: {start} after {self.table[-1].start}")
         if not self.free_page_ids:
             self._grow()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -71,8 +72,8 @@ class StagedChunk:
     @functools.cached_property
     def table(self) -> list[StagedEntry]:
         chunk_pages = self.ring.pages.shape[1]
-        return [StagedEntry(entry.start, job.slot * chunk_pages + entry.row) for job in self.jobs
-                for entry in job.entries]
+        return [StagedEntry(entry.start, job.slot * chunk_pages + row) for job in self.jobs
+                for entry, row in zip(job.entries, job.slot_rows)]
 
     def read(self, entries) -> dict[str, torch.Tensor]:
         rows = torch.tensor([entry.row for entry in entries], device=self.ring.pages.device)
@@ -113,13 +114,35 @@ class JoinedPages:
 
 @dataclass
 class Job:
-    """One chunk of one layer on its way: the host slab, how many rows move, and where they land."""
+    """One slot's worth of one layer's cold pages on their way: runs of host rows, copied one after another into the
+    slot, and the pages they hold (``entries``, with each one's row in the slot)."""
 
-    slab: HostSlab
-    rows: int
+    runs: list[tuple[HostSlab, int, int]]  # (slab, first row, rows)
     entries: list[ColdEntry]
+    slot_rows: list[int]
     slot: int | None = None
     ready: object = None  # CUDA event recorded after the copies, or None off CUDA
+
+    @property
+    def rows(self) -> int:
+        return sum(count for _, _, count in self.runs)
+
+    @classmethod
+    def whole_slab(cls, slab: HostSlab, rows: int, entries: list[ColdEntry]) -> "Job":
+        """A slab's first ``rows`` rows, empty ones included (attention masks them by position)."""
+        return cls([(slab, 0, rows)], entries, [entry.row for entry in entries])
+
+    @classmethod
+    def chosen(cls, slabs: list[HostSlab], entries: list[ColdEntry]) -> "Job":
+        """The rows of ``entries`` only, in runs of neighbouring rows, packed at the start of the slot."""
+        entries = sorted(entries, key=lambda entry: (entry.slab, entry.row))
+        runs = []
+        for entry in entries:
+            if runs and runs[-1][0] is slabs[entry.slab] and runs[-1][1] + runs[-1][2] == entry.row:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((slabs[entry.slab], entry.row, 1))
+        return cls(runs, entries, list(range(len(entries))))
 
 
 class Prefetcher:
@@ -137,21 +160,36 @@ class Prefetcher:
         self.moved_bytes = 0
         self.moved_chunks = 0
         self.replans = 0  # plans made stale by a demotion after them
+        self.every_page = True  # the current step streams every cold page (prefill), whatever the prefetch mode
+        self.planned_every_page: dict[int, bool] = {}  # layer index -> the every_page its plan was made for
 
     # ---------------------------------------------------------------- what layers call
     def prefetch(self, layer) -> None:
-        """Plan ``layer``'s cold chunks and start copying as many as there are free slots."""
+        """Plan ``layer``'s cold chunks for the current step and start copying as many as there are free slots."""
         self.cancel(layer.layer_idx)
-        self.jobs[layer.layer_idx] = [Job(slab, rows, entries) for slab, rows, entries in layer.cold.chunks()]
+        self.jobs[layer.layer_idx] = self.plan(layer)
+        self.planned_every_page[layer.layer_idx] = self.every_page
         self.versions[layer.layer_idx] = layer.cold.version
         self._issue_waiting(layer.layer_idx)
+
+    def plan(self, layer) -> list[Job]:
+        """``prefetch="all"``, or a prefill step: every slab that holds pages, whole. ``"topk"``: the ``prefetch_share``
+        of the cold pages the policy ranks highest, packed a slot at a time."""
+        cold, config = layer.cold, layer.config
+        if config.prefetch == "all" or self.every_page:
+            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks()]
+        count = math.ceil(len(cold.entries) * config.prefetch_share)  # at least one page of a non-empty tier
+        chosen = [cold.entries[index] for index in layer.policy.pick_prefetches(cold.starts, count)]
+        slot_pages = self.ring.pages.shape[1]
+        return [Job.chosen(cold.slabs, chosen[first:first + slot_pages]) for first in range(0, len(chosen), slot_pages)]
 
     def chunks(self, layer):
         """Yield ``layer``'s cold pages as staged chunks, every one of them, each chunk holding every slot of the
         layer that is already on its way (so one launch reads them all); the consumer launches its attention over
         each before asking for the next, and the slots are recycled after that attention."""
         index = layer.layer_idx
-        if index not in self.jobs or self.versions[index] != layer.cold.version:
+        if (index not in self.jobs or self.versions[index] != layer.cold.version
+                or self.planned_every_page[index] != self.every_page):
             self.replans += index in self.jobs
             self.prefetch(layer)
         jobs = self.jobs[index]
@@ -208,21 +246,28 @@ class Prefetcher:
 
     def _issue(self, job: Job, slot: int) -> None:
         job.slot = slot
-        pages, positions = self.ring.pages[slot, :job.rows], self.ring.positions[slot, :job.rows]
         if self.stream is None:  # off CUDA: plain synchronous copies
-            pages.copy_(job.slab.pages[:job.rows])
-            positions.copy_(job.slab.positions[:job.rows])
+            self._copy_runs(job, slot)
         else:
             with torch.cuda.stream(self.stream):
                 for event in (self.slot_released[slot], self.host_written):
                     if event is not None:
                         self.stream.wait_event(event)
-                pages.copy_(job.slab.pages[:job.rows], non_blocking=True)
-                positions.copy_(job.slab.positions[:job.rows], non_blocking=True)
+                self._copy_runs(job, slot)
                 job.ready = torch.cuda.Event()
                 job.ready.record(self.stream)
-        self.moved_bytes += pages.nbytes + positions.nbytes
         self.moved_chunks += 1
+
+    def _copy_runs(self, job: Job, slot: int) -> None:
+        """Each run of host rows (page bytes and positions) into the slot, one after another (asynchronous on the
+        side stream from pinned host memory)."""
+        row = 0
+        for slab, first, count in job.runs:
+            pages, positions = self.ring.pages[slot, row:row + count], self.ring.positions[slot, row:row + count]
+            pages.copy_(slab.pages[first:first + count], non_blocking=True)
+            positions.copy_(slab.positions[first:first + count], non_blocking=True)
+            self.moved_bytes += pages.nbytes + positions.nbytes
+            row += count
 
     def _release(self, job: Job) -> None:
         if self.stream is not None:

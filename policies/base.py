@@ -1,14 +1,64 @@
-"""The protocol every placement policy follows."""
+"""The protocol every page policy follows, and the base class that owns its plumbing.
+
+A policy scores pages; the base class turns scores into the cache's decisions: which warm page leaves the GPU
+(``pick_demotion``), which page leaves the cache when every budget is full (``pick_eviction``), which cold pages
+a ``prefetch="topk"`` step streams back (``pick_prefetches``) and, under a precision rule, which warm pages drop
+to fewer bits (the lowest scores, like demotions). A new policy is a subclass whose body is one ``score()``:
+
+    @dataclass
+    class NewestFirst(PagePolicy):
+        def score(self, starts):
+            return -starts.double()  # the oldest pages score highest, so the newest leave first
+
+Every layer gets its own copy (``for_layer``), so a policy may keep per-layer state. A policy that sets
+``wants_mass`` is fed, through ``observe``, the attention mass the decode kernel (and the prefill's reference)
+measured for each page it read.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import copy
+from typing import ClassVar, Sequence
+
+import torch
 
 
-class PlacementPolicy(Protocol):
-    def victim(self, page_starts: Sequence[int]) -> int:
-        """Index (into ``page_starts``, the warm block table in position order) of the page to leave first.
+class PagePolicy:
+    wants_mass: ClassVar[bool] = False  # True: attention computes per-page mass and calls observe()
 
-        Sinks and the recent window are hot and never appear here: only warm pages are candidates.
-        """
-        ...
+    def score(self, starts: torch.Tensor) -> torch.Tensor:
+        """starts (n,) integer first positions of candidate pages -> (n,) float: higher is more worth keeping."""
+        raise NotImplementedError(f"{type(self).__name__} must define score(starts)")
+
+    def observe(self, starts: torch.Tensor, mass: torch.Tensor, ignore_from: int) -> None:
+        """starts (n,) pages one attention call read, mass (n,) float32 the softmax weight each received (summed
+        over batch rows and KV heads). Rows whose start is ``ignore_from`` or beyond carry no page that attention saw
+        whole (empty staging rows; pages a prefill chunk filled with its own tokens), and no mass."""
+
+    def for_layer(self, block_size: int, device) -> "PagePolicy":
+        """A fresh copy for one layer of a cache whose pages hold ``block_size`` tokens on ``device``."""
+        return copy.deepcopy(self)
+
+    # ---------------------------------------------------------------- decisions, from the scores
+    def pick_demotion(self, starts: Sequence[int]) -> int:
+        """Index into ``starts`` (the warm pages) of the page to move off the GPU (or to fewer bits) first."""
+        return self._lowest(starts)
+
+    def pick_eviction(self, starts: Sequence[int]) -> int:
+        """Index into ``starts`` (warm or cold pages) of the page to drop from the cache first."""
+        return self._lowest(starts)
+
+    def pick_prefetches(self, starts: Sequence[int], count: int) -> list[int]:
+        """Indices into ``starts`` (the cold pages) of the ``count`` pages worth streaming back, in index order."""
+        if count >= len(starts):
+            return list(range(len(starts)))
+        chosen = self.score(torch.tensor(starts)).topk(count).indices
+        return sorted(chosen.tolist())
+
+    def _lowest(self, starts: Sequence[int]) -> int:
+        if not starts:
+            raise ValueError("no page to choose from")
+        return int(self.score(torch.tensor(starts)).argmin())
+
+
+__all__ = ["PagePolicy"]

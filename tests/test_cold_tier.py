@@ -74,7 +74,7 @@ def every_cached_token(layer):
     warm = [dequantize_pages(paged, paged.warm.table)] if paged.warm.table else []
     positions += [torch.arange(entry.start, entry.start + block) for entry in paged.warm.table]
     layout = layer.warm.layout
-    for entry in layer.cold.entries:
+    for entry in layer.cold.entries if layer.cold is not None else ():
         fields = layout.views(layer.cold.slabs[entry.slab].pages[entry.row:entry.row + 1])
         cold_keys, cold_values = layout.format.dequantize(fields, torch.float32, layer.sketch)  # (1, B, H, block, D)
         warm.append((cold_keys[0], cold_values[0]))
@@ -95,9 +95,14 @@ def every_cached_token(layer):
     return positions[order], torch.cat(keys, 2)[:, :, order], torch.cat(values, 2)[:, :, order]
 
 
-def dense_decode(query, layer, scale, kv_start):
-    """float64 attention of query (B, H_q, D) over every cached token at positions >= kv_start[b]."""
+def dense_decode(query, layer, scale, kv_start, skipped_pages=()):
+    """float64 attention of query (B, H_q, D) over every cached token at positions >= kv_start[b], except the pages
+    that start at ``skipped_pages``."""
     positions, keys, values = every_cached_token(layer)
+    kept = torch.ones_like(positions, dtype=torch.bool)
+    for start in skipped_pages:
+        kept &= (positions < start) | (positions >= start + layer.config.block_size)
+    positions, keys, values = positions[kept], keys[:, :, kept], values[:, :, kept]
     query, kv_start = query.cpu(), kv_start.cpu()
     group = query.shape[1] // keys.shape[1]
     keys, values = keys.double().repeat_interleave(group, 1), values.double().repeat_interleave(group, 1)
@@ -181,16 +186,54 @@ def test_decode_with_cold_pages_attended_on_the_host_equals_the_warm_only_cache(
         assert relative_error(outputs[1][index], outputs[0][index]) < FP32_RELATIVE
 
 
-def test_prefill_over_cold_pages_equals_the_warm_only_cache():
+@pytest.mark.parametrize("prefetch", ["all", "topk"])  # a prefill chunk attends every cold page in either mode
+def test_prefill_over_cold_pages_equals_the_warm_only_cache(prefetch):
     keys, values = random_states(260, seed=3)
     out = []
     for cache in (make_cache(budget_gb=0.5, on_budget_full="raise"),
-                  offloading_cache(2, chunk_pages=2)):
+                  offloading_cache(2, chunk_pages=2, prefetch=prefetch)):
         step(cache, keys[:, :, :200], values[:, :, :200])
         views = step(cache, keys[:, :, 200:], values[:, :, 200:])  # a 60-token chunk: query tiles over cold chunks
         query = torch.randn(2, HEADS, 60, HEAD_DIM, generator=torch.Generator().manual_seed(9))
         out.append(attend_tiers(views[1], query, None, 0.25))
     assert relative_error(out[1], out[0]) < FP32_RELATIVE
+
+
+@pytest.mark.parametrize("decode_kernel", ["torch", "triton"])
+def test_topk_prefetch_attends_exactly_the_cold_pages_the_policy_ranks_highest(decode_kernel):
+    """prefetch="topk": a quarter of the cold pages (rounded up) stream back, the newest under sink+recent; attention
+    equals float64 attention over every cached token but the cold pages left on the host."""
+    device = "cuda" if decode_kernel == "triton" and torch.cuda.is_available() else "cpu"
+    keys, values = (states.to(device) for states in random_states(330, seed=11))
+    kv_start = torch.tensor([0, 37], device=device)
+    cache = offloading_cache(2, device, chunk_pages=2, prefetch="topk", prefetch_share=0.25, decode_kernel=decode_kernel)
+    step(cache, keys[:, :, :320], values[:, :, :320])
+    moved_before = cache.prefetcher.moved_bytes
+    views = step(cache, keys[:, :, 320:321], values[:, :, 320:321])
+    query = torch.randn(2, HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(5)).to(device)
+    outputs = [attend_tiers(view, query, decode_mask(kv_start, 321), 0.25)[:, 0] for view in views]
+    page_bytes = cache.layers[0].warm.page_bytes
+    for index, layer in enumerate(cache.layers):
+        cold_starts = sorted(layer.cold.starts)
+        streamed = -(-len(cold_starts) // 4)
+        assert len(cold_starts) >= 12
+        expected = dense_decode(query[:, :, 0], layer, 0.25, kv_start, skipped_pages=cold_starts[:-streamed])
+        assert relative_error(outputs[index], expected) < (FP32_RELATIVE if decode_kernel == "torch" else 1e-2)
+    streamed_bytes = sum(-(-len(layer.cold.starts) // 4) * (page_bytes + 4) for layer in cache.layers)
+    assert cache.prefetcher.moved_bytes - moved_before == streamed_bytes  # only the chosen pages moved
+
+
+def test_topk_prefetch_of_every_cold_page_equals_prefetching_all():
+    keys, values = random_states(330, seed=12)
+    outputs = []
+    for mode in ("all", "topk"):
+        cache = offloading_cache(2, chunk_pages=3, prefetch=mode, prefetch_share=1.0, policy="attention_mass")
+        step(cache, keys[:, :, :320], values[:, :, :320])
+        views = step(cache, keys[:, :, 320:321], values[:, :, 320:321])
+        query = torch.randn(2, HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(5))
+        outputs.append([attend_tiers(view, query, None, 0.25)[:, 0] for view in views])
+    for every, topk in zip(*outputs):
+        assert relative_error(topk, every) < FP32_RELATIVE
 
 
 def test_a_demotion_after_the_plan_makes_the_layer_replan():

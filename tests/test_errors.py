@@ -28,7 +28,9 @@ def tiny_llama(head_dim=16, **overrides):
     ("turboquant_bits", 5, r"turboquant_bits must be one of \(2, 3, 4\), got 5"),
     ("host_budget_gb", -2.0, "host_budget_gb must be positive"),
     ("on_host_full", "spill", "unknown on_host_full 'spill'"),
-    ("prefetch", "topk", r"unknown prefetch 'topk'.*offered only once its fidelity is measured"),
+    ("prefetch", "top", r"unknown prefetch 'top'; choose one of \('all', 'topk'\)"),
+    ("prefetch_share", 0.0, r"prefetch_share must be in \(0, 1\]"),
+    ("low_bits", 1, r"low_bits must be one of \(2, 3, 4\) \(or None\), got 1"),
     ("chunk_pages", 0, "chunk_pages must be >= 1"),
     ("cold_attention", "disk", "unknown cold_attention 'disk'"),
     ("staging_chunks", 1, r"staging_chunks must be >= 2"),
@@ -38,6 +40,17 @@ def test_bad_configuration_is_refused(field, value, message):
     budget = overrides.pop("budget_gb", 1.0)
     with pytest.raises(ValueError, match=message):
         kvtier.attach(tiny_llama(), budget_gb=budget, **overrides)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"prefetch": "topk", "cold_attention": "host"}, r"prefetch='topk' chooses which cold pages stream.*Choose one"),
+    ({"low_bits": 2}, r"low_bits .* does not combine with the host tier yet: attach with on_budget_full='evict'"),
+    ({"low_bits": 2, "on_budget_full": "evict", "rotate": False}, r"low_bits re-quantizes.*keep rotate=True"),
+    ({"low_bits": 2, "on_budget_full": "evict", "low_share": 1.0}, r"low_share must be in \(0, 1\), got 1.0"),
+])
+def test_conflicting_options_are_refused_with_advice(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        kvtier.attach(tiny_llama(), budget_gb=1.0, **overrides)
 
 
 def test_turboquant_without_rotation_is_refused_with_advice():

@@ -42,3 +42,24 @@ def test_an_empty_report_fails_and_bad_thresholds_are_refused():
     assert FidelityGate().failures(FidelityReport()) == ["no decode steps were measured"]
     with pytest.raises(ValueError, match="min_top10_overlap"):
         FidelityGate(min_top10_overlap=1.5)
+
+
+def test_run_gate_judges_every_context_and_names_the_failing_one():
+    """On a tiny random Llama: the hot window holds every token of the first context (dense-exact), while the
+    second context's oldest tokens are evicted; a strict gate fails only the second, and says so."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvtier.gate import run_gate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    contexts = [torch.randint(0, 128, (1, 20)), torch.randint(0, 128, (1, 300))]
+    strict = FidelityGate(max_logit_mse=1e-8, min_top10_overlap=1.0, require_argmax=True)
+    run = run_gate(model, contexts, strict, steps=2, prefill_chunk=64, budget_gb=0.000224, recent_window=32,
+                   block_size=16, key_tile=64, query_tile=16, on_budget_full="evict", policy="attention_mass")
+    assert len(run.reports) == 2 and all(len(report.steps) == 2 for report in run.reports)
+    assert run.stats[0]["evicted_tokens"] == 0 < run.stats[1]["evicted_tokens"]
+    assert not run.passes and all(line.startswith("context 1, step") for line in run.failures), run.failures
+    assert run.worst_mse == run.reports[1].worst_mse > 1e-8

@@ -46,4 +46,12 @@ def make_format(config) -> WarmFormat:
     return Int4Format(config.key_group_size, key_per_channel=config.key_axis == "channel")
 
 
-__all__ = ["FieldSpec", "Int4Format", "TurboQuantFormat", "WarmFormat", "make_format"]
+def make_low_format(config) -> WarmFormat | None:
+    """The format of low-precision warm pages (``low_bits``), or None when the precision rule is off."""
+    if config.low_bits is None:
+        return None
+    key_group = config.key_group_size if config.turboquant_center_keys else 0
+    return TurboQuantFormat(config.low_bits, False, key_group)
+
+
+__all__ = ["FieldSpec", "Int4Format", "TurboQuantFormat", "WarmFormat", "make_format", "make_low_format"]

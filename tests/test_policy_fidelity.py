@@ -1,0 +1,85 @@
+"""Policies on the real model: SmolLM2-135M-Instruct, 2048-token pydoc windows, recent window 128, 4 decode steps,
+prefilled 256 tokens at a time (so that attention_mass scores pages while the budget fills).
+
+Targets (issue 5):
+- with a warm budget that forces pages out (16 pages a layer of about 29: on_budget_full="evict"),
+  attention_mass keeps the worst decode-logit MSE at or below sink_recent's for the same bytes;
+- the precision rule (the pages attention_mass scores lowest drop to TurboQuant 2-bit; half of the pages keep
+  INT4, 174 bytes a token and layer against INT4's 228 and 2-bit's 120) passes MSE <= 0.25 and top-10 >= 0.8 at
+  every step, where TurboQuant 2-bit on every page fails it.
+benchmarks/policy_fidelity.py measures all 8 windows and passkey retrieval with topk prefetch
+(results/policy-fidelity-cpu.md).
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtier.eval import dense_reference, text_windows
+from kvtier.gate import FidelityGate, run_gate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from policy_fidelity import PRECISION_GATE, eviction_configs, precision_configs  # noqa: E402
+
+CONTEXT, WINDOWS, STEPS, PREFILL_CHUNK = 2048, 8, 4, 256
+EVICTION_WINDOWS = [0, 2, 4, 6]
+PRECISION_WINDOWS = [4, 6]  # the two hardest: 4 comes closest to the bound, 6 fails it with every page at INT4
+NO_GATE = FidelityGate(max_logit_mse=float("inf"), min_top10_overlap=0.0, require_argmax=False)
+
+pytestmark = pytest.mark.slow
+
+# measured with benchmarks/policy_fidelity.py (results/policy-fidelity-cpu.md); kept as strict xfails so a fix shows up as XPASS
+EVICTION_SHORTFALLS = {
+    4: "attention_mass's worst MSE 0.542 against sink_recent's 0.526; decays 0.1 to 1 and recent shares 0 to 0.5 "
+       "measured 0.54 to 1.08 here",
+}
+
+
+@pytest.fixture(scope="module")
+def windows(smollm2):
+    return text_windows(smollm2[1], CONTEXT, WINDOWS)
+
+
+@pytest.fixture(scope="module")
+def reference_of(smollm2, windows):
+    references = {}
+
+    def reference(window):
+        if window not in references:
+            references[window] = dense_reference(smollm2[0], windows[window], steps=STEPS)
+        return references[window]
+
+    return reference
+
+
+@pytest.mark.parametrize("window", [
+    pytest.param(index, marks=pytest.mark.xfail(strict=True, reason=EVICTION_SHORTFALLS[index]))
+    if index in EVICTION_SHORTFALLS else index for index in EVICTION_WINDOWS
+])
+def test_attention_mass_keeps_mse_at_or_below_sink_recent_for_the_same_bytes(smollm2, windows, reference_of, window):
+    model = smollm2[0]
+    runs = {name: run_gate(model, [windows[window]], NO_GATE, steps=STEPS, references=[reference_of(window)],
+                           prefill_chunk=PREFILL_CHUNK, **config)
+            for name, config in eviction_configs(model, pages=16).items()}
+    recent, mass = runs["sink_recent"], runs["attention_mass"]
+    assert recent.stats[0]["evicted_tokens"] == mass.stats[0]["evicted_tokens"] > 512  # the same bytes, forced out
+    assert mass.worst_mse <= recent.worst_mse, (
+        f"attention_mass worst MSE {mass.worst_mse:.4f} > sink_recent's {recent.worst_mse:.4f} "
+        f"(by {mass.worst_mse - recent.worst_mse:+.4f})")
+
+
+@pytest.mark.parametrize("window", PRECISION_WINDOWS)
+def test_precision_rule_passes_where_two_bits_everywhere_fail(smollm2, windows, reference_of, window):
+    model = smollm2[0]
+    configs = precision_configs(model, high_pages=15, context=CONTEXT)
+    results = {}
+    for name in ("tq2-all", "rule-attention_mass"):
+        config, _ = configs[name]
+        results[name] = run_gate(model, [windows[window]], PRECISION_GATE, steps=STEPS,
+                                 references=[reference_of(window)], prefill_chunk=PREFILL_CHUNK, **config)
+    rule, everywhere = results["rule-attention_mass"], results["tq2-all"]
+    stats = rule.stats[0]
+    assert stats["low"]["tokens"] >= stats["warm"]["tokens"] > 0 and stats["evicted_tokens"] == 0  # half at 2 bits
+    assert rule.passes, rule.failures
+    assert not everywhere.passes, f"2-bit everywhere passed (worst MSE {everywhere.worst_mse:.4f})"
