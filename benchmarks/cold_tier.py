@@ -13,6 +13,8 @@ run through ``model()``; ms/token is the median synchronized step. Configuration
 - kvtier-warm: a budget holding every page on the GPU (the compute-only time of the same step)
 - kvtier-cold-mass: kvtier-cold under the attention_mass policy (the cost of feeding it the kernel's page mass)
 - kvtier-cold-topk25: kvtier-cold under attention_mass with prefetch="topk" at 25% of the cold pages (approximate)
+- kvtier-cold-host: kvtier-cold attending the cold pages on the host (numba) instead of streaming them
+- kvtier-cold-auto: kvtier-cold choosing per decode step whichever of the two measured faster
 
 From these: PCIe bytes moved per step, the transfer time of those bytes alone (the same staging copies, timed
 without attention), the achieved bandwidth, and the share of the transfer hidden behind compute,
@@ -207,6 +209,8 @@ def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, wi
                "warm_tokens": stats["warm"]["tokens"], "cold_tokens": stats["cold"]["tokens"],
                "host_gb": stats["cold"]["bytes"] / GB, "moved_gb_per_step": moved_per_step / GB,
                "replans": stats["cold"]["replans"], "within_budget": stats["cache_bytes"] <= stats["budget_bytes"]}
+        if stats["cold"]["enabled"]:
+            row["cold_attention"] = stats["cold"]["attention"]
         if with_transfer and stats["cold"]["tokens"]:
             row["transfer_ms"] = transfer_ms(cache)
             row["transfer_gbs"] = moved_per_step / 1e9 / (row["transfer_ms"] / 1e3)
@@ -302,6 +306,8 @@ def main() -> None:
                       ("kvtier-cold-mass", dict(budget_gb=cold_budget, policy="attention_mass")),
                       ("kvtier-cold-topk25", dict(budget_gb=cold_budget, policy="attention_mass", prefetch="topk",
                                                   prefetch_share=0.25)),
+                      ("kvtier-cold-host", dict(budget_gb=cold_budget, cold_attention="host")),
+                      ("kvtier-cold-auto", dict(budget_gb=cold_budget, cold_attention="auto")),
                       ("offloaded", None)]
         plans.append(("dense", None))
         for name, settings in plans:

@@ -49,12 +49,13 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
 
     Cold pages arrive staged, as many ring slots at a time as are on their way: the first group is read in the
     same launch as the warm and hot pages, each further group (when the ring is smaller than the layer's cold
-    pages) in a launch of its own, merged by log-sum-exp. With ``cold_attention="host"`` the cold pages are attended
-    where they live instead (kvtier.host_tier) and merged the same way. A policy that wants attention mass gets
+    pages) in a launch of its own, merged by log-sum-exp. In a step that attends cold pages on the host
+    (``cold_attention="host"``, or "auto"'s choice) they are attended where they live instead (kvtier.host_tier) and
+    merged the same way. A policy that wants attention mass gets
     each launch's per-page mass once the step's log-sum-exp is known."""
     layer = view.layer
     batch, query_heads, _, head_dim = query.shape
-    on_host = layer.config.cold_attention == "host" and layer.cold_tokens() > 0
+    on_host = layer.cache.cold_mode == "host" and layer.cold_tokens() > 0
     chunks = iter(()) if on_host else layer.cold_chunks()
     first_chunk = next(chunks, None)
     pages = layer.warm if first_chunk is None else JoinedPages(layer.warm, first_chunk)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psutil
 import torch
 from transformers.cache_utils import Cache
@@ -9,6 +11,7 @@ from transformers.cache_utils import Cache
 from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspace_bytes
 
 from .budget import ByteBudget
+from .cold_choice import ColdAttentionChooser
 from .config import BYTES_PER_GB, TierConfig
 from .errors import BudgetTooSmallError, KVTierError
 from .formats import make_format, make_low_format
@@ -49,12 +52,21 @@ class TieredCache(Cache):
         self.workspace = DecodeWorkspace()  # the decode kernel's scratch, shared by the layers
         self.prefetcher: Prefetcher | None = None  # moves cold chunks to the device (with offloading)
         self.decode_ranges_key = self.decode_ranges = None  # what attention derived from this step's mask
+        # how this step attends cold pages: streamed to the device or on the host; "auto" picks per decode step
+        self.chooser = ColdAttentionChooser() if config.cold_attention == "auto" else None
+        self.cold_mode = "stream" if self.chooser else config.cold_attention
         super().__init__(layers=[TieredLayer(self, index) for index in range(self.num_layers)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer. A prefill
         chunk (more than one token) attends every cold page, even under prefetch="topk", and so scores them all."""
-        if self.prefetcher is not None and self.config.cold_attention == "stream":
+        if self.chooser is not None and layer_idx == 0:  # a step starts: cold_attention="auto" picks its mode
+            if key_states.shape[2] == 1:
+                self.cold_mode = self.chooser.start_step(time.perf_counter())
+            else:  # a prefill chunk streams (the host kernel serves decode steps)
+                self.chooser.pause()
+                self.cold_mode = "stream"
+        if self.prefetcher is not None and self.cold_mode == "stream":
             self.prefetcher.every_page = key_states.shape[2] > 1  # a plan made for another kind of step is replanned
             upcoming = self.layers[(layer_idx + 1) % self.num_layers]  # after the last layer, the next step's first
             if upcoming.is_initialized and upcoming.cold.entries:
@@ -240,6 +252,8 @@ class TieredCache(Cache):
             "page_bytes": page_bytes,
             "prefetch": self.config.prefetch,
             "prefetch_share": self.config.prefetch_share if self.config.prefetch == "topk" else 1.0,
+            "attention": {"mode": self.config.cold_attention, "current": self.cold_mode,
+                          **(self.chooser.summary() if self.chooser else {})},
             "moved_bytes": prefetcher.moved_bytes,
             "moved_chunks": prefetcher.moved_chunks,
             "replans": prefetcher.replans,

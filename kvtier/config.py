@@ -12,7 +12,7 @@ KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("offload", "raise", "evict")
 ON_HOST_FULL = ("raise", "evict")
 PREFETCH_MODES = ("all", "topk")
-COLD_ATTENTION = ("stream", "host")
+COLD_ATTENTION = ("stream", "host", "auto")
 DECODE_KERNELS = ("auto", "triton", "torch")
 
 BYTES_PER_GB = 1024**3
@@ -54,7 +54,8 @@ class TierConfig:
     prefetch: str = "all"  # every cold page streams through attention each decode step (exact); or "topk": only
     # the prefetch_share of the cold pages the policy ranks highest (approximate; benchmarks/results/policy-fidelity-*)
     prefetch_share: float = 0.25  # with prefetch="topk"
-    cold_attention: str = "stream"  # decode over cold pages: stream them to the device, or compute on the host
+    cold_attention: str = "stream"  # decode over cold pages: stream them to the device, compute on the host, or
+    # "auto": each decode step, whichever of the two measured faster (kvtier.cold_choice)
     chunk_pages: int | None = None  # cold pages move in chunks of this many pages (a host slab holds one chunk);
     # None: as many as fit in CHUNK_BYTES, or in RING_BUDGET_SHARE of the budget over the staging ring
     staging_chunks: int = 3  # device staging ring, in chunks, counted in budget_gb
@@ -97,8 +98,8 @@ class TierConfig:
         _check(self.prefetch in PREFETCH_MODES, f"unknown prefetch {self.prefetch!r}; choose one of {PREFETCH_MODES}.")
         _check(0 < self.prefetch_share <= 1, f"prefetch_share must be in (0, 1], got {self.prefetch_share}.")
         _check(self.prefetch == "all" or self.cold_attention == "stream",
-               "prefetch='topk' chooses which cold pages stream to the device; with cold_attention='host' every cold "
-               "page is attended on the host instead. Choose one of the two.")
+               f"prefetch='topk' chooses which cold pages stream to the device; with cold_attention="
+               f"'{self.cold_attention}' cold pages may be attended on the host instead. Choose one of the two.")
         _check(self.cold_attention in COLD_ATTENTION,
                f"unknown cold_attention {self.cold_attention!r}; choose one of {COLD_ATTENTION}.")
         _check(self.chunk_pages is None or self.chunk_pages >= 1,
@@ -152,7 +153,8 @@ class TierConfig:
         if self.offloads:
             host = "available memory less a margin" if self.host_budget_gb is None else f"{self.host_budget_gb:g} GB"
             share = f" ({self.prefetch_share:.0%})" if self.prefetch == "topk" else ""
-            where = "on the host" if self.cold_attention == "host" else "on the device"
+            where = {"host": "on the host", "stream": "on the device", "auto": "where it measured faster"}[
+                self.cold_attention]
             lines.append(f"cold (host, {warm}): the pages {policy} demotes past the device budget, within {host}; "
                          f"prefetch={self.prefetch}{share}, attended {where}")
         full, action = (("host", self.on_host_full) if self.offloads else ("device", self.on_budget_full))

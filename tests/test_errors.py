@@ -44,6 +44,7 @@ def test_bad_configuration_is_refused(field, value, message):
 
 @pytest.mark.parametrize("overrides,message", [
     ({"prefetch": "topk", "cold_attention": "host"}, r"prefetch='topk' chooses which cold pages stream.*Choose one"),
+    ({"prefetch": "topk", "cold_attention": "auto"}, r"with cold_attention='auto' cold pages may be attended on"),
     ({"low_bits": 2}, r"low_bits .* does not combine with the host tier yet: attach with on_budget_full='evict'"),
     ({"low_bits": 2, "on_budget_full": "evict", "rotate": False}, r"low_bits re-quantizes.*keep rotate=True"),
     ({"low_bits": 2, "on_budget_full": "evict", "low_share": 1.0}, r"low_share must be in \(0, 1\), got 1.0"),
