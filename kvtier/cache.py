@@ -149,7 +149,7 @@ class TieredCache(Cache):
             )
         if self.config.offloads:
             ring = StagingRing(self.config.staging_chunks, self.chunk_pages, layout.page_bytes, device)
-            self.prefetcher = Prefetcher(ring, layout, device)
+            self.prefetcher = Prefetcher(ring, layout, device, self.host_budget)
         self.warm_share_bytes = (self.budget_bytes - self.reserved_bytes) // self.num_layers
 
     def estimate_scratch_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> int:

@@ -44,6 +44,20 @@ class StagingRing:
         return self.pages.nbytes + self.positions.nbytes + self.offsets.nbytes
 
 
+class GatherRows:
+    """Pinned host rows, a slot's worth for each ring slot, where a ``prefetch="topk"`` job's scattered cold pages are
+    gathered (one copy a slab) before one host-to-device copy, instead of one copy per run of neighbouring rows."""
+
+    def __init__(self, slots: int, chunk_pages: int, page_bytes: int, pin: bool):
+        self.pages = torch.empty(slots, chunk_pages, page_bytes, dtype=torch.uint8, pin_memory=pin)
+        self.positions = torch.empty(slots, chunk_pages, dtype=torch.int32, pin_memory=pin)
+        self.copied: list[object] = [None] * slots  # event after the latest copy out of each slot's rows
+
+    @staticmethod
+    def bytes_for(slots: int, chunk_pages: int, page_bytes: int) -> int:
+        return slots * chunk_pages * (page_bytes + 4)
+
+
 @dataclass(frozen=True)
 class StagedEntry:
     """A staged cold page: the tokens starting at ``start`` sit in row ``row`` of the whole ring."""
@@ -148,9 +162,11 @@ class Job:
 class Prefetcher:
     """Plans each layer's cold chunks, copies them into free ring slots ahead of use, and hands them to attention."""
 
-    def __init__(self, ring: StagingRing, layout: PageLayout, device):
+    def __init__(self, ring: StagingRing, layout: PageLayout, device, host_budget=None):
         self.ring = ring
         self.layout = layout
+        self.host_budget = host_budget  # pays for the gather rows, if topk asks for them
+        self.gather: GatherRows | None = None  # allocated at the first job of scattered rows (topk)
         self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.free_slots = deque(range(ring.pages.shape[0]))
         self.slot_released: list[object] = [None] * ring.pages.shape[0]  # event after the last read of each slot
@@ -260,7 +276,10 @@ class Prefetcher:
 
     def _copy_runs(self, job: Job, slot: int) -> None:
         """Each run of host rows (page bytes and positions) into the slot, one after another (asynchronous on the
-        side stream from pinned host memory)."""
+        side stream from pinned host memory); several runs are gathered into pinned rows first, when those could be
+        paid for out of the host budget."""
+        if len(job.runs) > 1 and self._gather_rows() is not None:
+            return self._gather_and_copy(job, slot)
         row = 0
         for slab, first, count in job.runs:
             pages, positions = self.ring.pages[slot, row:row + count], self.ring.positions[slot, row:row + count]
@@ -268,6 +287,38 @@ class Prefetcher:
             positions.copy_(slab.positions[first:first + count], non_blocking=True)
             self.moved_bytes += pages.nbytes + positions.nbytes
             row += count
+
+    def _gather_rows(self) -> GatherRows | None:
+        if self.gather is None and self.host_budget is not None:
+            slots, chunk_pages, page_bytes = self.ring.pages.shape
+            if self.host_budget.reserve(GatherRows.bytes_for(slots, chunk_pages, page_bytes)):
+                self.gather = GatherRows(slots, chunk_pages, page_bytes, pin=self.stream is not None)
+            else:
+                self.host_budget = None  # no room: runs are copied one by one from now on
+        return self.gather
+
+    def _gather_and_copy(self, job: Job, slot: int) -> None:
+        """The job's rows gathered from each slab into the slot's pinned rows (on the host, once the previous copy
+        out of them is done), then one copy of pages and one of positions into the ring slot."""
+        gather, count = self.gather, job.rows
+        if gather.copied[slot] is not None:
+            gather.copied[slot].synchronize()
+        by_slab: dict[int, tuple[HostSlab, list[int]]] = {}
+        for slab, first, rows in job.runs:  # runs are in (slab, row) order, so each slab's rows stay together
+            by_slab.setdefault(id(slab), (slab, []))[1].extend(range(first, first + rows))
+        row = 0
+        for slab, rows in by_slab.values():
+            index = torch.tensor(rows)
+            torch.index_select(slab.pages, 0, index, out=gather.pages[slot, row:row + len(rows)])
+            torch.index_select(slab.positions, 0, index, out=gather.positions[slot, row:row + len(rows)])
+            row += len(rows)
+        pages, positions = self.ring.pages[slot, :count], self.ring.positions[slot, :count]
+        pages.copy_(gather.pages[slot, :count], non_blocking=True)
+        positions.copy_(gather.positions[slot, :count], non_blocking=True)
+        if self.stream is not None:
+            gather.copied[slot] = torch.cuda.Event()
+            gather.copied[slot].record(self.stream)
+        self.moved_bytes += pages.nbytes + positions.nbytes
 
     def _release(self, job: Job) -> None:
         if self.stream is not None:
