@@ -17,6 +17,7 @@ from .errors import BudgetTooSmallError, KVTierError
 from .formats import make_format, make_low_format
 from .layer import TieredLayer
 from .pages import PageLayout
+from .policies import policy_name
 from .prefetch import Prefetcher, StagingRing
 
 HOST_MARGIN_BYTES = 4 * BYTES_PER_GB  # the default host budget leaves this much of the available memory free
@@ -95,7 +96,8 @@ class TieredCache(Cache):
             f"kvtier: the GPU budget of {self.config.budget_gb:g} GB ({self.budget_bytes:,} bytes) is full at "
             f"{context:,} tokens of context ({self.reserved_bytes:,} bytes in use, batch {self.layer_shape[0]}). "
             "Raise budget_gb, attach with on_budget_full='offload' to move warm blocks to host memory, or with "
-            "on_budget_full='evict' to drop the oldest warm blocks (sink+recent policy) and keep going."
+            f"on_budget_full='evict' to drop the warm blocks the policy ({policy_name(self.config.policy)}) scores "
+            "lowest and keep going."
         )
 
     def host_budget_message(self, context: int) -> str:
@@ -103,7 +105,8 @@ class TieredCache(Cache):
             f"kvtier: the host budget of {self.host_budget.limit_bytes:,} bytes for cold pages is full at {context:,} "
             f"tokens of context (each of {self.num_layers} layers may hold {self.host_share_bytes:,} bytes; "
             f"{self.host_budget.used_bytes:,} in use, batch {self.layer_shape[0]}). Raise host_budget_gb, or attach "
-            "with on_host_full='evict' to drop the oldest cold blocks and keep going."
+            f"with on_host_full='evict' to drop the cold blocks the policy ({policy_name(self.config.policy)}) scores "
+            "lowest and keep going."
         )
 
     def check_layer_shape(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .policies import POLICIES, PagePolicy
+from .policies import POLICIES, PagePolicy, policy_name
 
 WARM_FORMATS = ("int4", "turboquant")
 TURBOQUANT_BITS = (2, 3, 4)
@@ -143,7 +143,7 @@ class TierConfig:
         """Each tier with its place, precision and the tokens it holds, one line each (the per-tier precision)."""
         from .formats import make_format, make_low_format  # the formats read their settings from a TierConfig
 
-        policy = self.policy if isinstance(self.policy, str) else type(self.policy).__name__
+        policy = policy_name(self.policy)
         warm, low = make_format(self).label, make_low_format(self)
         lines = [f"hot  (device, model dtype): {self.sink_tokens} sink tokens and the last {self.recent_window} tokens",
                  f"warm (device, {warm}): older tokens, {self.block_size} a page, within budget_gb={self.budget_gb:g}"]

@@ -18,4 +18,9 @@ def make_policy(policy: "str | PagePolicy") -> PagePolicy:
     return POLICIES[policy]() if isinstance(policy, str) else policy
 
 
-__all__ = ["POLICIES", "AttentionMass", "PagePolicy", "SinkRecent", "make_policy"]
+def policy_name(policy: "str | PagePolicy") -> str:
+    """How messages and descriptions name a policy given by name or by object."""
+    return policy if isinstance(policy, str) else type(policy).__name__
+
+
+__all__ = ["POLICIES", "AttentionMass", "PagePolicy", "SinkRecent", "make_policy", "policy_name"]
