@@ -269,3 +269,13 @@ def test_generate_with_low_precision_pages_matches_the_torch_reference():
     assert stats["low"]["tokens"] > 0 and stats["warm"]["tokens"] > 0
     for got, expected in zip(kernel.logits, reference.logits):
         assert relative_error(got, expected) < 1e-2  # the kernel rounds softmax weights to float16
+
+
+def test_describe_names_each_tier_its_precision_and_the_policy():
+    offloading = TierConfig(policy="attention_mass", prefetch="topk").describe().splitlines()
+    assert offloading[0].startswith("hot  (device, model dtype): 4 sink tokens and the last 128 tokens")
+    assert offloading[1].startswith("warm (device, int4)")
+    assert offloading[2].startswith("cold (host, int4): the pages attention_mass demotes") and "topk (25%)" in offloading[2]
+    rule = TierConfig(policy=NewestFirst(), low_bits=2, on_budget_full="evict").describe().splitlines()
+    assert rule[2].startswith("low  (device, turboquant-2bit") and "NewestFirst scores lowest" in rule[2]
+    assert rule[-1] == "full device budget: NewestFirst evicts" and not any(line.startswith("cold") for line in rule)
