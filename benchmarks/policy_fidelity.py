@@ -1,7 +1,8 @@
 """Policies on the real SmolLM2-135M-Instruct: what each keeps for the same bytes, measured against the dense cache.
 
-    python benchmarks/policy_fidelity.py [--parts eviction precision passkey] [--windows 8] [--context 2048] [--steps 4]
-                                  [--passkeys 12] [--prefill-chunk 256] [--name policy-fidelity-cpu]
+    python benchmarks/policy_fidelity.py [--parts eviction topk precision passkey] [--windows 8] [--context 2048]
+                                         [--steps 4] [--passkeys 12] [--prefill-chunk 256] [--high-pages 15]
+                                         [--name policy-fidelity-cpu]
 
 eviction   sink_recent vs attention_mass, both dropping pages (on_budget_full="evict") under one budget whose warm
            share holds --evict-pages pages a layer: worst decode-logit MSE and top-10 per pydoc window, and the
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passkeys", type=int, default=12)
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--evict-pages", type=int, default=16, help="warm pages a layer under eviction")
-    parser.add_argument("--high-pages", type=int, default=10, help="INT4 pages a layer under the precision rule")
+    parser.add_argument("--high-pages", type=int, default=15, help="INT4 pages a layer under the precision rule")
     parser.add_argument("--name", default="policy-fidelity-cpu")
     args = parser.parse_args(argv)
 
