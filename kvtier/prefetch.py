@@ -299,10 +299,12 @@ class Prefetcher:
 
     def _gather_and_copy(self, job: Job, slot: int) -> None:
         """The job's rows gathered from each slab into the slot's pinned rows (on the host, once the previous copy
-        out of them is done), then one copy of pages and one of positions into the ring slot."""
+        out of them and the queued demotions into the slabs are done), then one copy of pages and one of positions into
+        the ring slot."""
         gather, count = self.gather, job.rows
         if gather.copied[slot] is not None:
             gather.copied[slot].synchronize()
+        self.wait_for_host_writes()  # the host reads the slabs itself here, so it waits for pages still landing
         by_slab: dict[int, tuple[HostSlab, list[int]]] = {}
         for slab, first, rows in job.runs:  # runs are in (slab, row) order, so each slab's rows stay together
             by_slab.setdefault(id(slab), (slab, []))[1].extend(range(first, first + rows))
