@@ -62,7 +62,7 @@ class TieredLayer(CacheLayerMixin):
         batch, kv_heads, _, head_dim = key_states.shape
         config = self.config
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.policy = make_policy(config.policy).for_layer(config.block_size, self.device)
+        self.policy = self.new_policy()
         self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype, key_states.device)
         seed = config.rotation_seed + self.layer_idx
         self.rotation = random_rotation(head_dim, seed).to(self.device) if config.rotate else None  # (D, D)
@@ -121,9 +121,13 @@ class TieredLayer(CacheLayerMixin):
         self.sink_count = self.recent_count = 0
         if self.is_initialized:
             self.recent_start = self.config.sink_tokens
-            self.policy = make_policy(self.config.policy).for_layer(self.config.block_size, self.device)
+            self.policy = self.new_policy()
             self.hot_pages = self._hot_pages()
             self.hot_table = hot_table_tensor(self.hot_pages, self.device)
+
+    def new_policy(self):
+        """This layer's own copy of the configured policy, with no history."""
+        return make_policy(self.config.policy).for_layer(self.config.block_size, self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))

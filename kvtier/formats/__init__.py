@@ -41,17 +41,18 @@ class WarmFormat(Protocol):
 def make_format(config) -> WarmFormat:
     """The warm format a :class:`~kvtier.config.TierConfig` names."""
     if config.warm_format == "turboquant":
-        key_group = config.key_group_size if config.turboquant_center_keys else 0
-        return TurboQuantFormat(config.turboquant_bits, config.turboquant_qjl, key_group)
+        return _turboquant(config, config.turboquant_bits, config.turboquant_qjl)
     return Int4Format(config.key_group_size, key_per_channel=config.key_axis == "channel")
 
 
 def make_low_format(config) -> WarmFormat | None:
     """The format of low-precision warm pages (``low_bits``), or None when the precision rule is off."""
-    if config.low_bits is None:
-        return None
-    key_group = config.key_group_size if config.turboquant_center_keys else 0
-    return TurboQuantFormat(config.low_bits, False, key_group)
+    return None if config.low_bits is None else _turboquant(config, config.low_bits, qjl=False)
+
+
+def _turboquant(config, bits: int, qjl: bool) -> TurboQuantFormat:
+    """TurboQuant at ``bits``, keys centered per key group as the config says."""
+    return TurboQuantFormat(bits, qjl, config.key_group_size if config.turboquant_center_keys else 0)
 
 
 __all__ = ["FieldSpec", "Int4Format", "TurboQuantFormat", "WarmFormat", "make_format", "make_low_format"]
