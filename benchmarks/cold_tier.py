@@ -10,6 +10,8 @@ run through ``model()``; ms/token is the median synchronized step. Configuration
 - offloaded: DynamicCache(offloading=True), which moves every layer's whole cache across PCIe each step
 - kvtier: budget_gb=8, warm pages past the budget in pinned host memory, streamed back each step (prefetch "all")
 - kvtier-cold: a budget that keeps only the hot tier and a few warm pages on the GPU (the cache mostly cold)
+- kvtier-cold-ring2: kvtier-cold with a staging ring that holds two layers' cold pages (the default ring, a sixteenth
+  of that small budget, holds less than one layer's, so a layer's copies wait for the one before to free its slots)
 - kvtier-warm: a budget holding every page on the GPU (the compute-only time of the same step)
 - kvtier-cold-mass: kvtier-cold under the attention_mass policy (the cost of feeding it the kernel's page mass)
 - kvtier-cold-topk25: kvtier-cold under attention_mass with prefetch="topk" at 25% of the cold pages (approximate)
@@ -183,6 +185,13 @@ def budget_gb_for_warm_pages(model, pages_per_layer: int, batch: int, **config) 
         kvtier.detach(model)
 
 
+def ring_for_layers(context: int, layers: int = 2, slots_per_layer: int = 2) -> dict:
+    """Staging settings whose ring holds ``layers`` layers' cold pages at ``context`` tokens (``slots_per_layer`` slots
+    a layer): the next layer's copies then never wait for this layer's attention to free a slot."""
+    pages_per_layer = -(-context // kvtier.TierConfig().block_size)
+    return dict(staging_chunks=layers * slots_per_layer, chunk_pages=-(-pages_per_layer // slots_per_layer))
+
+
 def run_dynamic(model, batch: int, context: int, steps: int, offloading: bool) -> dict:
     cache = DynamicCache(config=model.config, offloading=offloading)
     start = time.perf_counter()
@@ -287,6 +296,7 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--cold-at", type=int, nargs="*", default=[32768],
                         help="contexts at which to also run kvtier mostly cold, all warm and the offloaded cache")
+    parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
     parser.add_argument("--profile", action="store_true", help="profile a mostly cold step at the first context")
     parser.add_argument("--name", default="cold-tier")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -302,7 +312,10 @@ def main() -> None:
     for context in args.contexts:
         plans = [("kvtier", dict(budget_gb=args.budget_gb))]
         if context in args.cold_at:
+            ring = ring_for_layers(context)
             plans += [("kvtier-cold", dict(budget_gb=cold_budget)), ("kvtier-warm", dict(budget_gb=60.0)),
+                      ("kvtier-cold-ring2", dict(budget_gb=budget_gb_for_warm_pages(model, 4, args.batch, **ring),
+                                                 **ring)),
                       ("kvtier-cold-mass", dict(budget_gb=cold_budget, policy="attention_mass")),
                       ("kvtier-cold-topk25", dict(budget_gb=cold_budget, policy="attention_mass", prefetch="topk",
                                                   prefetch_share=0.25)),
@@ -310,6 +323,8 @@ def main() -> None:
                       ("kvtier-cold-auto", dict(budget_gb=cold_budget, cold_attention="auto")),
                       ("offloaded", None)]
         plans.append(("dense", None))
+        if args.only:
+            plans = [plan for plan in plans if plan[0] in args.only]
         for name, settings in plans:
             row = {"context": context, "batch": args.batch, "cache": name}
             try:
@@ -328,12 +343,13 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "steps_ms"}), flush=True)
             write(result, args.out, args.name)  # after every row, so that a run cut short keeps what it measured
         by_cache = {row["cache"]: row for row in result["rows"] if row["context"] == context and "skipped" not in row}
-        if "kvtier-cold" in by_cache and "kvtier-warm" in by_cache and "transfer_ms" in by_cache["kvtier-cold"]:
-            cold = by_cache["kvtier-cold"]
-            all_warm = [row["ms_per_token"] for row in by_cache.values() if row["cache"].startswith("kvtier")
-                        and row["cold_tokens"] == 0]  # the same tokens all on the GPU: the step without transfers
-            hidden = (min(all_warm) + cold["transfer_ms"] - cold["ms_per_token"]) / cold["transfer_ms"]
-            cold["hidden_share"] = max(0.0, min(1.0, hidden))
+        all_warm = [row["ms_per_token"] for row in by_cache.values() if row["cache"].startswith("kvtier")
+                    and row["cold_tokens"] == 0]  # the same tokens all on the GPU: the step without transfers
+        for name in ("kvtier-cold", "kvtier-cold-ring2"):
+            cold = by_cache.get(name)
+            if all_warm and cold is not None and "transfer_ms" in cold:
+                hidden = (min(all_warm) + cold["transfer_ms"] - cold["ms_per_token"]) / cold["transfer_ms"]
+                cold["hidden_share"] = max(0.0, min(1.0, hidden))
         if "offloaded" in by_cache:
             for name, row in by_cache.items():
                 if name.startswith("kvtier-cold"):
