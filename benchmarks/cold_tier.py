@@ -81,10 +81,14 @@ def fill_dynamic(cache: DynamicCache, config: LlamaConfig, batch: int, context: 
 
 def fill_tiered(cache: kvtier.TieredCache, config: LlamaConfig, batch: int, context: int) -> None:
     generator = torch.Generator(device="cuda").manual_seed(1)
+    started = time.perf_counter()
     for first in range(0, context, FILL_CHUNK):
         length = min(FILL_CHUNK, context - first)
         for layer in cache.layers:
             layer.update(*random_states(config, batch, length, generator))
+        if context >= 16 * FILL_CHUNK and (first // FILL_CHUNK) % 8 == 7:  # long fills say how far they are
+            print(f"  filled {first + length:,} of {context:,} tokens in {time.perf_counter() - started:.0f} s",
+                  flush=True)
 
 
 @torch.no_grad()
