@@ -12,6 +12,8 @@ run through ``model()``; ms/token is the median synchronized step. Configuration
 - kvtier-cold: a budget that keeps only the hot tier and a few warm pages on the GPU (the cache mostly cold)
 - kvtier-cold-ring2: kvtier-cold with a staging ring that holds two layers' cold pages (the default ring, a sixteenth
   of that small budget, holds less than one layer's, so a layer's copies wait for the one before to free its slots)
+- kvtier-cold-ring2-nocopy: the same with the staging copies left out after one step (diagnostic: the step's host
+  and compute work alone, against which the share of transfer hidden is also computed)
 - kvtier-warm: a budget holding every page on the GPU (the compute-only time of the same step)
 - kvtier-cold-mass: kvtier-cold under the attention_mass policy (the cost of feeding it the kernel's page mass)
 - kvtier-cold-topk25: kvtier-cold under attention_mass with prefetch="topk" at 25% of the cold pages (approximate)
@@ -205,7 +207,10 @@ def run_dynamic(model, batch: int, context: int, steps: int, offloading: bool) -
     return {"ms_per_token": statistics.median(times), "steps_ms": times, "fill_s": fill_s}
 
 
-def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, with_transfer: bool, **config) -> dict:
+def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, with_transfer: bool,
+               skip_copies: bool = False, **config) -> dict:
+    """``skip_copies``: after one real step, the staging copies are left out (slots keep the pages they hold), so
+    that the step's time is its host and compute work alone: a diagnostic, not a way to decode."""
     handle = kvtier.attach(model, budget_gb=budget_gb, **config)
     try:
         cache = handle.new_cache()
@@ -213,6 +218,10 @@ def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, wi
         fill_tiered(cache, model.config, batch, context)
         torch.cuda.synchronize()
         fill_s = time.perf_counter() - start
+        if skip_copies:
+            decode_ms(model, cache, batch, 0)
+            cache.prefetcher._copy_runs = lambda job, slot: None
+            with_transfer = False
         moved_before = cache.prefetcher.moved_bytes
         times = decode_ms(model, cache, batch, steps)
         moved_per_step = (cache.prefetcher.moved_bytes - moved_before) / (steps + 2)
@@ -283,6 +292,8 @@ def markdown(result: dict) -> str:
                          " | | | | | | | |")
             continue
         hidden = f"{row['hidden_share']:.0%}" if "hidden_share" in row else ""
+        if "hidden_share_vs_no_copies" in row:
+            hidden += f" ({row['hidden_share_vs_no_copies']:.0%} vs no copies)"
         lines.append(
             f"| {row['context']:,} | {row['batch']} | {row['cache']} | {row['ms_per_token']:.1f} | "
             f"{row.get('device_cache_gb', float('nan')):.2f} | {row.get('host_gb', 0):.2f} | "
@@ -317,9 +328,10 @@ def main() -> None:
         plans = [("kvtier", dict(budget_gb=args.budget_gb))]
         if context in args.cold_at:
             ring = ring_for_layers(context)
+            ring_budget = budget_gb_for_warm_pages(model, 4, args.batch, **ring)
             plans += [("kvtier-cold", dict(budget_gb=cold_budget)), ("kvtier-warm", dict(budget_gb=60.0)),
-                      ("kvtier-cold-ring2", dict(budget_gb=budget_gb_for_warm_pages(model, 4, args.batch, **ring),
-                                                 **ring)),
+                      ("kvtier-cold-ring2", dict(budget_gb=ring_budget, **ring)),
+                      ("kvtier-cold-ring2-nocopy", dict(budget_gb=ring_budget, skip_copies=True, **ring)),
                       ("kvtier-cold-mass", dict(budget_gb=cold_budget, policy="attention_mass")),
                       ("kvtier-cold-topk25", dict(budget_gb=cold_budget, policy="attention_mass", prefetch="topk",
                                                   prefetch_share=0.25)),
@@ -354,6 +366,10 @@ def main() -> None:
             if all_warm and cold is not None and "transfer_ms" in cold:
                 hidden = (min(all_warm) + cold["transfer_ms"] - cold["ms_per_token"]) / cold["transfer_ms"]
                 cold["hidden_share"] = max(0.0, min(1.0, hidden))
+        ring, no_copies = by_cache.get("kvtier-cold-ring2"), by_cache.get("kvtier-cold-ring2-nocopy")
+        if ring is not None and no_copies is not None and "transfer_ms" in ring:  # against the same step minus copies
+            hidden = (no_copies["ms_per_token"] + ring["transfer_ms"] - ring["ms_per_token"]) / ring["transfer_ms"]
+            ring["hidden_share_vs_no_copies"] = max(0.0, min(1.0, hidden))
         if "offloaded" in by_cache:
             for name, row in by_cache.items():
                 if name.startswith("kvtier-cold"):
