@@ -243,12 +243,17 @@ def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, wi
         kvtier.detach(model)
 
 
-def profile(model, batch: int, context: int, budget_gb: float, out: Path) -> None:
-    """Where a mostly cold decode step and a fill chunk spend host and device time (torch.profiler tables)."""
+def profile(model, batch: int, context: int, settings: dict, out: Path) -> None:
+    """Where a decode step of one kvtier configuration spends host and device time: torch.profiler tables of three
+    steps and of a fill chunk, and Python's own profile of three steps (the host work between the launches)."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    handle = kvtier.attach(model, budget_gb=budget_gb)
+    handle = kvtier.attach(model, **settings)
     try:
         cache = handle.new_cache()
         fill_tiered(cache, model.config, batch, context)
@@ -256,14 +261,20 @@ def profile(model, batch: int, context: int, budget_gb: float, out: Path) -> Non
         tables = []
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as step_profile:
             decode_ms(model, cache, batch, 1)
+        python_profile = cProfile.Profile()
+        python_profile.runcall(decode_ms, model, cache, batch, 1)
         with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as fill_profile:
             fill_tiered(cache, model.config, batch, 2048)
             torch.cuda.synchronize()
         for name, result in (("decode (3 steps)", step_profile), ("fill 2048 tokens", fill_profile)):
             for key in ("self_cpu_time_total", "self_cuda_time_total"):
                 tables.append(f"## {name}, by {key}\n" + result.key_averages().table(sort_by=key, row_limit=30))
+        text = io.StringIO()
+        pstats.Stats(python_profile, stream=text).sort_stats("tottime").print_stats(40)
+        tables.append("## decode (3 steps), Python profile by own time\n" + text.getvalue())
         (out / "profile.txt").write_text("\n\n".join(tables))
-        print(tables[0][:6000])
+        print(tables[0][:5000])
+        print(tables[-1][:6000])
     finally:
         kvtier.detach(model)
 
@@ -312,7 +323,8 @@ def main() -> None:
     parser.add_argument("--cold-at", type=int, nargs="*", default=[32768],
                         help="contexts at which to also run kvtier mostly cold, all warm and the offloaded cache")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names as in the table)")
-    parser.add_argument("--profile", action="store_true", help="profile a mostly cold step at the first context")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the first kvtier configuration (after --only) at the first context")
     parser.add_argument("--name", default="cold-tier")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -321,9 +333,6 @@ def main() -> None:
     model = random_model(config)
     result = {"environment": environment(), "pinned_gbs": pinned_bandwidth_gbs(), "rows": []}
     cold_budget = budget_gb_for_warm_pages(model, 4, args.batch)
-    if args.profile:
-        args.out.mkdir(parents=True, exist_ok=True)
-        return profile(model, args.batch, args.contexts[0], cold_budget, args.out)
     for context in args.contexts:
         plans = [("kvtier", dict(budget_gb=args.budget_gb))]
         if context in args.cold_at:
@@ -341,6 +350,9 @@ def main() -> None:
         plans.append(("dense", None))
         if args.only:
             plans = [plan for plan in plans if plan[0] in args.only]
+        if args.profile:  # the first kvtier configuration left, at the first context
+            args.out.mkdir(parents=True, exist_ok=True)
+            return profile(model, args.batch, context, next(settings for _, settings in plans if settings), args.out)
         for name, settings in plans:
             row = {"context": context, "batch": args.batch, "cache": name}
             try:
