@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .cold import ColdEntry, HostSlab
+from .disk import DiskEntry, DiskPages
+from .errors import KVTierError
 from .pages import ALIGNMENT, PageLayout
 
 
@@ -136,10 +138,19 @@ class Job:
     slot_rows: list[int]
     slot: int | None = None
     ready: object = None  # CUDA event recorded after the copies, or None off CUDA
+    disk: DiskPages | None = None  # the disk pages whose ``entries`` these are (read into pinned rows, then copied)
+    error: BaseException | None = None  # why its copy failed when it was issued ahead (retried when consumed)
 
     @property
     def rows(self) -> int:
+        if self.disk is not None:
+            return len(self.entries)
         return sum(count for _, _, count in self.runs)
+
+    @classmethod
+    def from_disk(cls, disk: DiskPages, entries: list[DiskEntry]) -> "Job":
+        """Disk pages, read and checked into the slot's pinned rows when the job is issued, packed at their start."""
+        return cls([], entries, list(range(len(entries))), disk=disk)
 
     @classmethod
     def whole_slab(cls, slab: HostSlab, rows: int, entries: list[ColdEntry]) -> "Job":
@@ -176,6 +187,7 @@ class Prefetcher:
         self.moved_bytes = 0
         self.moved_chunks = 0
         self.replans = 0  # plans made stale by a demotion after them
+        self.failed_copies = 0  # copies that failed when issued ahead; each is retried once when its chunk is needed
         self.every_page = True  # the current step streams every cold page (prefill), whatever the prefetch mode
         self.planned_every_page: dict[int, bool] = {}  # layer index -> the every_page its plan was made for
 
@@ -185,7 +197,7 @@ class Prefetcher:
         self.cancel(layer.layer_idx)
         self.jobs[layer.layer_idx] = self.plan(layer)
         self.planned_every_page[layer.layer_idx] = self.every_page
-        self.versions[layer.layer_idx] = layer.cold.version
+        self.versions[layer.layer_idx] = layer.offloaded_version()
         self._issue_waiting(layer.layer_idx)
 
     def plan(self, layer) -> list[Job]:
@@ -193,25 +205,33 @@ class Prefetcher:
         of the cold pages the policy ranks highest, packed a slot at a time."""
         cold, config = layer.cold, layer.config
         if config.prefetch == "all" or self.every_page:
-            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks()]
+            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks()] + self.plan_disk(layer)
         count = math.ceil(len(cold.entries) * config.prefetch_share)  # at least one page of a non-empty tier
         chosen = [cold.entries[index] for index in layer.policy.pick_prefetches(cold.starts, count)]
         slot_pages = self.ring.pages.shape[1]
         return [Job.chosen(cold.slabs, chosen[first:first + slot_pages]) for first in range(0, len(chosen), slot_pages)]
+
+    def plan_disk(self, layer) -> list[Job]:
+        """Every disk page of ``layer``, a slot's worth per job (the disk tier needs prefetch="all")."""
+        if layer.disk is None:
+            return []
+        entries, slot_pages = layer.disk.entries, self.ring.pages.shape[1]
+        return [Job.from_disk(layer.disk, entries[first:first + slot_pages])
+                for first in range(0, len(entries), slot_pages)]
 
     def chunks(self, layer):
         """Yield ``layer``'s cold pages as staged chunks, every one of them, each chunk holding every slot of the
         layer that is already on its way (so one launch reads them all); the consumer launches its attention over
         each before asking for the next, and the slots are recycled after that attention."""
         index = layer.layer_idx
-        if (index not in self.jobs or self.versions[index] != layer.cold.version
+        if (index not in self.jobs or self.versions[index] != layer.offloaded_version()
                 or self.planned_every_page[index] != self.every_page):
             self.replans += index in self.jobs
             self.prefetch(layer)
         jobs = self.jobs[index]
         while jobs:
             if jobs[0].slot is None:
-                self._issue(jobs[0], self._take_slot(index))
+                self._issue_now(index, jobs[0])
             group = list(itertools.takewhile(lambda job: job.slot is not None, jobs))  # every slot already coming
             for job in group:
                 if job.ready is not None:
@@ -245,9 +265,32 @@ class Prefetcher:
 
     # ---------------------------------------------------------------- slots and copies
     def _issue_waiting(self, layer_index: int) -> None:
+        """Start the copies of the layer's jobs that have no slot yet, while slots are free. A copy that fails here
+        (ahead of need, maybe inside another layer's update) leaves its job waiting, to be retried when needed."""
         for job in self.jobs.get(layer_index, []):
-            if job.slot is None and self.free_slots:
-                self._issue(job, self.free_slots.popleft())
+            if job.slot is None and job.error is None and self.free_slots:
+                try:
+                    self._issue(job, self.free_slots.popleft())
+                except Exception as error:  # noqa: BLE001 -- deferred: _issue_now retries it, then raises
+                    job.error = error
+                    self.failed_copies += 1
+
+    def _issue_now(self, layer_index: int, job: Job) -> None:
+        """Issue a job attention needs now (again, if its copy failed ahead); a second failure forgets the layer's
+        plan (its slots go back) and raises: kvtier's own errors as they are, others as a KVTierError."""
+        try:
+            self._issue(job, self._take_slot(layer_index))
+        except Exception as error:
+            self.cancel(layer_index)
+            if isinstance(error, KVTierError):
+                raise
+            first = f" (and when issued ahead: {job.error})" if job.error is not None else ""
+            raise KVTierError(
+                f"kvtier: copying layer {layer_index}'s cold pages to the device failed: {error}{first}. Every page "
+                "is still where it was (host rows, disk files); retrying the step replans the copies. If it keeps "
+                "failing, check the device (memory, driver) or attach with cold_attention='host'."
+            ) from error
+        job.error = None
 
     def _take_slot(self, layer_index: int) -> int:
         """A free slot, or else one taken back from another layer's chunk that is not consumed yet."""
@@ -261,23 +304,31 @@ class Prefetcher:
         raise RuntimeError("the staging ring has no slot to give")  # staging_chunks >= 2 prevents this
 
     def _issue(self, job: Job, slot: int) -> None:
+        """Copy the job into ``slot``; if a copy raises, the slot goes back to the ring and the job has none."""
         job.slot = slot
-        if self.stream is None:  # off CUDA: plain synchronous copies
-            self._copy_runs(job, slot)
-        else:
-            with torch.cuda.stream(self.stream):
-                for event in (self.slot_released[slot], self.host_written):
-                    if event is not None:
-                        self.stream.wait_event(event)
+        try:
+            if self.stream is None:  # off CUDA: plain synchronous copies
                 self._copy_runs(job, slot)
-                job.ready = torch.cuda.Event()
-                job.ready.record(self.stream)
+            else:
+                with torch.cuda.stream(self.stream):
+                    for event in (self.slot_released[slot], self.host_written):
+                        if event is not None:
+                            self.stream.wait_event(event)
+                    self._copy_runs(job, slot)
+                    job.ready = torch.cuda.Event()
+                    job.ready.record(self.stream)
+        except BaseException:
+            job.slot, job.ready = None, None
+            self.free_slots.appendleft(slot)
+            raise
         self.moved_chunks += 1
 
     def _copy_runs(self, job: Job, slot: int) -> None:
         """Each run of host rows (page bytes and positions) into the slot, one after another (asynchronous on the
         side stream from pinned host memory); several runs are gathered into pinned rows first, when those could be
-        paid for out of the host budget."""
+        paid for out of the host budget; disk pages are read into those rows first."""
+        if job.disk is not None:
+            return self._load_and_copy(job, slot)
         if len(job.runs) > 1 and self._gather_rows() is not None:
             return self._gather_and_copy(job, slot)
         row = 0
@@ -321,6 +372,31 @@ class Prefetcher:
             gather.copied[slot] = torch.cuda.Event()
             gather.copied[slot].record(self.stream)
         self.moved_bytes += pages.nbytes + positions.nbytes
+
+    def _load_and_copy(self, job: Job, slot: int) -> None:
+        """The job's disk pages read, checked and decompressed into the slot's pinned rows (once the previous copy out
+        of them is done), then one copy of pages and one of positions into the ring slot."""
+        gather, count = self.gather, job.rows
+        if gather.copied[slot] is not None:
+            gather.copied[slot].synchronize()
+        job.disk.load_into(job.entries, gather.pages[slot, :count], gather.positions[slot, :count])
+        pages, positions = self.ring.pages[slot, :count], self.ring.positions[slot, :count]
+        pages.copy_(gather.pages[slot, :count], non_blocking=True)
+        positions.copy_(gather.positions[slot, :count], non_blocking=True)
+        if self.stream is not None:
+            gather.copied[slot] = torch.cuda.Event()
+            gather.copied[slot].record(self.stream)
+        self.moved_bytes += pages.nbytes + positions.nbytes
+
+    def reserve_read_rows(self) -> bool:
+        """Pay for the pinned rows disk pages are read into, out of the host budget, now; False if they do not fit."""
+        slots, chunk_pages, page_bytes = self.ring.pages.shape
+        if self.gather is None:
+            if self.host_budget is None or not self.host_budget.reserve(GatherRows.bytes_for(slots, chunk_pages,
+                                                                                            page_bytes)):
+                return False
+            self.gather = GatherRows(slots, chunk_pages, page_bytes, pin=self.stream is not None)
+        return True
 
     def _release(self, job: Job) -> None:
         if self.stream is not None:
