@@ -293,12 +293,14 @@ class Prefetcher:
         job.error = None
 
     def _take_slot(self, layer_index: int) -> int:
-        """A free slot, or else one taken back from another layer's chunk that is not consumed yet."""
+        """A free slot, or else one taken back from another layer's chunk that is not consumed yet, or else from one of
+        this layer's later chunks (when its first chunk's copy failed ahead, the later ones may hold every slot)."""
         if self.free_slots:
             return self.free_slots.popleft()
-        for other, jobs in self.jobs.items():
-            for job in reversed(jobs):
-                if other != layer_index and job.slot is not None:
+        owners = [other for other in self.jobs if other != layer_index] + [layer_index]
+        for other in owners:
+            for job in reversed(self.jobs.get(other, [])[1 if other == layer_index else 0:]):
+                if job.slot is not None:
                     slot, job.slot, job.ready = job.slot, None, None
                     return slot
         raise RuntimeError("the staging ring has no slot to give")  # staging_chunks >= 2 prevents this
