@@ -383,7 +383,7 @@ def test_a_failed_host_allocation_while_demoting_is_a_clear_error_and_the_cache_
 
 # ------------------------------------------------------------------------------------------------ properties
 @settings(max_examples=8, deadline=None)
-@given(chunks=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 3)), min_size=1, max_size=6),
+@given(chunks=st.lists(st.tuples(st.integers(1, 60), st.integers(0, 3)), min_size=3, max_size=6),
        warm_pages=st.integers(1, 3), chunk_pages=st.integers(1, 3), host_slabs=st.integers(1, 2),
        disk_pages=st.integers(2, 8), evict=st.booleans(), seed=st.integers(0, 99))
 def test_no_token_lost_or_duplicated_across_spills_evictions_and_staging(chunks, warm_pages, chunk_pages, host_slabs,
