@@ -414,3 +414,35 @@ def test_no_token_lost_or_duplicated_across_spills_evictions_and_staging(chunks,
                     assert layer.disk.file_bytes <= layer.disk.share_bytes
     except BudgetExceededError:
         assert not evict  # only a disk budget that may not evict fills up
+
+
+# ------------------------------------------------------------------------------------------------ generate()
+@torch.no_grad()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only()])])
+def test_generate_with_most_of_the_context_on_disk_matches_the_warm_only_cache(device):
+    """On CUDA: pinned read rows, the side stream and the Triton kernel over staged disk pages."""
+    import kvtier
+    from test_cold_tier import SMALL, kvtier_test_model
+
+    torch.manual_seed(0)
+    model = kvtier_test_model().to(device)
+    ids = torch.randint(0, 128, (2, 300), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # left padding
+    outputs = []
+    for config in (dict(budget_gb=0.5, on_budget_full="raise"),
+                   dict(budget_gb=budget_for_warm_pages(2, device, chunk_pages=2), chunk_pages=2, on_host_full="disk",
+                        host_budget_gb=host_budget_gb(1, 2))):
+        handle = kvtier.attach(model, **{**SMALL, **config})
+        try:
+            outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                          output_logits=True, return_dict_in_generate=True))
+            stats = handle.stats()
+        finally:
+            kvtier.detach(model)
+    warm_only, spilling = outputs
+    assert stats["disk"]["tokens"] > 200 and stats["disk"]["read_pages"] > 0
+    assert torch.equal(spilling.sequences, warm_only.sequences)
+    same_codes = FP32_RELATIVE if device == "cpu" else KERNEL_RESPLIT_RELATIVE
+    for got, expected in zip(spilling.logits, warm_only.logits):
+        assert relative_error(got, expected) < same_codes
