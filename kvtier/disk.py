@@ -16,6 +16,7 @@ import os
 import zlib
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from .budget import ByteBudget
@@ -131,7 +132,7 @@ class DiskPages:
         """Read ``entries`` into host rows: pages (n, page_bytes) uint8 and positions (n,) int32, in order; every
         page's checksum is verified."""
         for row, entry in enumerate(entries):
-            pages[row] = torch.frombuffer(bytearray(self.read(entry)), dtype=torch.uint8)
+            pages[row].numpy()[:] = numpy.frombuffer(self.read(entry), dtype=numpy.uint8)
             positions[row] = entry.start
         self.read_pages += len(entries)
 
