@@ -20,16 +20,8 @@ import numpy
 import torch
 
 from .budget import ByteBudget
-from .errors import KVTierError
+from .errors import DiskReadError, DiskWriteError
 from .pages import NoRoomForPage, PageLayout
-
-
-class DiskWriteError(KVTierError):
-    """Writing a page to the disk tier failed; the page stayed where it was."""
-
-
-class DiskReadError(KVTierError):
-    """A disk page could not be read back, or its checksum did not match."""
 
 
 class DiskSegment:

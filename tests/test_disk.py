@@ -19,7 +19,7 @@ from test_cold_tier import (FP32_RELATIVE, HEAD_DIM, HEADS, KERNEL_RESPLIT_RELAT
                             relative_error, step)
 
 from conftest import cuda_only
-from kvtier import BudgetExceededError, KVTierError, TierConfig, disk, prefetch
+from kvtier import BudgetExceededError, DiskReadError, DiskWriteError, KVTierError, TierConfig, disk, prefetch
 from kvtier.attention import attend_tiers
 from kvtier.config import BYTES_PER_GB
 from kvtier.kernels.decode_attention import dequantize_pages
@@ -185,7 +185,7 @@ def test_a_corrupted_disk_page_fails_its_checksum_naming_the_file_and_position()
     attend_tiers(views[0], query_for(1), None, 0.25)  # layer 0's pages are intact
     message = (rf"layer 1's disk page at position {entry.start:,} .*{entry.segment.path}\) failed its checksum.*"
                r"start a new generate\(\)")
-    with pytest.raises(disk.DiskReadError, match=message):
+    with pytest.raises(DiskReadError, match=message):
         attend_tiers(views[1], query_for(1), None, 0.25)
 
 
@@ -283,7 +283,7 @@ def test_a_failed_disk_write_leaves_the_page_where_it_was_and_the_cache_usable(m
 
     monkeypatch.setattr(disk.DiskSegment, "write", fail)
     expected = "the disk is full" if error == errno.ENOSPC else "the write failed"
-    with pytest.raises(disk.DiskWriteError, match=rf"layer 0's page at position \d+ to .*segment\d+\.lz4 failed: "
+    with pytest.raises(DiskWriteError, match=rf"layer 0's page at position \d+ to .*segment\d+\.lz4 failed: "
                                                    rf"{expected}.*stayed in host memory"):
         cache.update(keys[:, :, position:position + 1], values[:, :, position:position + 1], 0)
     monkeypatch.undo()
