@@ -171,7 +171,7 @@ class TieredCache(Cache):
         if not self.prefetcher.reserve_read_rows():
             raise BudgetTooSmallError(
                 f"kvtier: the host budget of {self.host_budget.limit_bytes:,} bytes cannot hold the rows that disk pages "
-                f"are read into ({self.config.staging_chunks} x {self.chunk_pages} pages). Raise host_budget_gb, or "
+                f"are read into (twice {self.config.staging_chunks} x {self.chunk_pages} pages). Raise host_budget_gb, or "
                 "lower chunk_pages or staging_chunks."
             )
         self.host_share_bytes = self.host_budget.free_bytes // self.num_layers
@@ -319,6 +319,7 @@ class TieredCache(Cache):
             "disk_budget_bytes": self.disk_budget.limit_bytes,
             "compression_ratio": written / max(sum(disk.compressed_bytes for disk in disks), 1),
             "read_pages": sum(disk.read_pages for disk in disks),
+            "read_ahead_pages": self.prefetcher.read_ahead_pages,  # of those, read on the reader thread
         }
 
 

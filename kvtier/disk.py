@@ -128,6 +128,14 @@ class DiskPages:
             positions[row] = entry.start
         self.read_pages += len(entries)
 
+    def read_rows(self, entries: list[DiskEntry]) -> torch.Tensor:
+        """``entries``' pages read and checked into new rows (n, page_bytes) uint8: what the reader thread runs (it
+        touches no shared state; a segment deleted meanwhile makes the read fail, and its plan is stale anyway)."""
+        rows = numpy.empty((len(entries), self.layout.page_bytes), dtype=numpy.uint8)
+        for row, entry in enumerate(entries):
+            rows[row] = numpy.frombuffer(self.read(entry), dtype=numpy.uint8)
+        return torch.from_numpy(rows)
+
     def read(self, entry: DiskEntry) -> bytes:
         """One page's uncompressed bytes, checked against its CRC-32."""
         try:

@@ -13,6 +13,7 @@ after that (a demotion while this layer appends) makes the plan stale, and the l
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 import itertools
 import math
 from collections import deque
@@ -139,6 +140,7 @@ class Job:
     slot: int | None = None
     ready: object = None  # CUDA event recorded after the copies, or None off CUDA
     disk: DiskPages | None = None  # the disk pages whose ``entries`` these are (read into pinned rows, then copied)
+    read_ahead: Future | None = None  # their bytes, read and checked on the reader thread: (rows, page_bytes) uint8
     error: BaseException | None = None  # why its copy failed when it was issued ahead (retried when consumed)
 
     @property
@@ -188,6 +190,9 @@ class Prefetcher:
         self.moved_chunks = 0
         self.replans = 0  # plans made stale by a demotion after them
         self.failed_copies = 0  # copies that failed when issued ahead; each is retried once when its chunk is needed
+        self.reader: ThreadPoolExecutor | None = None  # reads disk pages ahead of need (with the disk tier)
+        self.read_ahead_jobs = 0  # disk jobs whose pages the reader holds or reads: at most the ring's slots
+        self.read_ahead_pages = 0  # pages that reached their slot through the reader (the rest were read in line)
         self.every_page = True  # the current step streams every cold page (prefill), whatever the prefetch mode
         self.planned_every_page: dict[int, bool] = {}  # layer index -> the every_page its plan was made for
 
@@ -196,6 +201,7 @@ class Prefetcher:
         """Plan ``layer``'s cold chunks for the current step and start copying as many as there are free slots."""
         self.cancel(layer.layer_idx)
         self.jobs[layer.layer_idx] = self.plan(layer)
+        self._read_ahead(self.jobs[layer.layer_idx])
         self.planned_every_page[layer.layer_idx] = self.every_page
         self.versions[layer.layer_idx] = layer.offloaded_version()
         self._issue_waiting(layer.layer_idx)
@@ -242,7 +248,8 @@ class Prefetcher:
                 self._release(job)
             self._issue_waiting(index)
         del self.jobs[index]
-        for other in list(self.jobs):  # the next layer's chunks take the freed slots
+        for other in list(self.jobs):  # the next layer's chunks take the freed slots (and the reader, its freed rows)
+            self._read_ahead(self.jobs[other])
             self._issue_waiting(other)
 
     def host_write_done(self) -> None:
@@ -262,6 +269,7 @@ class Prefetcher:
         for job in self.jobs.pop(layer_index, []):
             if job.slot is not None:
                 self.free_slots.append(job.slot)
+            self._forget_read_ahead(job)
 
     # ---------------------------------------------------------------- slots and copies
     def _issue_waiting(self, layer_index: int) -> None:
@@ -375,13 +383,45 @@ class Prefetcher:
             gather.copied[slot].record(self.stream)
         self.moved_bytes += pages.nbytes + positions.nbytes
 
+    def _read_ahead(self, jobs: list[Job]) -> None:
+        """Start reading the planned disk jobs' pages on the reader thread (into private rows, at most the ring's slots
+        worth of jobs at a time), while this thread goes on with the layers before."""
+        for job in jobs:
+            if job.disk is None or job.read_ahead is not None:
+                continue
+            if self.read_ahead_jobs >= self.ring.pages.shape[0]:
+                return
+            if self.reader is None:
+                self.reader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-disk")
+            job.read_ahead = self.reader.submit(job.disk.read_rows, list(job.entries))
+            self.read_ahead_jobs += 1
+
+    def _forget_read_ahead(self, job: Job) -> None:
+        if job.read_ahead is not None:
+            job.read_ahead.cancel()
+            job.read_ahead = None
+            self.read_ahead_jobs -= 1
+
     def _load_and_copy(self, job: Job, slot: int) -> None:
-        """The job's disk pages read, checked and decompressed into the slot's pinned rows (once the previous copy out
-        of them is done), then one copy of pages and one of positions into the ring slot."""
+        """The job's disk pages (read ahead on the reader thread, or else read here), checked and decompressed, into the
+        slot's pinned rows (once the previous copy out of them is done), then one copy of pages and one of positions
+        into the ring slot."""
         gather, count = self.gather, job.rows
         if gather.copied[slot] is not None:
             gather.copied[slot].synchronize()
-        job.disk.load_into(job.entries, gather.pages[slot, :count], gather.positions[slot, :count])
+        future = job.read_ahead
+        if future is not None:
+            self._forget_read_ahead(job)
+            try:
+                gather.pages[slot, :count].copy_(future.result())  # (count, page_bytes): a reader error raises here
+            except Exception:  # noqa: BLE001 -- read it again here: a bad page raises its DiskReadError from this thread
+                future = None
+            else:
+                gather.positions[slot, :count].copy_(torch.tensor([entry.start for entry in job.entries]))
+                self.read_ahead_pages += count
+                job.disk.read_pages += count
+        if future is None:
+            job.disk.load_into(job.entries, gather.pages[slot, :count], gather.positions[slot, :count])
         pages, positions = self.ring.pages[slot, :count], self.ring.positions[slot, :count]
         pages.copy_(gather.pages[slot, :count], non_blocking=True)
         positions.copy_(gather.positions[slot, :count], non_blocking=True)
@@ -390,12 +430,18 @@ class Prefetcher:
             gather.copied[slot].record(self.stream)
         self.moved_bytes += pages.nbytes + positions.nbytes
 
+    @staticmethod
+    def read_rows_bytes(slots: int, chunk_pages: int, page_bytes: int) -> int:
+        """Host bytes the disk tier's reads take: the pinned rows a slot's pages land in before their copy, and as many
+        rows again that the reader thread fills ahead of need."""
+        return 2 * GatherRows.bytes_for(slots, chunk_pages, page_bytes)
+
     def reserve_read_rows(self) -> bool:
-        """Pay for the pinned rows disk pages are read into, out of the host budget, now; False if they do not fit."""
+        """Pay for the rows disk pages are read into, out of the host budget, now; False if they do not fit."""
         slots, chunk_pages, page_bytes = self.ring.pages.shape
         if self.gather is None:
-            if self.host_budget is None or not self.host_budget.reserve(GatherRows.bytes_for(slots, chunk_pages,
-                                                                                            page_bytes)):
+            if self.host_budget is None or not self.host_budget.reserve(self.read_rows_bytes(slots, chunk_pages,
+                                                                                             page_bytes)):
                 return False
             self.gather = GatherRows(slots, chunk_pages, page_bytes, pin=self.stream is not None)
         return True
