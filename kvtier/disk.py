@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 import zlib
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class DiskSegment:
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.close = weakref.finalize(self, os.close, self.fd)  # closes it once, here or when the segment is collected
         self.size = 0  # bytes written (dead pages included, until the file goes)
         self.pages = 0  # pages ever appended
         self.live = 0  # pages still indexed
@@ -48,7 +50,7 @@ class DiskSegment:
         os.ftruncate(self.fd, size)
 
     def delete(self) -> None:
-        os.close(self.fd)
+        self.close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
