@@ -9,10 +9,12 @@
 from .attach import KVTier, attach, detach
 from .cache import TieredCache
 from .config import TierConfig
-from .errors import BudgetExceededError, BudgetTooSmallError, KVTierError, UnsupportedModelError
+from .errors import (BudgetExceededError, BudgetTooSmallError, DiskReadError, DiskWriteError, KVTierError,
+                     UnsupportedModelError)
 
 __all__ = [
     "KVTier", "TierConfig", "TieredCache", "attach", "detach",
-    "BudgetExceededError", "BudgetTooSmallError", "KVTierError", "UnsupportedModelError",
+    "BudgetExceededError", "BudgetTooSmallError", "DiskReadError", "DiskWriteError", "KVTierError",
+    "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+import weakref
 
 import psutil
 import torch
@@ -22,6 +25,8 @@ from .prefetch import Prefetcher, StagingRing
 
 HOST_MARGIN_BYTES = 4 * BYTES_PER_GB  # the default host budget leaves this much of the available memory free
 HOST_MARGIN_SHARE = 0.2  # or this share of it, whichever is more
+DISK_MARGIN_BYTES = 1 * BYTES_PER_GB  # the default disk budget leaves this much of the free space free
+DISK_MARGIN_SHARE = 0.1  # or this share of it, whichever is more
 
 
 class TieredCache(Cache):
@@ -48,6 +53,9 @@ class TieredCache(Cache):
         self.staging_bytes = 0
         self.warm_share_bytes = 0  # each layer's share of what the hot tier, staging ring and scratch leave
         self.host_share_bytes = self.host_budget.limit_bytes // self.num_layers  # each layer's cold share
+        self.disk_directory: str | None = None  # with the disk tier: this cache's own folder of segment files
+        self.disk_budget: ByteBudget | None = None  # and the bytes its files may take
+        self.disk_share_bytes = 0  # each layer's share of them
         self.layer_shape = None  # (batch, kv_heads, head_dim, dtype) once the first layer saw its states
         self.chunk_pages = 0  # pages in a cold chunk, once the page size is known
         self.workspace = DecodeWorkspace()  # the decode kernel's scratch, shared by the layers
@@ -70,7 +78,7 @@ class TieredCache(Cache):
         if self.prefetcher is not None and self.cold_mode == "stream":
             self.prefetcher.every_page = key_states.shape[2] > 1  # a plan made for another kind of step is replanned
             upcoming = self.layers[(layer_idx + 1) % self.num_layers]  # after the last layer, the next step's first
-            if upcoming.is_initialized and upcoming.cold.entries:
+            if upcoming.offloaded_pages():
                 self.prefetcher.prefetch(upcoming)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -153,7 +161,38 @@ class TieredCache(Cache):
         if self.config.offloads:
             ring = StagingRing(self.config.staging_chunks, self.chunk_pages, layout.page_bytes, device)
             self.prefetcher = Prefetcher(ring, layout, device, self.host_budget)
+        if self.config.spills:
+            self.open_disk_tier()
         self.warm_share_bytes = (self.budget_bytes - self.reserved_bytes) // self.num_layers
+
+    def open_disk_tier(self) -> None:
+        """Reserve the pinned rows disk pages are read into out of the host budget (the cold pages share the rest),
+        create this cache's folder of segment files (removed when the cache is garbage-collected) and its budget."""
+        if not self.prefetcher.reserve_read_rows():
+            raise BudgetTooSmallError(
+                f"kvtier: the host budget of {self.host_budget.limit_bytes:,} bytes cannot hold the rows that disk pages "
+                f"are read into (twice {self.config.staging_chunks} x {self.chunk_pages} pages). Raise host_budget_gb, or "
+                "lower chunk_pages or staging_chunks."
+            )
+        self.host_share_bytes = self.host_budget.free_bytes // self.num_layers
+        self.disk_directory = tempfile.mkdtemp(prefix="kvtier-", dir=self.config.disk_dir)
+        weakref.finalize(self, shutil.rmtree, self.disk_directory, ignore_errors=True)
+        if self.config.disk_budget_gb is not None:
+            limit = int(self.config.disk_budget_gb * BYTES_PER_GB)
+        else:
+            free = shutil.disk_usage(self.disk_directory).free
+            limit = max(0, int(free - max(DISK_MARGIN_BYTES, DISK_MARGIN_SHARE * free)))
+        self.disk_budget = ByteBudget(limit)
+        self.disk_share_bytes = limit // self.num_layers
+
+    def disk_budget_message(self, context: int) -> str:
+        return (
+            f"kvtier: the disk budget of {self.disk_budget.limit_bytes:,} bytes (disk_budget_gb) for spilled pages is "
+            f"full at {context:,} tokens of context (each of {self.num_layers} layers may hold "
+            f"{self.disk_share_bytes:,} bytes of files under {self.disk_directory}; {self.disk_budget.used_bytes:,} in "
+            f"use). Raise disk_budget_gb, or attach with on_disk_full='evict' to drop the disk pages the policy "
+            f"({policy_name(self.config.policy)}) scores lowest and keep going."
+        )
 
     def estimate_scratch_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> int:
         """Upper bound of the temporaries one attention call holds (one layer at a time), plus the decode
@@ -215,6 +254,7 @@ class TieredCache(Cache):
             },
             "low": self._low_stats(),
             "cold": self._cold_stats(page_bytes),
+            "disk": self._disk_stats(),
             "evicted_tokens": layer.evicted_tokens,
             "scratch_bytes": self.scratch_bytes,
             "staging_bytes": self.staging_bytes,
@@ -260,6 +300,26 @@ class TieredCache(Cache):
             "moved_bytes": prefetcher.moved_bytes,
             "moved_chunks": prefetcher.moved_chunks,
             "replans": prefetcher.replans,
+            "failed_copies": prefetcher.failed_copies,
+        }
+
+    def _disk_stats(self) -> dict:
+        """The disk tier's tokens, pages, files and bytes (compressed, in files), and what was read back."""
+        if self.disk_budget is None:
+            return {"tokens": 0, "pages": 0, "bytes": 0, "files": 0, "enabled": False}
+        disks = [each.disk for each in self.layers if each.is_initialized]
+        written = sum(disk.written_bytes for disk in disks)
+        return {
+            "enabled": True,
+            "tokens": self.layers[0].disk_tokens(),
+            "pages": sum(len(disk.entries) for disk in disks),
+            "bytes": self.disk_budget.used_bytes,
+            "files": sum(len(disk.segments) for disk in disks),
+            "directory": self.disk_directory,
+            "disk_budget_bytes": self.disk_budget.limit_bytes,
+            "compression_ratio": written / max(sum(disk.compressed_bytes for disk in disks), 1),
+            "read_pages": sum(disk.read_pages for disk in disks),
+            "read_ahead_pages": self.prefetcher.read_ahead_pages,  # of those, read on the reader thread
         }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import asdict, dataclass
 
 from .policies import POLICIES, PagePolicy, policy_name
@@ -10,7 +12,8 @@ WARM_FORMATS = ("int4", "turboquant")
 TURBOQUANT_BITS = (2, 3, 4)
 KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("offload", "raise", "evict")
-ON_HOST_FULL = ("raise", "evict")
+ON_HOST_FULL = ("raise", "evict", "disk")
+ON_DISK_FULL = ("raise", "evict")
 PREFETCH_MODES = ("all", "topk")
 COLD_ATTENTION = ("stream", "host", "auto")
 DECODE_KERNELS = ("auto", "triton", "torch")
@@ -50,7 +53,13 @@ class TierConfig:
     low_share: float = 0.5  # with low_bits: the share of each layer's warm bytes that holds low-precision pages
     on_budget_full: str = "offload"  # move warm pages to the host tier; "raise"; or "evict": drop them (policy)
     host_budget_gb: float | None = None  # cold tier cap; None: the host's available memory less a safety margin
-    on_host_full: str = "raise"  # when the host budget is full too; or "evict": drop cold pages (policy)
+    on_host_full: str = "raise"  # when the host budget is full too; or "evict": drop cold pages (policy); or "disk":
+    # spill cold pages (policy) to lz4-framed, checksummed segment files (kvtier.disk), read back every decode step
+    disk_dir: str | None = None  # with on_host_full="disk": the files go into a fresh folder under it, removed
+    # when the cache is released; None: under the system's temp folder
+    disk_budget_gb: float | None = None  # the disk tier's hard cap (file bytes); None: the free space under disk_dir
+    # less a margin, measured when the first states arrive
+    on_disk_full: str = "raise"  # when the disk budget is full too; or "evict": drop disk pages (policy)
     prefetch: str = "all"  # every cold page streams through attention each decode step (exact); or "topk": only
     # the prefetch_share of the cold pages the policy ranks highest (approximate; benchmarks/results/policy-fidelity-*)
     prefetch_share: float = 0.25  # with prefetch="topk"
@@ -95,6 +104,19 @@ class TierConfig:
                f"host_budget_gb must be positive (or None for the default), got {self.host_budget_gb}.")
         _check(self.on_host_full in ON_HOST_FULL,
                f"unknown on_host_full {self.on_host_full!r}; choose one of {ON_HOST_FULL}.")
+        _check(self.on_host_full != "disk" or self.offloads,
+               "on_host_full='disk' spills cold pages, which need on_budget_full='offload'.")
+        _check(self.on_host_full != "disk" or (self.prefetch == "all" and self.cold_attention == "stream"),
+               "on_host_full='disk' reads disk pages back through the staging ring: it needs prefetch='all' and "
+               f"cold_attention='stream' (got prefetch={self.prefetch!r}, cold_attention={self.cold_attention!r}).")
+        _check(not self.spills or importlib.util.find_spec("lz4") is not None,
+               "on_host_full='disk' writes lz4-framed files: pip install 'kvtier[disk]' (or lz4).")
+        _check(self.disk_budget_gb is None or self.disk_budget_gb > 0,
+               f"disk_budget_gb must be positive (or None for the default), got {self.disk_budget_gb}.")
+        _check(self.on_disk_full in ON_DISK_FULL,
+               f"unknown on_disk_full {self.on_disk_full!r}; choose one of {ON_DISK_FULL}.")
+        _check(self.disk_dir is None or os.path.isdir(self.disk_dir),
+               f"disk_dir {self.disk_dir!r} is not an existing folder.")
         _check(self.prefetch in PREFETCH_MODES, f"unknown prefetch {self.prefetch!r}; choose one of {PREFETCH_MODES}.")
         _check(0 < self.prefetch_share <= 1, f"prefetch_share must be in (0, 1], got {self.prefetch_share}.")
         _check(self.prefetch == "all" or self.cold_attention == "stream",
@@ -130,6 +152,11 @@ class TierConfig:
         return self.chunk_pages or max(1, chunk_bytes // page_bytes)
 
     @property
+    def spills(self) -> bool:
+        """Whether a full host budget sends cold pages to the disk tier."""
+        return self.offloads and self.on_host_full == "disk"
+
+    @property
     def key_group_size(self) -> int:
         """Tokens that share one per-channel key (scale, min) pair."""
         return min(self.key_group, self.block_size)
@@ -157,7 +184,13 @@ class TierConfig:
                 self.cold_attention]
             lines.append(f"cold (host, {warm}): the pages {policy} demotes past the device budget, within {host}; "
                          f"prefetch={self.prefetch}{share}, attended {where}")
-        full, action = (("host", self.on_host_full) if self.offloads else ("device", self.on_budget_full))
+        if self.spills:
+            where = self.disk_dir or "the system temp folder"
+            cap = "the free space less a margin" if self.disk_budget_gb is None else f"{self.disk_budget_gb:g} GB"
+            lines.append(f"disk (files under {where}, {warm}, lz4 + CRC-32 per page): the pages {policy} spills past "
+                         f"the host budget, within {cap}; read back every decode step")
+        full, action = (("disk", self.on_disk_full) if self.spills else ("host", self.on_host_full) if self.offloads
+                        else ("device", self.on_budget_full))
         lines.append(f"full {full} budget: " + ("BudgetExceededError" if action == "raise" else f"{policy} evicts"))
         return "\n".join(lines)
 

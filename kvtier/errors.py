@@ -15,3 +15,11 @@ class BudgetTooSmallError(KVTierError, ValueError):
 
 class UnsupportedModelError(KVTierError, ValueError):
     """The model has a feature kvtier cannot serve (no attention interface, sliding windows, ...)."""
+
+
+class DiskWriteError(KVTierError):
+    """Writing a page to the disk tier failed (the disk is full, or the write failed); the page stayed where it was."""
+
+
+class DiskReadError(KVTierError):
+    """A disk page could not be read back, or its checksum did not match."""

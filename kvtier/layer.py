@@ -5,9 +5,11 @@ Positions 0 .. sink_tokens-1 stay hot as attention sinks. Later tokens enter the
 holds ``recent_window + block_size`` tokens, its oldest ``block_size`` tokens are quantized once into a
 warm page. When the layer's share of the device budget is full, the policy picks a warm page to re-quantize
 at fewer bits (``low_bits``: a low-precision warm page), to move byte for byte to the cold tier in host memory
-(``on_budget_full="offload"``, kvtier.cold), or to drop. Every token is in exactly one place (sinks, a warm
-page, a low-precision page, a cold page or the recent buffer), unless a full budget made the policy drop pages
-(counted in ``evicted_tokens``).
+(``on_budget_full="offload"``, kvtier.cold), or to drop; when the host share is full too, the policy's cold page
+spills to the disk tier (``on_host_full="disk"``, kvtier.disk). Every token is in exactly one place (sinks, a warm
+page, a low-precision page, a cold page, a disk page or the recent buffer), unless a full budget made the policy
+drop pages (counted in ``evicted_tokens``). A page moves transactionally: it leaves its tier only once it has
+fully arrived in the next one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from kvtier.kernels.decode_attention import PagedKV, hot_table_rows, hot_table_tensor
 
 from .cold import ColdPages
+from .disk import DiskPages
 from .errors import BudgetExceededError
 from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
@@ -28,6 +31,7 @@ from .rotation import random_rotation, random_signs, rotate
 
 
 SKETCH_SEED_OFFSET = 1 << 20
+SEGMENT_CHUNKS = 4  # a disk segment file takes this many cold chunks' worth of pages
 
 
 @dataclass
@@ -90,6 +94,9 @@ class TieredLayer(CacheLayerMixin):
                              config.pages_per_slab, self.cache, low_share, in_order=False) if low_format else None
         self.cold = ColdPages(layout, self.cache.chunk_pages, self.cache.host_budget, self.cache.host_share_bytes,
                               pin=self.device.type == "cuda") if config.offloads else None
+        self.disk = DiskPages(layout, self.cache.disk_directory, self.layer_idx, self.cache.disk_budget,
+                              self.cache.disk_share_bytes,
+                              SEGMENT_CHUNKS * self.cache.chunk_pages) if config.spills else None
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -117,6 +124,8 @@ class TieredLayer(CacheLayerMixin):
                 self.low.release_all()
             if self.cold is not None:
                 self.cold.release_all()
+            if self.disk is not None:
+                self.disk.release_all()
         self.total_tokens = self.evicted_tokens = 0
         self.sink_count = self.recent_count = 0
         if self.is_initialized:
@@ -325,12 +334,38 @@ class TieredLayer(CacheLayerMixin):
 
     def demote(self, index: int) -> None:
         """Move the warm page at ``index`` of the block table to the cold tier, making room in the host budget
-        first if ``on_host_full="evict"`` allows it."""
+        first if ``on_host_full`` allows it ("evict": drop a cold page; "disk": spill one). The warm page leaves
+        only once its copy is stored."""
         entry = self.warm.table[index]
-        self.store_evicting(self.cold, entry.start, self.warm.page(entry), self.config.on_host_full == "evict",
-                            lambda: self.cache.host_budget_message(self.total_tokens))
+        if self.disk is not None:
+            self.store_cold_spilling(entry.start, self.warm.page(entry))
+        else:
+            self.store_evicting(self.cold, entry.start, self.warm.page(entry), self.config.on_host_full == "evict",
+                                lambda: self.cache.host_budget_message(self.total_tokens))
         self.cache.prefetcher.host_write_done()  # copies out of host memory wait for this one
         self.warm.drop(index)
+
+    def store_cold_spilling(self, start: int, page: torch.Tensor) -> None:
+        """Store ``page`` among the cold pages; while they have no room, spill the cold page the policy picks to
+        disk."""
+        while True:
+            try:
+                self.cold.store(start, page)
+                return
+            except NoRoomForPage:
+                if not self.cold.starts:  # the host share cannot hold one slab
+                    raise BudgetExceededError(self.cache.host_budget_message(self.total_tokens)) from None
+                self.spill(self.policy.pick_demotion(self.cold.starts))
+
+    def spill(self, index: int) -> None:
+        """Move the cold page at ``index`` of ``cold.entries`` to the disk tier, making room in the disk budget first
+        if ``on_disk_full="evict"`` allows it; the cold row is freed only once the page is written."""
+        entry = self.cold.entries[index]
+        self.cache.prefetcher.wait_for_host_writes()  # the row may still be landing from the device
+        page = self.cold.slabs[entry.slab].pages[entry.row]  # (page_bytes,) uint8, host
+        self.store_evicting(self.disk, entry.start, page, self.config.on_disk_full == "evict",
+                            lambda: self.cache.disk_budget_message(self.total_tokens))
+        self.cold.drop(index)
 
     def paged(self, pages=None, with_hot: bool = True) -> PagedKV:
         """Cached tokens as the decode kernel and its reference read them: the warm pages (or another page set,
@@ -344,10 +379,20 @@ class TieredLayer(CacheLayerMixin):
         return self.low if self.low is not None and self.low.table else None
 
     def cold_chunks(self):
-        """This layer's cold pages, staged on the device a chunk at a time (see Prefetcher.chunks)."""
-        if self.cold is None or not self.cold.entries:
+        """This layer's cold and disk pages, staged on the device a chunk at a time (see Prefetcher.chunks)."""
+        if not self.offloaded_pages():
             return iter(())
         return self.cache.prefetcher.chunks(self)
+
+    def offloaded_pages(self) -> int:
+        """Pages in host memory or on disk (what the staging ring brings back)."""
+        if not self.is_initialized or self.cold is None:
+            return 0
+        return len(self.cold.entries) + (len(self.disk.entries) if self.disk is not None else 0)
+
+    def offloaded_version(self) -> tuple[int, int]:
+        """Changes whenever a cold or disk page arrives or leaves (a staging plan made before is stale)."""
+        return self.cold.version, self.disk.version if self.disk is not None else 0
 
     def map_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -358,6 +403,8 @@ class TieredLayer(CacheLayerMixin):
             self.low.map_batch(fn)
         if self.cold is not None:
             self.cold.map_batch(fn)
+        if self.disk is not None and self.disk.entries:  # its pages would have to be rewritten
+            raise NotImplementedError("reordering or resizing the batch of a cache that holds disk pages")
 
     # ---------------------------------------------------------------- accounting
     def hot_tokens(self) -> int:
@@ -372,3 +419,5 @@ class TieredLayer(CacheLayerMixin):
     def cold_tokens(self) -> int:
         return self.cold.tokens if self.is_initialized and self.cold is not None else 0
 
+    def disk_tokens(self) -> int:
+        return self.disk.tokens if self.is_initialized and self.disk is not None else 0

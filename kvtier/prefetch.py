@@ -13,6 +13,7 @@ after that (a demotion while this layer appends) makes the plan stale, and the l
 from __future__ import annotations
 
 import functools
+from concurrent.futures import Future, ThreadPoolExecutor
 import itertools
 import math
 from collections import deque
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .cold import ColdEntry, HostSlab
+from .disk import DiskEntry, DiskPages
+from .errors import KVTierError
 from .pages import ALIGNMENT, PageLayout
 
 
@@ -136,10 +139,20 @@ class Job:
     slot_rows: list[int]
     slot: int | None = None
     ready: object = None  # CUDA event recorded after the copies, or None off CUDA
+    disk: DiskPages | None = None  # the disk pages whose ``entries`` these are (read into pinned rows, then copied)
+    read_ahead: Future | None = None  # their bytes, read and checked on the reader thread: (rows, page_bytes) uint8
+    error: BaseException | None = None  # why its copy failed when it was issued ahead (retried when consumed)
 
     @property
     def rows(self) -> int:
+        if self.disk is not None:
+            return len(self.entries)
         return sum(count for _, _, count in self.runs)
+
+    @classmethod
+    def from_disk(cls, disk: DiskPages, entries: list[DiskEntry]) -> "Job":
+        """Disk pages, read and checked into the slot's pinned rows when the job is issued, packed at their start."""
+        return cls([], entries, list(range(len(entries))), disk=disk)
 
     @classmethod
     def whole_slab(cls, slab: HostSlab, rows: int, entries: list[ColdEntry]) -> "Job":
@@ -176,6 +189,10 @@ class Prefetcher:
         self.moved_bytes = 0
         self.moved_chunks = 0
         self.replans = 0  # plans made stale by a demotion after them
+        self.failed_copies = 0  # copies that failed when issued ahead; each is retried once when its chunk is needed
+        self.reader: ThreadPoolExecutor | None = None  # reads disk pages ahead of need (with the disk tier)
+        self.read_ahead_jobs = 0  # disk jobs whose pages the reader holds or reads: at most the ring's slots
+        self.read_ahead_pages = 0  # pages that reached their slot through the reader (the rest were read in line)
         self.every_page = True  # the current step streams every cold page (prefill), whatever the prefetch mode
         self.planned_every_page: dict[int, bool] = {}  # layer index -> the every_page its plan was made for
 
@@ -184,8 +201,9 @@ class Prefetcher:
         """Plan ``layer``'s cold chunks for the current step and start copying as many as there are free slots."""
         self.cancel(layer.layer_idx)
         self.jobs[layer.layer_idx] = self.plan(layer)
+        self._read_ahead(self.jobs[layer.layer_idx])
         self.planned_every_page[layer.layer_idx] = self.every_page
-        self.versions[layer.layer_idx] = layer.cold.version
+        self.versions[layer.layer_idx] = layer.offloaded_version()
         self._issue_waiting(layer.layer_idx)
 
     def plan(self, layer) -> list[Job]:
@@ -193,25 +211,33 @@ class Prefetcher:
         of the cold pages the policy ranks highest, packed a slot at a time."""
         cold, config = layer.cold, layer.config
         if config.prefetch == "all" or self.every_page:
-            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks()]
+            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks()] + self.plan_disk(layer)
         count = math.ceil(len(cold.entries) * config.prefetch_share)  # at least one page of a non-empty tier
         chosen = [cold.entries[index] for index in layer.policy.pick_prefetches(cold.starts, count)]
         slot_pages = self.ring.pages.shape[1]
         return [Job.chosen(cold.slabs, chosen[first:first + slot_pages]) for first in range(0, len(chosen), slot_pages)]
+
+    def plan_disk(self, layer) -> list[Job]:
+        """Every disk page of ``layer``, a slot's worth per job (the disk tier needs prefetch="all")."""
+        if layer.disk is None:
+            return []
+        entries, slot_pages = layer.disk.entries, self.ring.pages.shape[1]
+        return [Job.from_disk(layer.disk, entries[first:first + slot_pages])
+                for first in range(0, len(entries), slot_pages)]
 
     def chunks(self, layer):
         """Yield ``layer``'s cold pages as staged chunks, every one of them, each chunk holding every slot of the
         layer that is already on its way (so one launch reads them all); the consumer launches its attention over
         each before asking for the next, and the slots are recycled after that attention."""
         index = layer.layer_idx
-        if (index not in self.jobs or self.versions[index] != layer.cold.version
+        if (index not in self.jobs or self.versions[index] != layer.offloaded_version()
                 or self.planned_every_page[index] != self.every_page):
             self.replans += index in self.jobs
             self.prefetch(layer)
         jobs = self.jobs[index]
         while jobs:
             if jobs[0].slot is None:
-                self._issue(jobs[0], self._take_slot(index))
+                self._issue_now(index, jobs[0])
             group = list(itertools.takewhile(lambda job: job.slot is not None, jobs))  # every slot already coming
             for job in group:
                 if job.ready is not None:
@@ -222,7 +248,8 @@ class Prefetcher:
                 self._release(job)
             self._issue_waiting(index)
         del self.jobs[index]
-        for other in list(self.jobs):  # the next layer's chunks take the freed slots
+        for other in list(self.jobs):  # the next layer's chunks take the freed slots (and the reader, its freed rows)
+            self._read_ahead(self.jobs[other])
             self._issue_waiting(other)
 
     def host_write_done(self) -> None:
@@ -242,42 +269,76 @@ class Prefetcher:
         for job in self.jobs.pop(layer_index, []):
             if job.slot is not None:
                 self.free_slots.append(job.slot)
+            self._forget_read_ahead(job)
 
     # ---------------------------------------------------------------- slots and copies
     def _issue_waiting(self, layer_index: int) -> None:
+        """Start the copies of the layer's jobs that have no slot yet, while slots are free. A copy that fails here
+        (ahead of need, maybe inside another layer's update) leaves its job waiting, to be retried when needed."""
         for job in self.jobs.get(layer_index, []):
-            if job.slot is None and self.free_slots:
-                self._issue(job, self.free_slots.popleft())
+            if job.slot is None and job.error is None and self.free_slots:
+                try:
+                    self._issue(job, self.free_slots.popleft())
+                except Exception as error:  # noqa: BLE001 -- deferred: _issue_now retries it, then raises
+                    job.error = error
+                    self.failed_copies += 1
+
+    def _issue_now(self, layer_index: int, job: Job) -> None:
+        """Issue a job attention needs now (again, if its copy failed ahead); a second failure forgets the layer's
+        plan (its slots go back) and raises: kvtier's own errors as they are, others as a KVTierError."""
+        try:
+            self._issue(job, self._take_slot(layer_index))
+        except Exception as error:
+            self.cancel(layer_index)
+            if isinstance(error, KVTierError):
+                raise
+            first = f" (and when issued ahead: {job.error})" if job.error is not None else ""
+            raise KVTierError(
+                f"kvtier: copying layer {layer_index}'s cold pages to the device failed: {error}{first}. Every page "
+                "is still where it was (host rows, disk files); retrying the step replans the copies. If it keeps "
+                "failing, check the device (memory, driver) or attach with cold_attention='host'."
+            ) from error
+        job.error = None
 
     def _take_slot(self, layer_index: int) -> int:
-        """A free slot, or else one taken back from another layer's chunk that is not consumed yet."""
+        """A free slot, or else one taken back from another layer's chunk that is not consumed yet, or else from one of
+        this layer's later chunks (when its first chunk's copy failed ahead, the later ones may hold every slot)."""
         if self.free_slots:
             return self.free_slots.popleft()
-        for other, jobs in self.jobs.items():
-            for job in reversed(jobs):
-                if other != layer_index and job.slot is not None:
+        owners = [other for other in self.jobs if other != layer_index] + [layer_index]
+        for other in owners:
+            for job in reversed(self.jobs.get(other, [])[1 if other == layer_index else 0:]):
+                if job.slot is not None:
                     slot, job.slot, job.ready = job.slot, None, None
                     return slot
         raise RuntimeError("the staging ring has no slot to give")  # staging_chunks >= 2 prevents this
 
     def _issue(self, job: Job, slot: int) -> None:
+        """Copy the job into ``slot``; if a copy raises, the slot goes back to the ring and the job has none."""
         job.slot = slot
-        if self.stream is None:  # off CUDA: plain synchronous copies
-            self._copy_runs(job, slot)
-        else:
-            with torch.cuda.stream(self.stream):
-                for event in (self.slot_released[slot], self.host_written):
-                    if event is not None:
-                        self.stream.wait_event(event)
+        try:
+            if self.stream is None:  # off CUDA: plain synchronous copies
                 self._copy_runs(job, slot)
-                job.ready = torch.cuda.Event()
-                job.ready.record(self.stream)
+            else:
+                with torch.cuda.stream(self.stream):
+                    for event in (self.slot_released[slot], self.host_written):
+                        if event is not None:
+                            self.stream.wait_event(event)
+                    self._copy_runs(job, slot)
+                    job.ready = torch.cuda.Event()
+                    job.ready.record(self.stream)
+        except BaseException:
+            job.slot, job.ready = None, None
+            self.free_slots.appendleft(slot)
+            raise
         self.moved_chunks += 1
 
     def _copy_runs(self, job: Job, slot: int) -> None:
         """Each run of host rows (page bytes and positions) into the slot, one after another (asynchronous on the
         side stream from pinned host memory); several runs are gathered into pinned rows first, when those could be
-        paid for out of the host budget."""
+        paid for out of the host budget; disk pages are read into those rows first."""
+        if job.disk is not None:
+            return self._load_and_copy(job, slot)
         if len(job.runs) > 1 and self._gather_rows() is not None:
             return self._gather_and_copy(job, slot)
         row = 0
@@ -321,6 +382,69 @@ class Prefetcher:
             gather.copied[slot] = torch.cuda.Event()
             gather.copied[slot].record(self.stream)
         self.moved_bytes += pages.nbytes + positions.nbytes
+
+    def _read_ahead(self, jobs: list[Job]) -> None:
+        """Start reading the planned disk jobs' pages on the reader thread (into private rows, at most the ring's slots
+        worth of jobs at a time), while this thread goes on with the layers before."""
+        for job in jobs:
+            if job.disk is None or job.read_ahead is not None:
+                continue
+            if self.read_ahead_jobs >= self.ring.pages.shape[0]:
+                return
+            if self.reader is None:
+                self.reader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-disk")
+            job.read_ahead = self.reader.submit(job.disk.read_rows, list(job.entries))
+            self.read_ahead_jobs += 1
+
+    def _forget_read_ahead(self, job: Job) -> None:
+        if job.read_ahead is not None:
+            job.read_ahead.cancel()
+            job.read_ahead = None
+            self.read_ahead_jobs -= 1
+
+    def _load_and_copy(self, job: Job, slot: int) -> None:
+        """The job's disk pages (read ahead on the reader thread, or else read here), checked and decompressed, into the
+        slot's pinned rows (once the previous copy out of them is done), then one copy of pages and one of positions
+        into the ring slot."""
+        gather, count = self.gather, job.rows
+        if gather.copied[slot] is not None:
+            gather.copied[slot].synchronize()
+        future = job.read_ahead
+        if future is not None:
+            self._forget_read_ahead(job)
+            try:
+                gather.pages[slot, :count].copy_(future.result())  # (count, page_bytes): a reader error raises here
+            except Exception:  # noqa: BLE001 -- read it again here: a bad page raises its DiskReadError from this thread
+                future = None
+            else:
+                gather.positions[slot, :count].copy_(torch.tensor([entry.start for entry in job.entries]))
+                self.read_ahead_pages += count
+                job.disk.read_pages += count
+        if future is None:
+            job.disk.load_into(job.entries, gather.pages[slot, :count], gather.positions[slot, :count])
+        pages, positions = self.ring.pages[slot, :count], self.ring.positions[slot, :count]
+        pages.copy_(gather.pages[slot, :count], non_blocking=True)
+        positions.copy_(gather.positions[slot, :count], non_blocking=True)
+        if self.stream is not None:
+            gather.copied[slot] = torch.cuda.Event()
+            gather.copied[slot].record(self.stream)
+        self.moved_bytes += pages.nbytes + positions.nbytes
+
+    @staticmethod
+    def read_rows_bytes(slots: int, chunk_pages: int, page_bytes: int) -> int:
+        """Host bytes the disk tier's reads take: the pinned rows a slot's pages land in before their copy, and as many
+        rows again that the reader thread fills ahead of need."""
+        return 2 * GatherRows.bytes_for(slots, chunk_pages, page_bytes)
+
+    def reserve_read_rows(self) -> bool:
+        """Pay for the rows disk pages are read into, out of the host budget, now; False if they do not fit."""
+        slots, chunk_pages, page_bytes = self.ring.pages.shape
+        if self.gather is None:
+            if self.host_budget is None or not self.host_budget.reserve(self.read_rows_bytes(slots, chunk_pages,
+                                                                                             page_bytes)):
+                return False
+            self.gather = GatherRows(slots, chunk_pages, page_bytes, pin=self.stream is not None)
+        return True
 
     def _release(self, job: Job) -> None:
         if self.stream is not None:
