@@ -38,6 +38,22 @@ MAX_SPLITS = 64
 LAUNCH = {"int4": (4, 3), "dense": (4, 3)}
 WARM_TILE = 128  # warm tokens the kernel reads per step (whole pages)
 PROGRAMS_PER_SM = 4  # (sequence, head, split) programs per streaming multiprocessor
+# Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference):
+# fold_key_scales: per-channel key scales multiply the query per key group, (q s_g) . c_t + q . m_g, in one batched
+#     dot over the tile's key groups, instead of dequantizing every key element
+# offset_codes: nibbles enter the dots as the float16 1024 + c (no subtraction per element); each row's
+#     1024 * sum of the other operand is subtracted once (keys only together with fold_key_scales)
+# mass_dot: each page's softmax sum comes from one dot of the weights with a page indicator, not a reshape and sum
+VARIANT = {"fold_key_scales": False, "offset_codes": False, "mass_dot": False}
+VARIANTS = {  # named combinations, for the tests and benchmarks/kernel_variants.py
+    "base": {},
+    "fold": {"fold_key_scales": True},
+    "offset": {"offset_codes": True},
+    "fold+offset": {"fold_key_scales": True, "offset_codes": True},
+    "mass_dot": {"mass_dot": True},
+    "fold+offset+mass_dot": {"fold_key_scales": True, "offset_codes": True, "mass_dot": True},
+}
+MASS_PAGES = 16  # page columns of the mass_dot indicator: at least a tile's pages, and a tensor-core width
 LOG2_E = 1.4426950408889634
 
 
@@ -184,6 +200,14 @@ def _page_constants(layout: PageLayout, warm_tile: int) -> dict:
                 VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"], KEY_SIGNS_AT=0, KEY_RESIDUAL_AT=0)
 
 
+def kernel_variant(constants: dict) -> dict:
+    """The VARIANT switches as the kernel's constexprs, those a page format cannot use turned off."""
+    int4_by_channel = not constants["TURBOQUANT"] and not constants["KEY_PER_TOKEN"]
+    return dict(FOLD_KEY_SCALES=VARIANT["fold_key_scales"] and int4_by_channel,
+                OFFSET_CODES=VARIANT["offset_codes"] and not constants["TURBOQUANT"],
+                MASS_DOT=VARIANT["mass_dot"] and constants["TILE_PAGES"] <= MASS_PAGES)
+
+
 class DecodeWorkspace:
     """The kernel's scratch (split partials, per-page log-sum-exps), kept between calls and grown on demand."""
 
@@ -258,6 +282,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     num_warps, num_stages = LAUNCH["int4" if warm_pages >= hot_pages else "dense"]
+    variant = kernel_variant(constants)
     _decode_pages_kernel[(batch * kv_heads, splits)](
         query, rotated, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
@@ -265,7 +290,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         scale * LOG2_E, pages_per_split, splits,
         **constants, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
-        UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT,
+        UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query) if out is None else out
@@ -290,10 +315,43 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _nibble_values(codes):
-        """uint8 codes 0..15 -> float16 without an int-to-float conversion: the bits 0x6400 | c are the float16
-        1024 + c, and the subtraction is exact."""
-        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    def _offset_nibbles(codes):
+        """uint8 codes 0..15 -> the float16 1024 + c without an int-to-float conversion: the bits 0x6400 | c."""
+        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _nibble_values(codes, OFFSET: tl.constexpr):
+        """uint8 codes 0..15 -> float16 c (the subtraction is exact), or 1024 + c with OFFSET, for a caller that
+        takes 1024 times the other operand's sum off the dot product instead."""
+        if OFFSET:
+            return _offset_nibbles(codes)
+        return _offset_nibbles(codes) - 1024.0
+
+    @triton.jit
+    def _folded_key_scores(query_low, query_high, key_codes, scale_low, scale_high, min_low, min_high,
+                           GROUP_PAD: tl.constexpr, TILE: tl.constexpr, KEY_GROUP: tl.constexpr,
+                           HALF: tl.constexpr, OFFSET: tl.constexpr):
+        """Scores of a tile of per-channel INT4 keys, the group scales folded into the query: for token t of key
+        group g, q . k_t = (q * s_g) . c_t + q . m_g, one batched dot over the tile's key groups.
+
+        query_low, query_high: (G, D/2) float32 halves of q R; key_codes: (T, D/2) uint8, low nibble channel j,
+        high nibble channel j + D/2; scale_*, min_*: (NG, D/2) float16 rows of the tile's key groups.
+        Returns (G, T) float32.
+        """
+        GROUPS: tl.constexpr = TILE // KEY_GROUP
+        folded_low = (query_low[None, :, :] * scale_low.to(tl.float32)[:, None, :]).to(tl.float16)  # (NG, G, D/2)
+        folded_high = (query_high[None, :, :] * scale_high.to(tl.float32)[:, None, :]).to(tl.float16)
+        group_bias = (tl.sum(query_low[None, :, :] * min_low.to(tl.float32)[:, None, :], 2)
+                      + tl.sum(query_high[None, :, :] * min_high.to(tl.float32)[:, None, :], 2))  # (NG, G)
+        if OFFSET:  # the dots see 1024 + c: take 1024 times the folded query's sum (as rounded) off
+            group_bias -= 1024.0 * (tl.sum(folded_low.to(tl.float32), 2) + tl.sum(folded_high.to(tl.float32), 2))
+        low_codes = tl.permute(tl.reshape(_nibble_values(key_codes & 0x0F, OFFSET), (GROUPS, KEY_GROUP, HALF)),
+                               (0, 2, 1))  # (NG, D/2, KEY_GROUP)
+        high_codes = tl.permute(tl.reshape(_nibble_values(key_codes >> 4, OFFSET), (GROUPS, KEY_GROUP, HALF)),
+                                (0, 2, 1))
+        group_scores = tl.dot(folded_low, low_codes)  # (NG, G, KEY_GROUP)
+        group_scores = tl.dot(folded_high, high_codes, group_scores) + group_bias[:, :, None]
+        return tl.reshape(tl.permute(group_scores, (1, 0, 2)), (GROUP_PAD, TILE))
 
     @triton.jit
     def _per_token(rows, KEY_GROUP: tl.constexpr, TILE: tl.constexpr, WIDTH: tl.constexpr):
@@ -333,7 +391,8 @@ if triton is not None:
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
         HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
-        ALIGNMENT: tl.constexpr,
+        ALIGNMENT: tl.constexpr, FOLD_KEY_SCALES: tl.constexpr, OFFSET_CODES: tl.constexpr, MASS_DOT: tl.constexpr,
+        MASS_PAGES: tl.constexpr,
     ):
         HALF: tl.constexpr = HEAD_DIM // 2
         QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
@@ -355,6 +414,7 @@ if triton is not None:
         query_sum = tl.sum(query_low + query_high, 1)  # (G,), for per-token key minimums
         query_low16 = query_low.to(tl.float16)
         query_high16 = query_high.to(tl.float16)
+        query16_sum = tl.sum(query_low16.to(tl.float32) + query_high16.to(tl.float32), 1)  # (G,), for offset codes
         if QJL:  # the sketched query, in the same halves as the sign bits
             sketched_low16 = tl.load(sketched_query_ptr + row_at + half[None, :], mask=head_ok[:, None],
                                      other=0.0).to(tl.float16)
@@ -431,18 +491,30 @@ if triton is not None:
                                     mask=page_ok, other=0.0).to(tl.float32)
                     minimum = tl.load((row_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                       mask=page_ok, other=0.0).to(tl.float32)
-                    scores = tl.dot(query_low16, tl.trans(_nibble_values(key_codes & 0x0F)))
-                    scores = tl.dot(query_high16, tl.trans(_nibble_values(key_codes >> 4)), scores)
+                    scores = tl.dot(query_low16, tl.trans(_nibble_values(key_codes & 0x0F, OFFSET_CODES)))
+                    scores = tl.dot(query_high16, tl.trans(_nibble_values(key_codes >> 4, OFFSET_CODES)), scores)
+                    if OFFSET_CODES:
+                        scores -= 1024.0 * query16_sum[:, None]
                     scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
+                elif FOLD_KEY_SCALES:  # per channel over key groups, the scales folded into the query
+                    scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                    min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                    scores = _folded_key_scores(
+                        query_low, query_high, key_codes,
+                        tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                        tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
+                        tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
+                        tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
+                        GROUP_PAD, TILE, KEY_GROUP, HALF, OFFSET_CODES)
                 else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
                     scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
                     min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                    low_keys = (_nibble_values(key_codes & 0x0F)
+                    low_keys = (_nibble_values(key_codes & 0x0F, False)
                                 * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
                                              KEY_GROUP, TILE, HALF)
                                 + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
                                              KEY_GROUP, TILE, HALF))
-                    high_keys = (_nibble_values(key_codes >> 4)
+                    high_keys = (_nibble_values(key_codes >> 4, False)
                                  * _per_token(tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
                                               KEY_GROUP, TILE, HALF)
                                  + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
@@ -458,7 +530,15 @@ if triton is not None:
             running_sum = running_sum * decay + tl.sum(weights, 1)
             running_max = new_max
             plain_acc = plain_acc * decay[:, None]
-            if WITH_MASS:  # each page's log2-sum-exp
+            if WITH_MASS and MASS_DOT:  # each page's log2-sum-exp; the sums from a dot with a page indicator
+                mass_pages = tl.arange(0, MASS_PAGES)
+                indicator = tl.where((rows // BLOCK)[:, None] == mass_pages[None, :], 1.0, 0.0)  # (T, MASS_PAGES)
+                page_sums = tl.dot(weights, indicator, input_precision="tf32")  # (G, MASS_PAGES)
+                tile_pages = tile_first + mass_pages
+                tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
+                         safe_max[:, None] + tl.log2(page_sums),
+                         mask=head_ok[:, None] & ((mass_pages < TILE_PAGES) & (tile_pages < warm_last))[None, :])
+            elif WITH_MASS:  # each page's log2-sum-exp
                 page_sums = tl.sum(tl.reshape(weights, (GROUP_PAD, TILE_PAGES, BLOCK)), 2)  # (G, pages)
                 tile_pages = tile_first + tl.arange(0, TILE_PAGES)
                 tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
@@ -485,9 +565,11 @@ if triton is not None:
                 # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
                 scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
                 value_bias = tl.sum(weights * value_min.to(tl.float32)[None, :], 1)
-                low_acc = tl.dot(scaled_weights, _nibble_values(value_codes & 0x0F),
+                if OFFSET_CODES:  # the dots see 1024 + c: take 1024 times the scaled weights' sum (as rounded) off
+                    value_bias -= 1024.0 * tl.sum(scaled_weights.to(tl.float32), 1)
+                low_acc = tl.dot(scaled_weights, _nibble_values(value_codes & 0x0F, OFFSET_CODES),
                                  low_acc * decay[:, None] + value_bias[:, None])
-                high_acc = tl.dot(scaled_weights, _nibble_values(value_codes >> 4),
+                high_acc = tl.dot(scaled_weights, _nibble_values(value_codes >> 4, OFFSET_CODES),
                                   high_acc * decay[:, None] + value_bias[:, None])
 
         hot_tokens = tl.arange(0, HOT_TILE)
