@@ -323,9 +323,10 @@ if triton is not None:
     def _nibble_values(codes, OFFSET: tl.constexpr):
         """uint8 codes 0..15 -> float16 c (the subtraction is exact), or 1024 + c with OFFSET, for a caller that
         takes 1024 times the other operand's sum off the dot product instead."""
-        if OFFSET:
-            return _offset_nibbles(codes)
-        return _offset_nibbles(codes) - 1024.0
+        values = _offset_nibbles(codes)
+        if not OFFSET:
+            values = values - 1024.0
+        return values
 
     @triton.jit
     def _folded_key_scores(query_low, query_high, key_codes, scale_low, scale_high, min_low, min_high,
