@@ -7,7 +7,7 @@ rotated basis) filled with random codes and parameters (the timing does not depe
 1. check: every (variant, launch setting) timed below is first run on a ragged batch-2 layer and compared with the
    float64 torch reference (output relative error, largest page-mass error); a variant that fails to compile or
    drifts past 1e-2 is reported and left out.
-2. variants: each kernel variant (kvtier.kernels.decode_attention.VARIANTS) at the default launch setting, at every
+2. variants: kernel variants (kvtier.kernels.decode_attention.VARIANT_NAMES) at the default launch setting, at every
    context and batch, without and with the per-page mass output, beside SDPA on the same tokens as a dense bf16
    cache and the kernel on that dense cache as bf16 pages.
 3. launch: the fastest variant without mass (summed over the two largest contexts) over num_warps, num_stages, the
@@ -48,6 +48,7 @@ BLOCK, KEY_GROUP, SINKS, RECENT = 64, 32, 4, 128
 DEFAULT_LAUNCH = {"num_warps": 4, "num_stages": 3, "warm_tile": 128, "programs_per_sm": 4}
 # stage 2: (variant, with mass); a mass_dot variant differs from its base only with mass
 TIMED_VARIANTS = [("base", False), ("fold", False), ("offset", False), ("fold+offset", False),
+                  ("fold+offset+lop3", False),
                   ("base", True), ("mass_dot", True), ("fold+offset", True), ("fold+offset+mass_dot", True)]
 LAUNCH_GRID = [dict(DEFAULT_LAUNCH, num_warps=warps, num_stages=stages, warm_tile=tile)
                for warps, stages, tile in itertools.product((4, 8), (2, 3, 4), (128, 256))]
@@ -99,7 +100,7 @@ def random_int4_layer(batch: int, tokens: int, device, seed: int) -> tuple[Paged
 
 def select(variant: str, launch: dict) -> None:
     """Point the kernel module at a variant and a launch setting (read at every decode_attention call)."""
-    kernel_module.VARIANT = {**dict.fromkeys(kernel_module.VARIANT, False), **kernel_module.VARIANTS[variant]}
+    kernel_module.VARIANT = kernel_module.variant_switches(variant)
     kernel_module.LAUNCH["int4"] = (launch["num_warps"], launch["num_stages"])
     kernel_module.WARM_TILE = launch["warm_tile"]
     kernel_module.PROGRAMS_PER_SM = launch["programs_per_sm"]
@@ -320,7 +321,7 @@ def main() -> None:
     best_name = fastest(launch_sums)
     best_launch = launches.get(best_name)
     if best_launch is not None:
-        mass_variant = {"base": "mass_dot", "fold+offset": "fold+offset+mass_dot"}.get(best_variant, best_variant)
+        mass_variant = "mass_dot" if best_variant == "base" else f"{best_variant}+mass_dot"
         if usable(mass_variant, best_launch):
             for shape in shapes:
                 shape.time_kernel(mass_variant, best_launch, True)
