@@ -11,7 +11,8 @@ rotated basis) filled with random codes and parameters (the timing does not depe
    context and batch, without and with the per-page mass output, beside SDPA on the same tokens as a dense bf16
    cache and the kernel on that dense cache as bf16 pages.
 3. launch: the fastest variant without mass (summed over the two largest contexts) over num_warps, num_stages, the
-   warm tile and programs per SM, at the two largest contexts.
+   warm tile, programs per SM and the cap on splits per (sequence, KV head), at the two largest contexts; then
+   its mass_dot form with mass at the best setting.
 
 Times are device times: calls replayed from a CUDA graph, each after an L2 flush (benchmarks/kernel.py graph_ms).
 Writes DIR/kernel-variants-<gpu>.json and prints a compact table last.
@@ -45,14 +46,18 @@ from kvtier.pages import PageLayout, WarmPages  # noqa: E402
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BLOCK, KEY_GROUP, SINKS, RECENT = 64, 32, 4, 128
-DEFAULT_LAUNCH = {"num_warps": 4, "num_stages": 3, "warm_tile": 128, "programs_per_sm": 4}
+DEFAULT_LAUNCH = {"num_warps": 4, "num_stages": 3, "warm_tile": 128, "programs_per_sm": 4, "max_splits": 64}
 # stage 2: (variant, with mass); a mass_dot variant differs from its base only with mass
-TIMED_VARIANTS = [("base", False), ("fold", False), ("offset", False), ("fold+offset", False),
-                  ("fold+offset+lop3", False),
-                  ("base", True), ("mass_dot", True), ("fold+offset", True), ("fold+offset+mass_dot", True)]
-LAUNCH_GRID = [dict(DEFAULT_LAUNCH, num_warps=warps, num_stages=stages, warm_tile=tile)
-               for warps, stages, tile in itertools.product((4, 8), (2, 3, 4), (128, 256))]
-LAUNCH_GRID += [dict(DEFAULT_LAUNCH, programs_per_sm=programs) for programs in (2, 8)]
+TIMED_VARIANTS = [("base", False), ("fold", False), ("fold+offset", False), ("fold+offset+lop3", False),
+                  ("base", True), ("fold+offset", True), ("fold+offset+mass_dot", True)]
+# stage 3, most likely gains first (a spent time budget cuts the rest): programs per SM (no recompile), then
+# (num_warps, num_stages, warm tile)
+LAUNCH_GRID = [dict(DEFAULT_LAUNCH, programs_per_sm=programs, max_splits=splits)
+               for programs, splits in ((8, 128), (8, 64), (16, 256), (2, 64))]
+LAUNCH_GRID += [dict(DEFAULT_LAUNCH, num_warps=warps, num_stages=stages, warm_tile=tile)
+                for warps, stages, tile in ((4, 3, 256), (8, 3, 128), (8, 3, 256), (4, 2, 128), (4, 4, 128),
+                                            (8, 2, 128), (8, 4, 128), (4, 2, 256), (4, 4, 256), (8, 2, 256),
+                                            (8, 4, 256))]
 TOLERANCE = 1e-2  # output relative error against the float64 reference, as the tests allow
 
 
@@ -104,6 +109,7 @@ def select(variant: str, launch: dict) -> None:
     kernel_module.LAUNCH["int4"] = (launch["num_warps"], launch["num_stages"])
     kernel_module.WARM_TILE = launch["warm_tile"]
     kernel_module.PROGRAMS_PER_SM = launch["programs_per_sm"]
+    kernel_module.MAX_SPLITS = launch["max_splits"]
 
 
 def device_ms(fn, device) -> float:
@@ -116,7 +122,7 @@ def device_ms(fn, device) -> float:
 
 def setting_name(variant: str, launch: dict, with_mass: bool = False) -> str:
     return (f"{variant}{'+mass' if with_mass else ''} w{launch['num_warps']} s{launch['num_stages']} "
-            f"t{launch['warm_tile']} p{launch['programs_per_sm']}")
+            f"t{launch['warm_tile']} p{launch['programs_per_sm']} m{launch['max_splits']}")
 
 
 class Checker:
@@ -239,10 +245,10 @@ def summary(rows: list[dict], best_variant: str | None, best_launch: dict | None
             cells.append("-" if ms is None else f"{ms:.3f} {row['sdpa_ms'] / ms:.2f}x {row['int4_bytes'] / ms / 1e9:.2f}")
         lines.append(f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | "
                      f"{row['bf16_pages_ms'] / row['sdpa_ms']:.2f} | " + " | ".join(cells) + " |")
-    if best_variant is not None:
+    settings = [setting_name(best_variant, launch) for launch in [DEFAULT_LAUNCH, *LAUNCH_GRID]]
+    swept = [row for row in rows if any(name in row["times"] for name in settings[1:])]
+    if best_variant is not None and swept:
         lines += ["", f"launch sweep of {best_variant} (ms per setting; best summed last):", ""]
-        settings = [setting_name(best_variant, launch) for launch in LAUNCH_GRID]
-        swept = [row for row in rows if any(name in row["times"] for name in settings[:1])]
         lines.append("| setting | " + " | ".join(f"B{r['batch']} {r['tokens'] // 1024}K" for r in swept) + " |")
         lines.append("|" + "---|" * (1 + len(swept)))
         for name in settings:
@@ -270,7 +276,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--check-tokens", type=int, default=8192, help="tokens of the reference check's layer")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--budget-s", type=float, default=200.0,
+    parser.add_argument("--budget-s", type=float, default=170.0,
                         help="stop starting new launch-sweep timings after this many seconds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -308,7 +314,9 @@ def main() -> None:
 
     launch_sums: dict[str, float] = {}
     launches = {}
-    if best_variant is not None:
+    if best_variant is not None:  # the default setting was timed on the same shapes in stage 2
+        launches[setting_name(best_variant, DEFAULT_LAUNCH)] = DEFAULT_LAUNCH
+        launch_sums[setting_name(best_variant, DEFAULT_LAUNCH)] = variant_sums[best_variant]
         for launch in LAUNCH_GRID:
             if time.perf_counter() - started > args.budget_s:
                 print("launch sweep stopped: time budget spent", flush=True)

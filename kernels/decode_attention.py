@@ -41,8 +41,9 @@ PROGRAMS_PER_SM = 4  # (sequence, head, split) programs per streaming multiproce
 # Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference):
 # fold_key_scales: per-channel key scales multiply the query per key group, (q s_g) . c_t + q . m_g, in one batched
 #     dot over the tile's key groups, instead of dequantizing every key element
-# offset_codes: nibbles enter the dots as the float16 1024 + c (no subtraction per element); each row's
-#     1024 * sum of the other operand is subtracted once (keys only together with fold_key_scales)
+# offset_codes: nibbles enter the dots as the float16 1024 + c (no subtraction per element); 1024 times the other
+#     operand's row sum is taken off once per row (per-channel keys only together with fold_key_scales, where a dot
+#     with -1024 does it)
 # mass_dot: each page's softmax sum comes from one dot of the weights with a page indicator, not a reshape and sum
 # lop3_unpack: compiled CUDA only (the interpreter keeps the plain unpacking): inline PTX turns 4 code bytes into 8
 #     float16 1024 + c with two byte permutes, two shifts and four lop3 instructions
@@ -417,7 +418,9 @@ if triton is not None:
             codes = codes | (((plane_bytes.to(tl.int32) >> shift) & 1) << plane)
         return codes
 
-    @triton.jit
+    # page and split counts change from call to call: left unspecialized, they cost no recompile (one kernel per
+    # format and variant, not one per divisibility of each count)
+    @triton.jit(do_not_specialize=["warm_pages", "hot_pages", "pages_per_split", "splits"])
     def _decode_pages_kernel(
         query_ptr, rotated_query_ptr,  # (B, H_q, D): model dtype, plain basis; float32, rotated basis
         sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T sqrt(pi/2)/D; (2^BITS,) levels

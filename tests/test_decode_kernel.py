@@ -91,7 +91,7 @@ VARIANT_CASES = [  # (variant, case, dtype, warm tile): each kernel variant on a
     ("mass_dot", "turboquant2-qjl-uncentered-mha-d64", torch.float32, 128),
     ("fold+offset+mass_dot", "gqa4-d64-unrotated", torch.float32, 128),
     ("fold+offset+mass_dot", "gqa4-d64-block16", torch.float32, 256),  # 16 pages a tile: every indicator column
-    ("fold+offset+lop3", "gqa8-d128-block32", torch.float32, 128),  # lop3: compiled CUDA only, else plain unpacking
+    ("fold+offset+lop3", "gqa8-d128-block32", torch.float32, 128),  # lop3: compiled CUDA only (skipped elsewhere)
 ]
 
 
@@ -99,6 +99,8 @@ VARIANT_CASES = [  # (variant, case, dtype, warm tile): each kernel variant on a
 @pytest.mark.parametrize("variant, case, dtype, warm_tile", VARIANT_CASES,
                          ids=[f"{v}-{c}-{str(d)[6:]}-tile{t}" for v, c, d, t in VARIANT_CASES])
 def test_kernel_variant_matches_float64_reference(variant, case, dtype, warm_tile, device, monkeypatch):
+    if "lop3" in variant and device == "cpu":
+        pytest.skip("the interpreter unpacks without the lop3 PTX: the case would repeat fold+offset")
     monkeypatch.setattr(kernel_module, "VARIANT", kernel_module.variant_switches(variant))
     monkeypatch.setattr(kernel_module, "WARM_TILE", warm_tile)
     check_kernel_against_reference(case, dtype, device)
