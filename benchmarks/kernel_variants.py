@@ -208,14 +208,20 @@ class Shape:
         del keys, values, dense
 
     def time_kernel(self, variant: str, launch: dict, with_mass: bool) -> float:
+        """Device ms of one call (inf, reported, if it fails here though its check passed)."""
         select(variant, launch)
         call = lambda: decode_attention(self.query, self.paged, self.kv_start, self.kv_end, HEAD_DIM**-0.5,  # noqa
                                         with_mass=with_mass, workspace=self.workspace)
-        out = call()[0]
+        name = setting_name(variant, launch, with_mass)
+        try:
+            out = call()[0]
+            ms = device_ms(call, self.device)
+        except Exception as error:
+            self.row["times"][name] = {"ms": math.inf, "error": f"{type(error).__name__}: {str(error)[:300]}"}
+            print(f"{self.batch} {self.tokens} {name}: FAILED {self.row['times'][name]['error']}", flush=True)
+            return math.inf
         if self.base_out is None:
             self.base_out = out.clone()
-        ms = device_ms(call, self.device)
-        name = setting_name(variant, launch, with_mass)
         self.row["times"][name] = {"ms": ms, "error_vs_base": relative_error(out, self.base_out)}
         print(f"{self.batch} {self.tokens} {name}: {ms:.4f} ms, {self.int4_bytes / ms / 1e9:.2f} TB/s, "
               f"vs first {self.row['times'][name]['error_vs_base']:.1e}", flush=True)
