@@ -24,7 +24,6 @@ Writes DIR/kernel-variants-<gpu>.json and prints a compact table last.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import platform
