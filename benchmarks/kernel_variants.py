@@ -263,11 +263,15 @@ def summary(rows: list[dict], best_variant: str | None, best_launch: dict | None
             best = setting_name(best_variant, best_launch)
             lines.append("")
             lines.append(f"best: {best}")
+            mass_variant = "mass_dot" if best_variant == "base" else f"{best_variant}+mass_dot"
+            with_mass = setting_name(mass_variant, best_launch, True)
             for row in swept:
                 if best in row["times"]:
                     ms = row["times"][best]["ms"]
+                    mass_ms = row["times"].get(with_mass, {}).get("ms", math.nan)
                     lines.append(f"  B{row['batch']} {row['tokens']:,}: {ms:.3f} ms, {row['sdpa_ms'] / ms:.2f}x SDPA, "
-                                 f"{row['int4_bytes'] / ms / 1e9:.2f} TB/s")
+                                 f"{row['int4_bytes'] / ms / 1e9:.2f} TB/s; with mass ({mass_variant}) "
+                                 f"{mass_ms:.3f} ms, {(mass_ms / ms - 1) * 100:+.1f}%")
     return "\n".join(lines)
 
 
