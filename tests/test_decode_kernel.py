@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig
 
 from kvtier import TierConfig, TieredCache
+from kvtier.kernels import decode_attention as kernel_module
 from kvtier.kernels.decode_attention import DecodeWorkspace, decode_attention, paged_attention_reference
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -74,6 +75,41 @@ CASES = {  # batch, query heads, KV heads, head dim, tokens, block, key group, e
 def test_kernel_matches_float64_reference_and_dense(case, dtype, device):
     if dtype == torch.bfloat16 and case not in ("gqa4-d64-block16", "gqa8-d128-block32", "turboquant3-qjl-gqa4-d64"):
         pytest.skip("bfloat16 hot tiers: three shapes are enough")
+    layer, query, kv_start, kv_end, scale, expected, mass = check_kernel_against_reference(case, dtype, device)
+    dense = dense_attention(query, layer, kv_start, kv_end, scale)
+    # the reference reads every tier right (the dense side un-rotates warm tokens in float32)
+    torch.testing.assert_close(expected, dense, rtol=1e-5, atol=1e-5)
+    hot_share = 1 - mass.sum(-1)  # what the sinks and the recent window got
+    assert ((hot_share > -1e-3) & (hot_share < 1 + 1e-3)).all()
+
+
+VARIANT_CASES = [  # (variant, case, dtype, warm tile): each kernel variant on a few cases of the sweep above
+    ("fold", "mha-d64-block64", torch.bfloat16, 128),  # key groups of 32, one query head per KV head
+    ("offset", "gqa4-d64-token-keys", torch.float32, 128),  # per-token keys and values take the offset
+    ("fold+offset", "gqa8-d128-block32", torch.bfloat16, 128),  # the benchmark's head dim and group
+    ("fold+offset", "gqa4-d64-no-sinks", torch.float32, 128),
+    ("mass_dot", "turboquant2-qjl-uncentered-mha-d64", torch.float32, 128),
+    ("fold+offset+mass_dot", "gqa4-d64-unrotated", torch.float32, 128),
+    ("fold+offset+mass_dot", "gqa4-d64-block16", torch.float32, 256),  # 16 pages a tile: every indicator column
+    ("fold+offset+lop3", "gqa8-d128-block32", torch.float32, 128),  # lop3: compiled CUDA only (skipped elsewhere)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant, case, dtype, warm_tile", VARIANT_CASES,
+                         ids=[f"{v}-{c}-{str(d)[6:]}-tile{t}" for v, c, d, t in VARIANT_CASES])
+def test_kernel_variant_matches_float64_reference(variant, case, dtype, warm_tile, device, monkeypatch):
+    if "lop3" in variant and device == "cpu":
+        pytest.skip("the interpreter unpacks without the lop3 PTX: the case would repeat fold+offset")
+    monkeypatch.setattr(kernel_module, "VARIANT", kernel_module.variant_switches(variant))
+    monkeypatch.setattr(kernel_module, "WARM_TILE", warm_tile)
+    check_kernel_against_reference(case, dtype, device)
+
+
+def check_kernel_against_reference(case, dtype, device):
+    """Run the kernel (outputs and scratch poisoned) on a filled layer of ``case`` and compare its output and page mass
+    with the float64 reference; returns the layer, query, kv_start, kv_end, scale, the reference's output and the
+    kernel's mass."""
     batch, query_heads, kv_heads, head_dim, tokens, block, key_group, extra = CASES[case]
     layer = filled_layer(device, batch, query_heads, kv_heads, head_dim, tokens, dtype, seed=len(case),
                          block_size=block, key_group=key_group, **extra)
@@ -100,12 +136,7 @@ def test_kernel_matches_float64_reference_and_dense(case, dtype, device):
     relative = (out.double() - expected).norm() / expected.norm()
     assert relative < BF16_RELATIVE, relative.item()
     torch.testing.assert_close(mass.double(), expected_mass, atol=2e-3, rtol=2e-2)
-
-    dense = dense_attention(query, layer, kv_start, kv_end, scale)
-    # the reference reads every tier right (the dense side un-rotates warm tokens in float32)
-    torch.testing.assert_close(expected, dense, rtol=1e-5, atol=1e-5)
-    hot_share = 1 - mass.sum(-1)  # what the sinks and the recent window got
-    assert ((hot_share > -1e-3) & (hot_share < 1 + 1e-3)).all()
+    return layer, query, kv_start, kv_end, scale, expected, mass
 
 
 @pytest.mark.parametrize("device", DEVICES)
