@@ -59,6 +59,7 @@ def every_cached_token(layer):
     offloaded += [(entry.start, torch.frombuffer(bytearray(layer.disk.read(entry)), dtype=torch.uint8))
                   for entry in layer.disk.entries]
     for start, page in offloaded:  # page (page_bytes,) uint8
+        page = page.to(layer.device)  # dequantized beside the layer's rotation and sketch
         page_keys, page_values = layout.format.dequantize(layout.views(page[None]), torch.float32, layer.sketch)
         parts.append((page_keys[0], page_values[0]))  # (B, H, block, D) each
         positions.append(torch.arange(start, start + block))
