@@ -292,7 +292,7 @@ def main() -> None:
             kernel_module.LAUNCH[kind] = (setting["num_warps"], setting["num_stages"])
         kernel_module.WARM_TILE = chosen["int4"]["warm_tile"]
         print(json.dumps(chosen), flush=True)
-    launch = {"launch": dict(kernel_module.LAUNCH), "programs_per_sm": kernel_module.PROGRAMS_PER_SM,
+    launch = {"launch": dict(kernel_module.LAUNCH), "splits_per_head": kernel_module.SPLITS_PER_HEAD,
               "warm_tile": kernel_module.WARM_TILE}
     rows = []
     for batch in args.batches:

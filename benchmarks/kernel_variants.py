@@ -11,7 +11,7 @@ rotated basis) filled with random codes and parameters (the timing does not depe
    context and batch, without and with the per-page mass output, beside SDPA on the same tokens as a dense bf16
    cache and the kernel on that dense cache as bf16 pages.
 3. launch: the fastest variant without mass (summed over the two largest contexts) over num_warps, num_stages, the
-   warm tile, programs per SM and the cap on splits per (sequence, KV head), at the two largest contexts; then
+   warm tile and splits per (sequence, KV head), at the two largest contexts; then
    its mass_dot form with mass at the best setting.
 
 Times are device times: calls replayed from a CUDA graph, each after an L2 flush (benchmarks/kernel.py graph_ms).
@@ -45,14 +45,13 @@ from kvtier.pages import PageLayout, WarmPages  # noqa: E402
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 BLOCK, KEY_GROUP, SINKS, RECENT = 64, 32, 4, 128
-DEFAULT_LAUNCH = {"num_warps": 4, "num_stages": 3, "warm_tile": 128, "programs_per_sm": 4, "max_splits": 64}
+DEFAULT_LAUNCH = {"num_warps": 4, "num_stages": 3, "warm_tile": 128, "splits": 32}
 # stage 2: (variant, with mass); a mass_dot variant differs from its base only with mass
 TIMED_VARIANTS = [("base", False), ("fold", False), ("fold+offset", False), ("fold+offset+lop3", False),
                   ("base", True), ("fold+offset", True), ("fold+offset+mass_dot", True)]
-# stage 3, most likely gains first (a spent time budget cuts the rest): programs per SM (no recompile), then
-# (num_warps, num_stages, warm tile)
-LAUNCH_GRID = [dict(DEFAULT_LAUNCH, programs_per_sm=programs, max_splits=splits)
-               for programs, splits in ((8, 128), (8, 64), (16, 256), (2, 64))]
+# stage 3, most likely gains first (a spent time budget cuts the rest): splits per (sequence, KV head) (no
+# recompile), then (num_warps, num_stages, warm tile)
+LAUNCH_GRID = [dict(DEFAULT_LAUNCH, splits=splits) for splits in (16, 24, 48, 64)]
 LAUNCH_GRID += [dict(DEFAULT_LAUNCH, num_warps=warps, num_stages=stages, warm_tile=tile)
                 for warps, stages, tile in ((4, 3, 256), (8, 3, 128), (8, 3, 256), (4, 2, 128), (4, 4, 128),
                                             (8, 2, 128), (8, 4, 128), (4, 2, 256), (4, 4, 256), (8, 2, 256),
@@ -107,8 +106,7 @@ def select(variant: str, launch: dict) -> None:
     kernel_module.VARIANT = kernel_module.variant_switches(variant)
     kernel_module.LAUNCH["int4"] = (launch["num_warps"], launch["num_stages"])
     kernel_module.WARM_TILE = launch["warm_tile"]
-    kernel_module.PROGRAMS_PER_SM = launch["programs_per_sm"]
-    kernel_module.MAX_SPLITS = launch["max_splits"]
+    kernel_module.SPLITS_PER_HEAD = launch["splits"]
 
 
 def device_ms(fn, device) -> float:
@@ -121,7 +119,7 @@ def device_ms(fn, device) -> float:
 
 def setting_name(variant: str, launch: dict, with_mass: bool = False) -> str:
     return (f"{variant}{'+mass' if with_mass else ''} w{launch['num_warps']} s{launch['num_stages']} "
-            f"t{launch['warm_tile']} p{launch['programs_per_sm']} m{launch['max_splits']}")
+            f"t{launch['warm_tile']} k{launch['splits']}")
 
 
 class Checker:

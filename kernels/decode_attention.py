@@ -37,8 +37,12 @@ MAX_SPLITS = 64
 # benchmarks/kernel.py --sweep measures the alternatives
 LAUNCH = {"int4": (4, 3), "dense": (4, 3)}
 WARM_TILE = 128  # warm tokens the kernel reads per step (whole pages)
-PROGRAMS_PER_SM = 4  # (sequence, head, split) programs per streaming multiprocessor
-# Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference):
+SPLITS_PER_HEAD = 32  # splits of each (sequence, KV head) on CUDA: about 32 were fastest at batch 1 and at batch 8,
+# 128K-512K tokens (benchmarks/results/kernel-variants-h200.json: 33 splits 6-19% under the earlier 64 at batch 1
+# and 9 at batch 8)
+# Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference).
+# Off by default: on the H200 every one measured slower than the plain path (fold 5-9%, fold+offset 35-60%, lop3 no
+# better than fold+offset, mass_dot no cheaper; benchmarks/results/kernel-variants-h200.json):
 # fold_key_scales: per-channel key scales multiply the query per key group, (q s_g) . c_t + q . m_g, in one batched
 #     dot over the tile's key groups, instead of dequantizing every key element
 # offset_codes: nibbles enter the dots as the float16 1024 + c (no subtraction per element); 1024 times the other
@@ -241,13 +245,8 @@ def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = M
 
 
 def max_splits(batch: int, kv_heads: int, device) -> int:
-    """Splits per (sequence, KV head) that give every SM PROGRAMS_PER_SM programs (two on the CPU, so that
-    merging is exercised)."""
-    if torch.device(device).type == "cuda":
-        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        programs = 2 * batch * kv_heads
-    return max(1, min(MAX_SPLITS, -(-programs // (batch * kv_heads))))
+    """Splits per (sequence, KV head): SPLITS_PER_HEAD on CUDA, two on the CPU (so that merging is exercised)."""
+    return min(MAX_SPLITS, SPLITS_PER_HEAD if torch.device(device).type == "cuda" else 2)
 
 
 def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
