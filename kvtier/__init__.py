@@ -3,16 +3,20 @@
     kv = kvtier.attach(model, budget_gb=2.0)
     model.generate(input_ids, max_new_tokens=256)
     kv.stats()
+    kv.save("session/"); cache = kvtier.load("session/", model)   # prefill once, continue later
     kvtier.detach(model)
 """
 
 from .attach import KVTier, attach, detach
 from .cache import TieredCache
 from .config import TierConfig
-from .errors import BudgetExceededError, BudgetTooSmallError, KVTierError, UnsupportedModelError
+from .errors import (BudgetExceededError, BudgetTooSmallError, KVTierError, NonFiniteStatesError, SessionCorruptError,
+                     SessionError, SessionMismatchError, UnsupportedModelError)
+from .session import load_cache as load
 
 __all__ = [
-    "KVTier", "TierConfig", "TieredCache", "attach", "detach",
-    "BudgetExceededError", "BudgetTooSmallError", "KVTierError", "UnsupportedModelError",
+    "KVTier", "TierConfig", "TieredCache", "attach", "detach", "load",
+    "BudgetExceededError", "BudgetTooSmallError", "KVTierError", "NonFiniteStatesError", "SessionCorruptError",
+    "SessionError", "SessionMismatchError", "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

@@ -34,10 +34,12 @@ class TieredCache(Cache):
 
     def __init__(self, config: TierConfig, model_config, padding_mask: torch.Tensor | None = None):
         self.config = config
+        self.model_config = model_config
         self.num_layers = model_config.num_hidden_layers
         self.query_heads = model_config.num_attention_heads
         self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.query_heads
         self.padding_mask = None if padding_mask is None else padding_mask.bool()
+        self.token_ids: torch.Tensor | None = None  # (B, N) the tokens the cache holds, when generate() recorded them
         self.warm_format = make_format(config)  # every layer's warm pages
         self.low_format = make_low_format(config)  # its low-precision warm pages (low_bits), or None
         self.device_budget = ByteBudget(config.budget_bytes)  # everything the cache holds on its device
@@ -73,6 +75,13 @@ class TieredCache(Cache):
             if upcoming.is_initialized and upcoming.cold.entries:
                 self.prefetcher.prefetch(upcoming)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def save(self, path, token_ids: torch.Tensor | None = None, model=None):
+        """Write the whole cache to the directory ``path`` (see kvtier.session); ``token_ids`` (B, N) are the tokens
+        it holds (default: those generate() recorded); ``model`` adds its weights' fingerprint."""
+        from .session import save_cache
+
+        return save_cache(self, path, token_ids, model)
 
     # ---------------------------------------------------------------- budget
     @property

@@ -15,3 +15,19 @@ class BudgetTooSmallError(KVTierError, ValueError):
 
 class UnsupportedModelError(KVTierError, ValueError):
     """The model has a feature kvtier cannot serve (no attention interface, sliding windows, ...)."""
+
+
+class NonFiniteStatesError(KVTierError, ValueError):
+    """Keys or values handed to the cache hold NaN or Inf."""
+
+
+class SessionError(KVTierError):
+    """A saved session cannot be loaded."""
+
+
+class SessionMismatchError(SessionError, ValueError):
+    """A saved session was written for another model, dtype, page format or session format version."""
+
+
+class SessionCorruptError(SessionError):
+    """A saved session's files are missing, truncated or do not match their checksums."""
