@@ -98,9 +98,9 @@ class TieredLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.cache.check_states(key_states, value_states, self)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cache.check_states(key_states, value_states, self)
         past_length = self.total_tokens
         self.append(key_states, value_states)
         view = TierView(self, key_states, value_states, past_length)
