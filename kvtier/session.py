@@ -98,7 +98,8 @@ def _write_layer(layer, directory: Path) -> dict:
             digest.update(raw)
             runs.append([tier, start, len(raw)])
             size += len(raw)
-    return {"file": name, "bytes": size, "sha256": digest.hexdigest(), "runs": runs}
+    return {"file": name, "bytes": size, "sha256": digest.hexdigest(), "runs": runs,
+            "evicted_tokens": layer.evicted_tokens}
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -123,6 +124,10 @@ def load_cache(path, model, config: TierConfig | None = None) -> TieredCache:
         for layer, blob, entry in zip(cache.layers, blobs, manifest["layers"]):
             layer.lazy_initialization(empty, empty)
             layer.restore_pages(_runs(blob, entry["runs"]))
+            if layer.evicted_tokens != entry["evicted_tokens"]:  # a page missing from the runs would look evicted
+                raise SessionCorruptError(f"kvtier: layer {layer.layer_idx} of {path} restored "
+                                          f"{layer.evicted_tokens} evicted tokens; its manifest says "
+                                          f"{entry['evicted_tokens']}. The session is damaged: save it again.")
         if cache.get_seq_length() != manifest["tokens"]:
             raise SessionCorruptError(f"kvtier: {path} restored {cache.get_seq_length()} tokens; its manifest says "
                                       f"{manifest['tokens']}.")
