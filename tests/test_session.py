@@ -17,6 +17,7 @@ from kvtier import BudgetExceededError, KVTierError, SessionCorruptError, Sessio
 from kvtier import session
 from kvtier.attention import attend_tiers
 from kvtier.eval import reference_text
+from conftest import cuda_only
 from test_cold_tier import (FP32_RELATIVE, HEADS, HEAD_DIM, SMALL, budget_for_warm_pages, dense_decode,
                             every_cached_token, host_budget_for_slabs, kvtier_test_model, random_states,
                             relative_error, step)
@@ -187,6 +188,33 @@ def test_continuing_other_tokens_is_refused(saved, model):
     with pytest.raises(KVTierError, match=r"holds \(2, 202\) tokens that input_ids \(2, 205\) do not start with, "
                                           r"first at row 0 position 0.*followed by the new tokens"):
         model.generate(other, past_key_values=cache, max_new_tokens=1)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only()])])
+def test_continuation_after_a_load_matches_on_the_device(tmp_path, device):
+    """The tiny model with most of a left-padded batch cold: on CUDA the pages go back to device slabs and pinned host
+    slabs, and the continuation runs the Triton kernel over them."""
+    torch.manual_seed(0)
+    model = kvtier_test_model().to(device)
+    ids = torch.randint(0, 128, (2, 300), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    handle = kvtier.attach(model, **{**SMALL, "budget_gb": budget_for_warm_pages(2, device, chunk_pages=2),
+                                     "chunk_pages": 2})
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        assert handle.stats()["cold"]["tokens"] > 150
+        handle.save(tmp_path / "s")
+        mask = torch.cat((mask, mask.new_ones(2, 3)), 1)
+        results = [model.generate(out, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True)
+                   for cache in (handle.cache, kvtier.load(tmp_path / "s", model))]
+    finally:
+        kvtier.detach(model)
+    assert torch.equal(results[1].sequences, results[0].sequences)
+    for got, expected in zip(results[1].logits, results[0].logits):
+        assert relative_error(got, expected) < FP32_RELATIVE
 
 
 # ------------------------------------------------------------------------------------------------ the real model
