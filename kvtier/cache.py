@@ -284,13 +284,17 @@ class TieredCache(Cache):
 
 
 def check_finite(keys: torch.Tensor, values: torch.Tensor, layer_idx: int, start: int) -> None:
-    """Raise NonFiniteStatesError if keys or values (B, H_kv, L, D) of positions start.. hold NaN or Inf. The check is
-    an isfinite pass and an all() reduction over the new chunk's keys and values, combined into one flag read with one
-    host sync per layer and update (on CUDA the host then waits for the layer's projections before it queues more
-    work); only a failure pays for finding the positions."""
-    if bool(torch.isfinite(keys).all() & torch.isfinite(values).all()):
+    """Raise NonFiniteStatesError if keys or values (B, H_kv, L, D) of positions start.. hold NaN or Inf.
+
+    The check every update pays is one float32 sum over the new keys and one over the new values, and one host sync
+    per layer and update to read the flag (on CUDA the host then waits for the layer's projections before it queues
+    more work): a NaN or an Inf anywhere makes the sum non-finite. Only a non-finite sum pays for the exact search,
+    which also tells a real NaN or Inf from a sum of huge finite values that overflowed (not refused)."""
+    if bool(torch.isfinite(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))):
         return
     bad = {name: ~torch.isfinite(states).all(dim=3).all(dim=1) for name, states in (("keys", keys), ("values", values))}
+    if not (bad["keys"].any() or bad["values"].any()):
+        return
     rows, offsets = (bad["keys"] | bad["values"]).nonzero(as_tuple=True)  # (B, L) -> where
     which = " and ".join(name for name, mask in bad.items() if mask.any())
     raise NonFiniteStatesError(

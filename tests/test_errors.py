@@ -225,3 +225,10 @@ def test_states_unlike_the_layers_are_refused(shape, dtype, message):
 def test_check_finite_must_be_a_bool():
     with pytest.raises(ValueError, match="check_finite must be True or False, got 'yes'"):
         kvtier.TierConfig(check_finite="yes")
+
+
+def test_huge_finite_states_whose_sum_overflows_are_not_refused():
+    cache = states_cache()
+    states = torch.full((1, 2, 4, 16), 3e38)  # finite, but their float32 sum is inf
+    cache.update(states, states, 0)
+    assert cache.layers[0].total_tokens == 4
