@@ -6,6 +6,7 @@ float64 attention over every token read back from the restored tiers.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -91,18 +92,29 @@ def test_save_needs_the_token_ids_the_cache_holds(model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-@pytest.fixture
-def saved(model, tmp_path):
-    """A session saved through the attached handle after a generate() on a left-padded batch: (path, handle)."""
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory):
+    """A session saved through the attached handle after a generate() on a left-padded batch: (path, its config)."""
+    torch.manual_seed(0)
+    model = kvtier_test_model()  # the same weights as the model fixture's
     handle = kvtier.attach(model, **{**SMALL, "budget_gb": budget_for_warm_pages(2, chunk_pages=2), "chunk_pages": 2})
     ids = torch.randint(0, 128, (2, 200))
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
-    handle.save(tmp_path / "s")
-    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["token_ids"] == out[:, :202].tolist()
-    yield tmp_path / "s", handle
+    path = tmp_path_factory.mktemp("saved") / "s"
+    handle.save(path)
     kvtier.detach(model)
+    assert json.loads((path / "manifest.json").read_text())["token_ids"] == out[:, :202].tolist()
+    return path, handle.config
+
+
+@pytest.fixture
+def saved(saved_once, tmp_path):
+    """A copy of the saved session, for a test to damage."""
+    path, config = saved_once
+    shutil.copytree(path, tmp_path / "s")
+    return tmp_path / "s", config
 
 
 def test_another_model_config_is_refused_naming_what_differs(saved):
@@ -127,8 +139,8 @@ def test_another_dtype_is_refused(saved, model):
 @pytest.mark.parametrize("field,value", [("warm_format", "turboquant"), ("block_size", 32), ("rotation_seed", 1),
                                          ("recent_window", 16)])
 def test_a_config_that_changes_the_pages_is_refused(saved, model, field, value):
-    path, handle = saved
-    config = TierConfig(**{**SMALL, "budget_gb": handle.config.budget_gb, field: value})
+    path, saved_config = saved
+    config = TierConfig(**{**SMALL, "budget_gb": saved_config.budget_gb, field: value})
     with pytest.raises(SessionMismatchError, match=rf"{field}: saved .*, now {value!r}.*saved values"):
         kvtier.load(path, model, config=config)
 
@@ -169,7 +181,7 @@ def test_a_damaged_session_is_refused(saved, model, damage, message):
 
 
 def test_a_load_that_does_not_fit_leaves_nothing_reserved(saved, model, monkeypatch):
-    path, handle = saved
+    path = saved[0]
     built = []
     monkeypatch.setattr(session, "TieredCache", lambda *args, **kwargs: built.append(TieredCache(*args, **kwargs))
                         or built[-1])
@@ -182,12 +194,19 @@ def test_a_load_that_does_not_fit_leaves_nothing_reserved(saved, model, monkeypa
 
 
 def test_continuing_other_tokens_is_refused(saved, model):
-    path, _ = saved
+    path, config = saved
     cache = kvtier.load(path, model)
-    other = torch.randint(0, 128, (2, 205))
-    with pytest.raises(KVTierError, match=r"holds \(2, 202\) tokens that input_ids \(2, 205\) do not start with, "
-                                          r"first at row 0 position 0.*followed by the new tokens"):
-        model.generate(other, past_key_values=cache, max_new_tokens=1)
+    other = torch.cat((cache.token_ids, torch.ones(2, 3, dtype=torch.long)), 1)  # (2, 205)
+    other[1, 150] = (other[1, 150] + 1) % 128
+    with pytest.raises(KVTierError, match=r"a TieredCache was passed to a model whose attention is 'sdpa'.*kvtier.attach"):
+        model.generate(other, past_key_values=cache, max_new_tokens=1)  # not attached
+    kvtier.attach(model, config=config, budget_gb=config.budget_gb)
+    try:
+        with pytest.raises(KVTierError, match=r"holds \(2, 202\) tokens that input_ids \(2, 205\) do not start "
+                                              r"with, first at row 1 position 150.*followed by the new tokens"):
+            model.generate(other, past_key_values=cache, max_new_tokens=1)
+    finally:
+        kvtier.detach(model)
 
 
 @torch.no_grad()
@@ -219,7 +238,7 @@ def test_continuation_after_a_load_matches_on_the_device(tmp_path, device):
 
 # ------------------------------------------------------------------------------------------------ the real model
 @torch.no_grad()
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [2])  # batch 1 is row 0 of it; the tiny model's test above runs on CUDA too
 def test_generation_continued_after_a_load_matches_the_unsaved_cache(smollm2, tmp_path, batch):
     """SmolLM2 over 400 pydoc tokens with most warm pages cold: greedy continuation from the loaded cache
     equals continuation from the cache that was saved, token for token (batch 2: the second row left-padded)."""
@@ -266,7 +285,7 @@ def smollm2_budget_for_warm_pages(model, pages, batch):
 ROUND_TRIP = 0  # an operation: save the cache and continue with the loaded copy
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(operations=st.lists(st.one_of(st.integers(1, 40), st.just(ROUND_TRIP)), min_size=2, max_size=10),
        warm_pages=st.integers(1, 3), host_slabs=st.integers(1, 3), seed=st.integers(0, 99))
 def test_no_token_lost_or_changed_across_steps_evictions_and_save_load_round_trips(tmp_path_factory, operations,
