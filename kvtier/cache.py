@@ -10,7 +10,6 @@ from transformers.cache_utils import Cache
 
 from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspace_bytes
 
-from .attention import ATTENTION_NAME
 from .budget import ByteBudget
 from .cold_choice import ColdAttentionChooser
 from .config import BYTES_PER_GB, TierConfig
@@ -64,8 +63,6 @@ class TieredCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer. A prefill
         chunk (more than one token) attends every cold page, even under prefetch="topk", and so scores them all."""
-        if layer_idx == 0:
-            self.check_attached()
         if self.chooser is not None and layer_idx == 0:  # a step starts: cold_attention="auto" picks its mode
             if key_states.shape[2] == 1:
                 self.cold_mode = self.chooser.start_step(time.perf_counter())
@@ -85,14 +82,6 @@ class TieredCache(Cache):
         from .session import save_cache
 
         return save_cache(self, path, token_ids, model)
-
-    def check_attached(self) -> None:
-        """Only kvtier's attention reads a TieredCache: refuse a model whose attention is another (not attached)."""
-        attention = getattr(self.model_config, "_attn_implementation", None)
-        if attention is not None and attention != ATTENTION_NAME:
-            raise KVTierError(f"kvtier: a TieredCache was passed to a model whose attention is {attention!r}, not "
-                              "kvtier's; only kvtier's attention reads it. Call kvtier.attach(model, ...) first (with "
-                              "the configuration the cache was made or saved with).")
 
     # ---------------------------------------------------------------- budget
     @property

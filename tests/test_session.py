@@ -198,8 +198,6 @@ def test_continuing_other_tokens_is_refused(saved, model):
     cache = kvtier.load(path, model)
     other = torch.cat((cache.token_ids, torch.ones(2, 3, dtype=torch.long)), 1)  # (2, 205)
     other[1, 150] = (other[1, 150] + 1) % 128
-    with pytest.raises(KVTierError, match=r"a TieredCache was passed to a model whose attention is 'sdpa'.*kvtier.attach"):
-        model.generate(other, past_key_values=cache, max_new_tokens=1)  # not attached
     kvtier.attach(model, config=config, budget_gb=config.budget_gb)
     try:
         with pytest.raises(KVTierError, match=r"holds \(2, 202\) tokens that input_ids \(2, 205\) do not start "
@@ -238,7 +236,7 @@ def test_continuation_after_a_load_matches_on_the_device(tmp_path, device):
 
 # ------------------------------------------------------------------------------------------------ the real model
 @torch.no_grad()
-@pytest.mark.parametrize("batch", [2])  # batch 1 is row 0 of it; the tiny model's test above runs on CUDA too
+@pytest.mark.parametrize("batch", [1, 2])
 def test_generation_continued_after_a_load_matches_the_unsaved_cache(smollm2, tmp_path, batch):
     """SmolLM2 over 400 pydoc tokens with most warm pages cold: greedy continuation from the loaded cache
     equals continuation from the cache that was saved, token for token (batch 2: the second row left-padded)."""
