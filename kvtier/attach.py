@@ -38,15 +38,14 @@ class KVTier:
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         passed = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 also names it cache=
         if passed is None:
-            kwargs["past_key_values"] = self.new_cache(kwargs.get("attention_mask"))
+            passed = kwargs["past_key_values"] = self.new_cache(kwargs.get("attention_mask"))
         elif isinstance(passed, TieredCache):
             self.cache = passed
             check_continuation(self.cache, input_ids)
         output = self.original_generate(*args, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
-        held = self.cache.get_seq_length()
-        if sequences is not None and sequences.shape[1] >= held:
-            self.cache.token_ids = sequences[:, :held].cpu()
+        if isinstance(passed, TieredCache) and sequences is not None and sequences.shape[1] >= passed.get_seq_length():
+            passed.token_ids = sequences[:, :passed.get_seq_length()].cpu()
         return output
 
     def save(self, path, token_ids: torch.Tensor | None = None):

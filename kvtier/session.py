@@ -63,6 +63,9 @@ def save_cache(cache: TieredCache, path, token_ids: torch.Tensor | None = None, 
         raise KVTierError(f"kvtier: {path} exists and is not a kvtier session; choose a new directory.")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))  # renamed into place when complete
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a session directory gets the usual permissions
     try:
         layers = [_write_layer(layer, staging) for layer in cache.layers]
         manifest = {
