@@ -3,6 +3,7 @@
     kv = kvtier.attach(model, budget_gb=2.0)
     model.generate(input_ids, max_new_tokens=256)
     kv.stats()
+    kv.save("session/"); cache = kvtier.load("session/", model)   # prefill once, continue later
     kvtier.detach(model)
 """
 
@@ -10,11 +11,12 @@ from .attach import KVTier, attach, detach
 from .cache import TieredCache
 from .config import TierConfig
 from .errors import (BudgetExceededError, BudgetTooSmallError, DiskReadError, DiskWriteError, KVTierError,
-                     UnsupportedModelError)
+                     NonFiniteStatesError, SessionCorruptError, SessionError, SessionMismatchError, UnsupportedModelError)
+from .session import load_cache as load
 
 __all__ = [
-    "KVTier", "TierConfig", "TieredCache", "attach", "detach",
+    "KVTier", "TierConfig", "TieredCache", "attach", "detach", "load",
     "BudgetExceededError", "BudgetTooSmallError", "DiskReadError", "DiskWriteError", "KVTierError",
-    "UnsupportedModelError",
+    "NonFiniteStatesError", "SessionCorruptError", "SessionError", "SessionMismatchError", "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

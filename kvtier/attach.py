@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .attention import ATTENTION_NAME, tiered_attention_forward
 from .cache import TieredCache
 from .config import TierConfig
-from .errors import UnsupportedModelError
+from .errors import KVTierError, UnsupportedModelError
 
 AttentionInterface.register(ATTENTION_NAME, tiered_attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
@@ -33,11 +34,26 @@ class KVTier:
         return self.cache
 
     def generate(self, *args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = self.new_cache(kwargs.get("attention_mask"))
-        elif isinstance(kwargs["past_key_values"], TieredCache):
-            self.cache = kwargs["past_key_values"]
-        return self.original_generate(*args, **kwargs)
+        """The model's generate() with a TieredCache; records the tokens the cache holds afterwards (for save())."""
+        input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        passed = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 also names it cache=
+        if passed is None:
+            passed = kwargs["past_key_values"] = self.new_cache(kwargs.get("attention_mask"))
+        elif isinstance(passed, TieredCache):
+            self.cache = passed
+            check_continuation(self.cache, input_ids)
+        output = self.original_generate(*args, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+        if isinstance(passed, TieredCache) and sequences is not None and sequences.shape[1] >= passed.get_seq_length():
+            passed.token_ids = sequences[:, :passed.get_seq_length()].cpu()
+        return output
+
+    def save(self, path, token_ids: torch.Tensor | None = None):
+        """Write the latest cache to the directory ``path``; load it with ``kvtier.load(path, model)``. ``token_ids``
+        (B, N): the tokens it holds, by default those its last generate() recorded."""
+        if self.cache is None:
+            raise KVTierError("kvtier: nothing to save yet; run model.generate() first.")
+        return self.cache.save(path, token_ids, model=self.model)
 
     def stats(self) -> dict:
         """Per-tier tokens and bytes of the latest cache (empty before the first generate)."""
@@ -70,6 +86,21 @@ def detach(model) -> None:
     _set_attention(model, handle.previous_attention)
     del model.generate  # the instance attribute; the class's generate shows through again
     model._kvtier = None
+
+
+def check_continuation(cache: TieredCache, input_ids) -> None:
+    """A cache that knows its tokens (recorded by generate(), or loaded) continues only the same tokens."""
+    held = cache.token_ids
+    if held is None or not isinstance(input_ids, torch.Tensor) or held.shape[1] != cache.get_seq_length():
+        return
+    prefix = input_ids[:, :held.shape[1]].cpu()
+    if prefix.shape != held.shape or not torch.equal(prefix, held):
+        differs = (prefix != held[:, :prefix.shape[1]]).nonzero() if prefix.shape[0] == held.shape[0] else None
+        where = f", first at row {differs[0, 0]} position {differs[0, 1]}" if differs is not None and len(differs) else ""
+        raise KVTierError(
+            f"kvtier: the cache holds {tuple(held.shape)} tokens that input_ids {tuple(input_ids.shape)} do not start "
+            f"with{where}. Pass the sequence the cache was built from followed by the new tokens, or no "
+            "past_key_values for a new prompt.")
 
 
 def check_model(model) -> None:

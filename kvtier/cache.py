@@ -16,7 +16,7 @@ from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspa
 from .budget import ByteBudget
 from .cold_choice import ColdAttentionChooser
 from .config import BYTES_PER_GB, TierConfig
-from .errors import BudgetTooSmallError, KVTierError
+from .errors import BudgetTooSmallError, KVTierError, NonFiniteStatesError
 from .formats import make_format, make_low_format
 from .layer import TieredLayer
 from .pages import PageLayout
@@ -39,10 +39,12 @@ class TieredCache(Cache):
 
     def __init__(self, config: TierConfig, model_config, padding_mask: torch.Tensor | None = None):
         self.config = config
+        self.model_config = model_config
         self.num_layers = model_config.num_hidden_layers
         self.query_heads = model_config.num_attention_heads
         self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.query_heads
         self.padding_mask = None if padding_mask is None else padding_mask.bool()
+        self.token_ids: torch.Tensor | None = None  # (B, N) the tokens the cache holds, when generate() recorded them
         self.warm_format = make_format(config)  # every layer's warm pages
         self.low_format = make_low_format(config)  # its low-precision warm pages (low_bits), or None
         self.device_budget = ByteBudget(config.budget_bytes)  # everything the cache holds on its device
@@ -81,6 +83,13 @@ class TieredCache(Cache):
             if upcoming.offloaded_pages():
                 self.prefetcher.prefetch(upcoming)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def save(self, path, token_ids: torch.Tensor | None = None, model=None):
+        """Write the whole cache to the directory ``path`` (see kvtier.session); ``token_ids`` (B, N) are the tokens
+        it holds (default: those generate() recorded); ``model`` adds its weights' fingerprint."""
+        from .session import save_cache
+
+        return save_cache(self, path, token_ids, model)
 
     # ---------------------------------------------------------------- budget
     @property
@@ -210,11 +219,22 @@ class TieredCache(Cache):
         return batch * (gathered_codes + dequantized + scores + queries + flush) + kernel
 
     def check_states(self, keys: torch.Tensor, values: torch.Tensor, layer: TieredLayer) -> None:
-        if keys.shape != values.shape or keys.dtype != layer.dtype or keys.device != layer.device:
-            raise KVTierError(
-                f"kvtier: layer {layer.layer_idx} got keys {tuple(keys.shape)} {keys.dtype} on {keys.device} and "
-                f"values {tuple(values.shape)} {values.dtype}; it holds {layer.dtype} on {layer.device}."
-            )
+        """Refuse new states (B, H_kv, L, D) that the layer cannot hold, before anything is stored: other shapes,
+        dtypes or devices than the layer's, and (``check_finite``) NaN or Inf."""
+        found = f"keys {tuple(keys.shape)} {keys.dtype} on {keys.device} and values {tuple(values.shape)} {values.dtype}"
+        if keys.dim() != 4 or keys.shape != values.shape or keys.dtype != values.dtype or not keys.is_floating_point():
+            raise KVTierError(f"kvtier: layer {layer.layer_idx} got {found}; it takes keys and values of one floating "
+                              "dtype and one shape (batch, kv_heads, tokens, head_dim), as transformers' attention "
+                              "passes them to Cache.update.")
+        if layer.is_initialized:
+            batch, heads, _, dim = layer.hot_keys.shape
+            if (keys.shape[0], keys.shape[1], keys.shape[3]) != (batch, heads, dim) or keys.dtype != layer.dtype \
+                    or keys.device != layer.device:
+                raise KVTierError(f"kvtier: layer {layer.layer_idx} got {found}; it holds batch {batch}, {heads} KV "
+                                  f"heads, head dim {dim}, {layer.dtype} on {layer.device}. Start a new cache "
+                                  "(generate() without past_key_values) for another batch, model or dtype.")
+        if self.config.check_finite:
+            check_finite(keys, values, layer.layer_idx, layer.total_tokens)
 
     def valid_tokens(self, start: int, count: int) -> torch.Tensor | None:
         """(B, count) bool: which tokens at positions start.. are real (not padding), or None if all are."""
@@ -321,6 +341,27 @@ class TieredCache(Cache):
             "read_pages": sum(disk.read_pages for disk in disks),
             "read_ahead_pages": self.prefetcher.read_ahead_pages,  # of those, read on the reader thread
         }
+
+
+def check_finite(keys: torch.Tensor, values: torch.Tensor, layer_idx: int, start: int) -> None:
+    """Raise NonFiniteStatesError if keys or values (B, H_kv, L, D) of positions start.. hold NaN or Inf.
+
+    The check every update pays is one float32 sum over the new keys and one over the new values, and one host sync
+    per layer and update to read the flag (on CUDA the host then waits for the layer's projections before it queues
+    more work): a NaN or an Inf anywhere makes the sum non-finite. Only a non-finite sum pays for the exact search,
+    which also tells a real NaN or Inf from a sum of huge finite values that overflowed (not refused)."""
+    if bool(torch.isfinite(keys.sum(dtype=torch.float32) + values.sum(dtype=torch.float32))):
+        return
+    bad = {name: ~torch.isfinite(states).all(dim=3).all(dim=1) for name, states in (("keys", keys), ("values", values))}
+    if not (bad["keys"].any() or bad["values"].any()):
+        return
+    rows, offsets = (bad["keys"] | bad["values"]).nonzero(as_tuple=True)  # (B, L) -> where
+    which = " and ".join(name for name, mask in bad.items() if mask.any())
+    raise NonFiniteStatesError(
+        f"kvtier: layer {layer_idx} got {which} with NaN or Inf at positions {start + int(offsets.min())}.."
+        f"{start + int(offsets.max())} (batch rows {sorted(set(rows.tolist()))}); nothing was stored. The model "
+        "produced non-finite attention states: in float16 this is usually an overflow (run the model in bfloat16 or "
+        "float32); otherwise check its weights and inputs. TierConfig(check_finite=False) skips this check.")
 
 
 def default_host_budget_bytes() -> int:

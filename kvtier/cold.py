@@ -86,6 +86,10 @@ class ColdPages:
         slab.entries.append(entry)
         self.version += 1
 
+    def page(self, entry: ColdEntry) -> torch.Tensor:
+        """The bytes of one cold page: (page_bytes,) uint8, a view into its host slab."""
+        return self.slabs[entry.slab].pages[entry.row]
+
     def drop(self, index: int) -> ColdEntry:
         """Free the page at ``index`` of ``entries`` (its tokens leave the cache); return its row."""
         entry = self.entries.pop(index)

@@ -73,6 +73,8 @@ class TierConfig:
     key_tile: int = 1024  # attention reads the cache this many tokens at a time (bounds scratch)
     query_tile: int = 256  # and handles this many query rows at a time (prefill)
     decode_kernel: str = "auto"  # "auto": the Triton kernel on CUDA, its torch reference elsewhere; or force one
+    check_finite: bool = True  # refuse keys and values holding NaN or Inf (one reduction and host sync per layer and
+    # update; see TieredCache.check_states)
 
     def __post_init__(self):
         _check(self.budget_gb > 0, f"budget_gb must be positive, got {self.budget_gb}.")
@@ -134,6 +136,7 @@ class TierConfig:
         _check(self.key_tile >= self.block_size,
                f"key_tile ({self.key_tile}) must be at least block_size ({self.block_size}).")
         _check(self.query_tile >= 1, f"query_tile must be >= 1, got {self.query_tile}.")
+        _check(isinstance(self.check_finite, bool), f"check_finite must be True or False, got {self.check_finite!r}.")
         _check(self.decode_kernel in DECODE_KERNELS,
                f"unknown decode_kernel {self.decode_kernel!r}; choose one of {DECODE_KERNELS}.")
 

@@ -138,6 +138,10 @@ class DiskPages:
             rows[row] = numpy.frombuffer(self.read(entry), dtype=numpy.uint8)
         return torch.from_numpy(rows)
 
+    def page(self, entry: DiskEntry) -> torch.Tensor:
+        """One page's bytes (page_bytes,) uint8 on the CPU, checked against its CRC-32 (as ColdPages.page)."""
+        return torch.frombuffer(bytearray(self.read(entry)), dtype=torch.uint8)
+
     def read(self, entry: DiskEntry) -> bytes:
         """One page's uncompressed bytes, checked against its CRC-32."""
         try:

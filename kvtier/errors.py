@@ -23,3 +23,19 @@ class DiskWriteError(KVTierError):
 
 class DiskReadError(KVTierError):
     """A disk page could not be read back, or its checksum did not match."""
+
+
+class NonFiniteStatesError(KVTierError, ValueError):
+    """Keys or values handed to the cache hold NaN or Inf."""
+
+
+class SessionError(KVTierError):
+    """A saved session cannot be loaded."""
+
+
+class SessionMismatchError(SessionError, ValueError):
+    """A saved session was written for another model, dtype, page format or session format version."""
+
+
+class SessionCorruptError(SessionError):
+    """A saved session's files are missing, truncated or do not match their checksums."""

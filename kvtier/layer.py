@@ -23,7 +23,7 @@ from kvtier.kernels.decode_attention import PagedKV, hot_table_rows, hot_table_t
 
 from .cold import ColdPages
 from .disk import DiskPages
-from .errors import BudgetExceededError
+from .errors import BudgetExceededError, KVTierError
 from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
 from .policies import make_policy
@@ -32,6 +32,11 @@ from .rotation import random_rotation, random_signs, rotate
 
 SKETCH_SEED_OFFSET = 1 << 20
 SEGMENT_CHUNKS = 4  # a disk segment file takes this many cold chunks' worth of pages
+
+
+def _hot_bytes(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """keys, values (B, H_kv, count, D) -> their bytes, keys first, as one (n,) uint8 tensor on the CPU."""
+    return torch.stack((keys, values)).cpu().contiguous().view(-1).view(torch.uint8)
 
 
 @dataclass
@@ -100,9 +105,9 @@ class TieredLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.cache.check_states(key_states, value_states, self)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cache.check_states(key_states, value_states, self)
         past_length = self.total_tokens
         self.append(key_states, value_states)
         view = TierView(self, key_states, value_states, past_length)
@@ -137,6 +142,70 @@ class TieredLayer(CacheLayerMixin):
     def new_policy(self):
         """This layer's own copy of the configured policy, with no history."""
         return make_policy(self.config.policy).for_layer(self.config.block_size, self.device)
+
+    # ---------------------------------------------------------------- every page, for saving and restoring
+    def pages_in_order(self):
+        """Every token the layer holds, tier by tier, as (tier, start position, bytes (n,) uint8 on the CPU), in
+        position order: the sinks ("hot", 0), every "warm", "low", "cold" and "disk" page, then the recent buffer ("hot",
+        recent_start; yielded even when empty, since it says where the next token goes). Hot bytes are the keys, then
+        the values, (B, H_kv, count, D) in the model dtype; a page's bytes are its PageLayout bytes. Tokens the layer
+        does not hold were evicted. A new tier adds its pages here and in :meth:`restore_pages`."""
+        yield "hot", 0, _hot_bytes(self.sink_keys[:, :, :self.sink_count], self.sink_values[:, :, :self.sink_count])
+        tiers = [("warm", self.warm, self.warm.table), ("low", self.low, self.low.table if self.low else []),
+                 ("cold", self.cold, self.cold.entries if self.cold else []),
+                 ("disk", self.disk, self.disk.entries if self.disk else [])]
+        rows = sorted((entry.start, name, tier, entry) for name, tier, entries in tiers for entry in entries)
+        for start, name, tier, entry in rows:
+            yield name, start, tier.page(entry).cpu()
+        recent = slice(0, self.recent_count)
+        yield "hot", self.recent_start, _hot_bytes(self.recent_keys[:, :, recent], self.recent_values[:, :, recent])
+
+    def restore_pages(self, pages) -> None:
+        """Put back what :meth:`pages_in_order` yielded into this initialized, empty layer; the token counters follow
+        from the pages (tokens between them were evicted). Raises KVTierError (BudgetExceededError when a tier's
+        share is full) if the pages do not fit this layer; the caller then releases the cache."""
+        block, sinks = self.config.block_size, self.config.sink_tokens
+        hot, next_free = [], sinks  # the first position a page may start at
+        for name, start, data in pages:
+            if name == "hot":
+                hot.append((start, self._hot_states(data)))  # (2, B, H, count, D)
+                continue
+            tier = {"warm": self.warm, "low": self.low, "cold": self.cold, "disk": self.disk}.get(name)
+            if tier is None or data.numel() != tier.layout.page_bytes or start < next_free or (start - sinks) % block:
+                raise KVTierError(
+                    f"kvtier: layer {self.layer_idx} cannot hold a {name} page of {data.numel():,} bytes at position "
+                    f"{start} (expected {tier.layout.page_bytes if tier else 'no'} bytes at a position >= {next_free} "
+                    f"on the {block}-token grid after {sinks} sinks). Load with the TierConfig the cache was saved "
+                    "with (on_budget_full, low_bits and the page format).")
+            try:
+                tier.store(start, data.to("cpu" if name in ("cold", "disk") else self.device))
+            except NoRoomForPage:
+                raise BudgetExceededError(f"kvtier: layer {self.layer_idx}'s share of the {name} budget is full after "
+                                          f"{len(tier.starts)} pages; raise budget_gb (or host_budget_gb for cold "
+                                          "pages) to restore this cache.") from None
+            next_free = start + block
+        if len(hot) != 2 or hot[0][0] != 0 or hot[1][0] < next_free:
+            raise KVTierError(f"kvtier: layer {self.layer_idx} got hot segments at {[start for start, _ in hot]}; "
+                              "expected the sinks at 0 and the recent buffer after every page.")
+        (_, sink_states), (self.recent_start, recent_states) = hot
+        self.sink_count, self.recent_count = sink_states.shape[3], recent_states.shape[3]
+        self.hot_keys[:, :, :self.sink_count], self.hot_values[:, :, :self.sink_count] = sink_states
+        self.recent_keys[:, :, :self.recent_count], self.recent_values[:, :, :self.recent_count] = recent_states
+        self.total_tokens = self.recent_start + self.recent_count if self.sink_count == sinks else self.sink_count
+        held = self.hot_tokens() + self.warm_tokens() + self.low_tokens() + self.cold_tokens() + self.disk_tokens()
+        self.evicted_tokens = self.total_tokens - held
+        self.hot_pages = self._hot_pages()
+        self.hot_table = hot_table_tensor(self.hot_pages, self.device)
+
+    def _hot_states(self, data: torch.Tensor) -> torch.Tensor:
+        """uint8 bytes of hot keys then values -> (2, B, H_kv, count, D) in the layer's dtype on its device."""
+        batch, heads, capacity, dim = self.hot_keys.shape
+        per_token = 2 * batch * heads * dim * self.dtype.itemsize
+        if data.numel() % per_token or data.numel() // per_token > capacity:
+            raise KVTierError(f"kvtier: layer {self.layer_idx} got {data.numel():,} hot bytes, not a whole number of "
+                              f"tokens of {per_token:,} bytes (batch {batch}, {heads} KV heads, head dim {dim}, "
+                              f"{self.dtype}) up to {capacity}.")
+        return data.view(self.dtype).view(2, batch, heads, data.numel() // per_token, dim).to(self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.map_batch(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import kvtier
-from kvtier import BudgetExceededError, BudgetTooSmallError, KVTierError, UnsupportedModelError
+from kvtier import BudgetExceededError, BudgetTooSmallError, KVTierError, NonFiniteStatesError, UnsupportedModelError
 
 
 def tiny_llama(head_dim=16, **overrides):
@@ -160,3 +160,76 @@ def test_crop_is_refused_with_advice():
     model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
     with pytest.raises(NotImplementedError, match="kvtier.detach"):
         cache.crop(1)
+
+
+# ------------------------------------------------------------------------------------------------ bad states
+def states_cache(**overrides):
+    config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return kvtier.TieredCache(kvtier.TierConfig(budget_gb=0.1, sink_tokens=2, recent_window=8, block_size=16,
+                                                **overrides), config)
+
+
+@pytest.mark.parametrize("which,bad", [("keys", float("nan")), ("values", float("inf")), ("keys", -float("inf"))])
+def test_non_finite_states_are_refused_naming_layer_and_positions(which, bad):
+    cache = states_cache()
+    states = torch.randn(2, 2, 10, 16)
+    cache.update(states, states, 1)
+    keys, values = torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    (keys if which == "keys" else values)[1, 0, 5:9, 3] = bad
+    with pytest.raises(NonFiniteStatesError, match=rf"layer 1 got {which} with NaN or Inf at positions 15..18 \(batch "
+                                                   r"rows \[1\]\); nothing was stored.*bfloat16 or float32"):
+        cache.update(keys, values, 1)
+    layer = cache.layers[1]
+    assert layer.total_tokens == layer.hot_tokens() == 10 and not layer.warm.table  # the chunk left no trace
+
+
+def test_nan_weights_are_refused_during_generate_and_the_check_can_be_turned_off():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[3, 0] = float("nan")
+    kvtier.attach(model, budget_gb=0.1)
+    with pytest.raises(NonFiniteStatesError, match=r"layer 1 got values with NaN or Inf at positions 0..5 \(batch "
+                                                   r"rows \[0\]\)"):
+        model.generate(torch.randint(0, 128, (1, 6)), max_new_tokens=2)
+    kvtier.detach(model)
+    kvtier.attach(model, budget_gb=0.1, check_finite=False)
+    model.generate(torch.randint(0, 128, (1, 6)), max_new_tokens=2)  # NaN logits, but no refusal
+    kvtier.detach(model)
+
+
+@pytest.mark.parametrize("keys,values,message", [
+    (torch.randn(2, 10, 16), torch.randn(2, 10, 16), r"got keys \(2, 10, 16\).*one shape \(batch, kv_heads, tokens"),
+    (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 6, 16), r"values \(1, 2, 6, 16\).*one floating dtype and one shape"),
+    (torch.ones(1, 2, 5, 16, dtype=torch.int32), torch.ones(1, 2, 5, 16, dtype=torch.int32), r"torch.int32.*floating"),
+    (torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16, dtype=torch.float64), r"torch.float32.*torch.float64.*one "),
+])
+def test_malformed_states_are_refused(keys, values, message):
+    with pytest.raises(KVTierError, match=message):
+        states_cache().update(keys, values, 0)
+
+
+@pytest.mark.parametrize("shape,dtype,message", [
+    ((1, 2, 3, 8), torch.float32, r"keys \(1, 2, 3, 8\).*it holds batch 1, 2 KV heads, head dim 16, torch.float32"),
+    ((3, 2, 3, 16), torch.float32, r"keys \(3, 2, 3, 16\).*holds batch 1.*Start a new cache"),
+    ((1, 2, 3, 16), torch.bfloat16, r"torch.bfloat16.*it holds .*torch.float32"),
+])
+def test_states_unlike_the_layers_are_refused(shape, dtype, message):
+    cache = states_cache()
+    cache.update(torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 16), 0)
+    states = torch.randn(shape).to(dtype)
+    with pytest.raises(KVTierError, match=message):
+        cache.update(states, states, 0)
+    assert cache.layers[0].total_tokens == 4
+
+
+def test_check_finite_must_be_a_bool():
+    with pytest.raises(ValueError, match="check_finite must be True or False, got 'yes'"):
+        kvtier.TierConfig(check_finite="yes")
+
+
+def test_huge_finite_states_whose_sum_overflows_are_not_refused():
+    cache = states_cache()
+    states = torch.full((1, 2, 4, 16), 3e38)  # finite, but their float32 sum is inf
+    cache.update(states, states, 0)
+    assert cache.layers[0].total_tokens == 4
+
