@@ -97,6 +97,8 @@ class Prober:
         config, args = self.model.config, self.args
         started = time.monotonic()
         cache = None
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         try:
             extra = CPU_KVTIER if self.cpu_cap_bytes is not None and self.name.startswith("kvtier") else {}
             cache = common.new_cache(self.name, self.model, self.budget_gb, self.host_gb, **extra)
@@ -176,13 +178,14 @@ def markdown(result: dict) -> str:
              f"states, then {settings['decode']} decode steps; doubling from {settings['start']:,}, bisection to "
              f"{settings['resolution']:.0%}; at most {settings['max_tokens']:,} tokens and {settings['time_limit_s']:g} s "
              "a cache.", "",
-             "| cache | longest context | x dense | cache GB held | decode ms/step there | probes | search s |",
+             "| cache | longest context | x dense | cache GB held (kvtier: its reservation) | decode ms/step there | probes | "
+             "search s |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         at_max = row.get("at_max") or {}
         lines.append(f"| {row['label']} | {context_text(row)} | "
                      + (f"{row['x_dense']:.1f}x" if "x_dense" in row else "") + " | "
-                     + (f"{at_max['held_gb']:.2f}" if at_max else "") + " | "
+                     + (f"{at_max['held_gb']:.3g}" if at_max else "") + " | "
                      + (f"{at_max['median_step_ms']:.1f}" if at_max else "") + " | "
                      + (str(len(row["probes"])) if "probes" in row else "") + " | "
                      + (f"{row['seconds']:.0f}" if "seconds" in row else "") + " |")

@@ -154,7 +154,36 @@ def quantized_cache(config: LlamaConfig, bits: int = 4):
     """transformers' QuantizedCache with the quanto backend (the same constructor in transformers 5.17 and 5.24)."""
     from transformers import QuantizedCache
 
+    quanto_unpack()
     return QuantizedCache(backend="quanto", config=config, nbits=bits)
+
+
+def torch_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's own pure-torch unpacking of 2- or 4-bit codes from uint8 (optimum/quanto/library/unpack.py)."""
+    parts = [(packed & (2 ** (bits * (index + 1)) - 1)) >> (bits * index) for index in range(8 // bits)]
+    return torch.cat(parts).to(torch.uint8)
+
+
+def quanto_unpack() -> str:
+    """How quanto unpacks its codes on this device. Its CUDA unpack kernel lives in an extension that quanto compiles
+    on first use (nvcc, several minutes, with marlin and AWQ kernels the KV cache never uses); where that extension is
+    not built yet, quanto's CUDA unpack is pointed at quanto's own pure-torch unpacking instead."""
+    if not torch.cuda.is_available():
+        return "quanto's torch implementation (CPU)"
+    try:
+        from optimum.quanto.library.extensions import cuda as quanto_cuda
+    except ImportError:
+        return "unknown (optimum.quanto.library.extensions.cuda not found)"
+    extension = quanto_cuda.ext
+    if extension._lib is not None:
+        return "quanto's CUDA extension"
+    version_file = Path(extension.build_directory) / "pytorch_version.txt"
+    if version_file.exists() and version_file.read_text().strip() == torch.__version__:
+        return "quanto's CUDA extension (built before)"
+    from types import SimpleNamespace
+
+    extension._lib = SimpleNamespace(unpack=torch_unpack)
+    return "quanto's torch unpacking on CUDA (its CUDA extension is not built)"
 
 
 # kvtier's configurations (TierConfig fields; budget_gb is set per run)
@@ -236,6 +265,7 @@ def environment(device: str) -> dict:
         import optimum.quanto
 
         env["optimum-quanto"] = optimum.quanto.__version__
+        env["quanto_unpack"] = quanto_unpack()
     return env
 
 
