@@ -209,7 +209,7 @@ def plot(result: dict, out: Path, name: str) -> Path | None:
     axes.invert_yaxis()
     axes.set_xscale("log", base=2)
     axes.set_xlabel("longest context that fits (tokens, log scale; hatched: at least)")
-    axes.set_title(f"Capacity under {result['settings']['cap']} ({result['environment']['device']})", fontsize=10)
+    axes.set_title(f"Capacity, {result['environment']['device']}\ncap: {result['settings']['cap']}", fontsize=9)
     axes.set_xlim(right=max((row["max_tokens"] for row in rows), default=1) * 8)
     return common.save_figure(figure, out, name)
 
