@@ -1,26 +1,27 @@
 """Capacity: the longest context each cache prefills and then decodes 16 tokens with, under one fixed GPU memory cap.
 
 A random-weight Llama-3.1-8B-shaped model (bf16) is loaded first; then the process's GPU memory is capped with
-``torch.cuda.set_per_process_memory_fraction`` at the weights plus ``--extra-gb``, so the cap holds the weights,
-the cache and every activation of the fill and of the decode steps. For each cache, contexts are probed by
-doubling from ``--start`` and then bisection to ``--resolution``: a probe fills a fresh cache through its own
-update path in chunks of ``--chunk`` random keys and values (what a chunked prefill writes; not the model's forward,
-which is quadratic and far too slow at these lengths), then runs ``--decode`` decode steps through ``model()``.
-It fits unless it raises torch.OutOfMemoryError, or kvtier's BudgetExceededError / BudgetTooSmallError (kvtier
-cannot hold more). Everything is freed between probes. A search stops at ``--max-tokens`` or at ``--time-limit``
-seconds per cache and then reports "at least N".
+``torch.cuda.set_per_process_memory_fraction`` at the weights plus ``--extra-gb``, so the cap holds the weights, the
+cache and every activation of the fill and of the decode steps. For each cache, contexts are probed by doubling from
+``--start`` and then bisection to ``--resolution``: a probe fills a fresh cache through its own update path in chunks
+of ``--chunk`` random keys and values (what a chunked prefill writes; not the model's forward, which is quadratic and
+far too slow at these lengths), then runs ``--decode`` decode steps through ``model()``. It fits unless it raises
+torch.OutOfMemoryError, or kvtier's BudgetExceededError / BudgetTooSmallError (kvtier cannot hold more). Everything is
+freed between probes. A search stops at ``--max-tokens`` or at ``--time-limit`` seconds per cache and then reports "at
+least N".
 
 Caches: transformers DynamicCache; DynamicCache(offloading=True) (its host copy is bounded by host RAM: a context
 whose dense bytes exceed ``--host-gb`` is counted as not fitting without running, so the process is not killed);
-QuantizedCache (quanto, 4-bit; "not installed" when optimum-quanto is missing); kvtier warm-only INT4
-(on_budget_full="raise"), INT4 + host tier and TurboQuant 3-bit + host tier, with budget_gb = extra - margin and
-host_budget_gb = --host-gb.
+QuantizedCache (quanto, 4-bit; "not installed" when optimum-quanto is missing; see common.quanto_unpack); kvtier
+warm-only INT4 (on_budget_full="raise"), INT4 + host tier and TurboQuant 3-bit + host tier, with budget_gb = extra -
+margin and host_budget_gb = --host-gb.
 
 On the CPU (``--device cpu --tiny``: a 2-layer model of small shape) there is no memory fraction: the cap is a byte
 count, ``--cpu-cache-mb``: kvtier's budget is that plus its attention scratch and staging ring (4-page chunks on the
-CPU), its host tier 4 times that; any other cache fits when the bytes it holds after the probe are within it. This checks the search and that every configuration's probe runs end to end, not GPU capacity.
+CPU), its host tier 4 times that; any other cache fits when the bytes it holds after the probe are within it. This
+checks the search and that every configuration's probe runs end to end, not GPU capacity.
 
-    python benchmarks/capacity.py                      # GPU: cap = weights + 8 GB, about 4 minutes on an H200
+    python benchmarks/capacity.py                      # GPU: cap = weights + 8 GB; 35 s a cache (~4 min, not timed on a GPU yet)
     python benchmarks/capacity.py --device cpu --tiny  # the CPU smoke run
 """
 

@@ -1,18 +1,20 @@
 """Decode speed: ms per token against context length for each cache, batch 1 and 8, on one GPU in one run.
 
-A random-weight Llama-3.1-8B-shaped model (bf16). For each batch, context and cache, a fresh cache is filled
-through its own update path in chunks of random keys and values (what a chunked prefill writes; prefilling 1M tokens
-through the model's forward is quadratic and far too slow), then ``--warmup`` untimed and ``--steps`` timed decode
-steps run through ``model()`` (eager; synchronized wall time); ms/token is the median step. A configuration that
-cannot fit (predicted from its bytes per token before filling: the GPU less the weights and ``--margin-gb``, or the
-host's ``--host-gb``) or whose fill passes ``--time-limit`` seconds is skipped, and the row says why.
+A random-weight Llama-3.1-8B-shaped model (bf16). For each batch, context and cache, a fresh cache is filled through
+its own update path in chunks of random keys and values (what a chunked prefill writes; prefilling 1M tokens through
+the model's forward is quadratic and far too slow), then ``--warmup`` untimed and ``--steps`` timed decode steps run
+through ``model()`` (eager; synchronized wall time); ms/token is the median step. A configuration that cannot fit
+(predicted from its bytes per token before filling: the GPU less the weights and ``--margin-gb``, or the host's
+``--host-gb``) or whose fill passes ``--time-limit`` seconds is skipped, and the row says why.
 
-Caches: transformers DynamicCache; DynamicCache(offloading=True) (fewer timed steps: each moves the whole cache);
-QuantizedCache (quanto, 4-bit; "not installed" without optimum-quanto); kvtier INT4 warm only (budget: the GPU less
-the weights and the margin), and INT4 + host tier and TurboQuant 3-bit + host tier under ``--budget-gb`` (default 8:
-past about 400K tokens at batch 1 most of the context is in pinned host memory and streams back every step).
+Caches: transformers DynamicCache; DynamicCache(offloading=True) (filled one update a layer, since each update moves
+the whole layer across PCIe; fewer timed steps: each moves the whole cache); QuantizedCache (quanto, 4-bit; "not
+installed" without optimum-quanto; on CUDA its codes are unpacked by quanto's own torch code unless quanto's CUDA
+extension is already built, see common.quanto_unpack); kvtier INT4 warm only (budget: the GPU less the weights and the
+margin), and INT4 + host tier and TurboQuant 3-bit + host tier under ``--budget-gb`` (default 8: past about 400K
+tokens at batch 1 most of the context is in pinned host memory and streams back every step).
 
-    python benchmarks/decode.py --quick                 # 8K-128K, batch 1 and 8: about 4 minutes on an H200
+    python benchmarks/decode.py --quick                 # 8K-128K, batch 1 and 8 (sized for ~4 min on an H200; not timed there yet)
     python benchmarks/decode.py --contexts 524288 1048576 --batches 1 --name decode-h200-long
     python benchmarks/decode.py --device cpu --tiny     # the CPU smoke run
 """
@@ -100,7 +102,9 @@ def measure(name: str, model, batch: int, context: int, args) -> dict:
                   + CPU_WARM_BYTES * batch) / common.GB
     cache = common.new_cache(name, model, budget, args.host_gb, **extra)
     started = time.monotonic()
-    common.fill_chunked(cache, model.config, batch, context, args.chunk, args.device, FillDeadline(args.time_limit))
+    # the offloaded cache moves a whole layer across PCIe at every update: one update a layer, as cold_tier.py fills it
+    chunk = context if name == "offloaded" else args.chunk
+    common.fill_chunked(cache, model.config, batch, context, chunk, args.device, FillDeadline(args.time_limit))
     common.synchronize(args.device)
     row = {"fill_s": time.monotonic() - started}
     steps = max(3, args.steps // 4) if name == "offloaded" else args.steps

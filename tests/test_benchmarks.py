@@ -67,7 +67,8 @@ def tiny_model():
     return common.random_model(common.tiny_shape(), "cpu")
 
 
-TOO_MANY = {"dense": 1024}  # tokens past a 0.5 MB cap (dense: 1 KB a token; the rest, host tiers with 0.5 MB more: 4096)
+# tokens past a 0.5 MB cap: dense holds 1 KB a token; the others (host tiers with 0.5 MB more) fail at 4096
+TOO_MANY = {"dense": 1024}
 
 
 def test_every_capacity_probe_runs_end_to_end(tiny_model):
