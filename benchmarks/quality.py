@@ -10,7 +10,7 @@ the dense cache. Bytes per token (all layers, keys and values) come from kvtier'
 the precision rule's mix of INT4 and 2-bit pages), from quanto's packed tensors, and bf16 for the dense cache.
 
 Caches: dense DynamicCache; kvtier INT4 (the default), TurboQuant 3-bit and 4-bit (QJL keys, keys centered: the
-defaults), the precision rule (low_bits=2, attention_mass, half the warm bytes at 2 bits); QuantizedCache with quanto
+defaults), the precision rule (low_bits=2, attention_mass, a budget whose INT4 share holds half a context's warm pages); QuantizedCache with quanto
 at 4 and 2 bits (skipped, saying so, without optimum-quanto). Gate (the issue's target): decode-logit MSE <= 0.1 at
 every step of every window, and passkey parity with dense.
 
@@ -52,7 +52,7 @@ LABELS = {"dense": "dense DynamicCache (bf16 equivalent)", "kvtier-int4": "kvtie
           "kvtier-tq3": "kvtier TurboQuant 3-bit +QJL", "kvtier-tq4": "kvtier TurboQuant 4-bit +QJL",
           "kvtier-rule-low2": "kvtier precision rule (INT4 + TurboQuant 2-bit, attention_mass)",
           "quanto-int4": "QuantizedCache quanto 4-bit", "quanto-int2": "QuantizedCache quanto 2-bit"}
-HIGH_PAGES = 15  # INT4 pages a layer under the precision rule (policy_fidelity.py's default)
+HIGH_SHARE = 0.5  # under the precision rule, this share of a context's warm pages stays INT4, the rest drops to 2 bits
 
 
 class CacheMaker:
@@ -63,7 +63,10 @@ class CacheMaker:
 
     def kvtier_config(self, tokens: int) -> dict:
         if self.name == "kvtier-rule-low2":
-            config, _ = precision_configs(self.model, HIGH_PAGES, tokens)["rule-attention_mass"]
+            defaults = kvtier.TierConfig()
+            warm_pages = (tokens - defaults.sink_tokens - defaults.recent_window) // defaults.block_size
+            high_pages = max(1, int(HIGH_SHARE * warm_pages))
+            config, _ = precision_configs(self.model, high_pages, tokens)["rule-attention_mass"]
             return config
         return KVTIER[self.name]
 
@@ -163,6 +166,7 @@ def markdown(result: dict) -> str:
              f"from position {settings['ppl_skip']}; {settings['passkeys']} passkey prompts of about "
              f"{settings['passkey_tokens']:,} tokens. "
              "Gate: decode-logit MSE <= 0.1 at every step of every window, and passkey parity with dense.", "",
+             *([settings["note"], ""] if "note" in settings else []),
              "| cache | B/token (all layers) | bits/channel | worst MSE | worst top-10 | argmax | perplexity | "
              "passkeys | gate |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in result["summary"]:
@@ -186,24 +190,26 @@ def plot(result: dict, out: Path, name: str) -> Path | None:
     if plt is None:
         return None
     rows = [row for row in result["summary"] if "skipped" not in row]
+    dense = next((row["perplexity"] for row in rows if row["cache"] == "dense"), None)
     figure, (mse_axes, ppl_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for row in rows:
         kvtier_row = row["cache"].startswith("kvtier")
         style = dict(marker="o" if kvtier_row else "s", color="tab:blue" if kvtier_row else "tab:orange")
+        label = dict(fontsize=7, xytext=(3, 3), textcoords="offset points")
         if "worst_mse" in row:
             mse_axes.scatter(row["bits_per_channel"], row["worst_mse"], **style)
-            mse_axes.annotate(row["cache"], (row["bits_per_channel"], row["worst_mse"]), fontsize=7,
-                              xytext=(3, 3), textcoords="offset points")
-        if row.get("perplexity"):
-            ppl_axes.scatter(row["bits_per_channel"], row["perplexity"], **style)
-            ppl_axes.annotate(row["cache"], (row["bits_per_channel"], row["perplexity"]), fontsize=7,
-                              xytext=(3, 3), textcoords="offset points")
+            mse_axes.annotate(row["cache"], (row["bits_per_channel"], row["worst_mse"]), **label)
+        if dense and row.get("perplexity") and row["cache"] != "dense":
+            increase = max(row["perplexity"] / dense - 1, 1e-5)  # log axis: a perplexity at or below dense sits at 1e-5
+            ppl_axes.scatter(row["bits_per_channel"], increase, **style)
+            ppl_axes.annotate(row["cache"], (row["bits_per_channel"], increase), **label)
     mse_axes.axhline(GATE.max_logit_mse, color="gray", linestyle="--", linewidth=1)
     mse_axes.set_yscale("log")
     mse_axes.set_xlabel("bits per channel (keys and values, all fields)")
     mse_axes.set_ylabel("worst decode-logit MSE vs dense (log; dashed: gate 0.1)")
+    ppl_axes.set_yscale("log")
     ppl_axes.set_xlabel("bits per channel")
-    ppl_axes.set_ylabel("perplexity on pydoc_data.topics")
+    ppl_axes.set_ylabel(f"perplexity / dense perplexity ({dense:.2f}) - 1 (log)" if dense else "perplexity")
     figure.suptitle(f"Fidelity vs bytes: {result['settings']['model']} ({result['environment']['device']})", fontsize=10)
     return common.save_figure(figure, out, name)
 
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"model": "SmolLM2-135M-Instruct (float32)", **{k: v for k, v in vars(args).items()
                                                                            if k not in ("out", "caches")},
                            "kvtier": {name: str(config_) for name, config_ in KVTIER.items()},
-                           "rule_high_pages": HIGH_PAGES, "gate": vars(GATE)},
+                           "rule_high_share": HIGH_SHARE, "gate": vars(GATE)},
               "summary": [], "windows": {}}
     dense_answers = None
     bar = common.progress_bar(len(args.caches), "caches", "cache")
