@@ -88,7 +88,7 @@ def test_every_capacity_probe_runs_end_to_end(tiny_model):
 
 def test_capacity_smoke_writes_sane_results(tmp_path):
     result = capacity.main(["--device", "cpu", "--tiny", "--caches", "dense", "kvtier-int4", "--decode", "1",
-                            "--cpu-cache-mb", "0.5", "--start", "128", "--granule", "64", "--resolution", "0.25",
+                            "--cpu-cache-mb", "0.5", "--start", "256", "--granule", "64", "--resolution", "0.25",
                             "--out", str(tmp_path)])
     rows = {row["cache"]: row for row in result["rows"]}
     # dense holds 1 KB a token (2 layers, 2 KV heads, head dim 64, bf16): (n + 1 decoded) KB within 0.5 MB
