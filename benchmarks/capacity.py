@@ -120,6 +120,10 @@ class Prober:
             return True, measured
         except DOES_NOT_FIT:
             return False, {}
+        except RuntimeError as error:  # cuBLAS or a kernel launch that could not allocate under the cap
+            if common.is_out_of_memory(error):
+                return False, {}
+            raise
         finally:
             del cache
             gc.collect()

@@ -236,6 +236,14 @@ def kvtier_overhead_bytes(name: str, model, batch: int, device: str, with_hot: b
         release(model)
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a RuntimeError in which CUDA or cuBLAS says it could not allocate."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+
+
 def release(model) -> None:
     """Detach kvtier if attached, and give back every freed block of device memory."""
     import gc

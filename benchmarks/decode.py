@@ -132,6 +132,9 @@ def run_row(name: str, model, batch: int, context: int, args) -> dict:
     except (torch.OutOfMemoryError, BudgetExceededError) as error:
         row["skipped"] = f"out of memory: {str(error).splitlines()[0][:160]}"
     except Exception as error:  # say what failed and go on with the next row
+        if common.is_out_of_memory(error):
+            row["skipped"] = f"out of memory: {str(error).splitlines()[0][:160]}"
+            return row
         row["failed"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     finally:
         common.release(model)

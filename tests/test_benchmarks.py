@@ -129,3 +129,10 @@ def test_chunked_perplexity_of_the_dense_cache_is_the_full_forward_one(smollm2):
     losses = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
     expected = torch.exp(losses[40:].mean()).item()
     assert chunked_perplexity(model, ids, DynamicCache(), chunk=32, skip=40) == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_allocation_failure_reads_as_out_of_memory():
+    assert common.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert common.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not common.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not common.is_out_of_memory(ValueError("out of memory"))
