@@ -43,7 +43,7 @@ CONTEXTS = (8192, 32768, 131072, 524288, 1048576)
 QUICK_CONTEXTS = (8192, 32768, 131072)
 TINY_CONTEXTS = (512, 2048)
 CPU_KVTIER = dict(chunk_pages=4)  # on the CPU: a staging ring of a few pages, not of the GPU's 48 MiB chunks
-CPU_WARM_BYTES = 2**16  # on the CPU: kvtier's host-tier budget holds its scratch and this much a sequence, so
+CPU_WARM_PAGES = 8  # on the CPU: kvtier's host-tier budget holds its scratch and this many warm pages a layer, so
 # pages go cold
 QUANTO_SHARE = 0.3  # quanto 4-bit: packed codes plus group scales and shifts, of the dense bytes (estimate)
 
@@ -98,8 +98,8 @@ def measure(name: str, model, batch: int, context: int, args) -> dict:
     extra = {}
     if not args.device.startswith("cuda") and name.endswith("-host"):  # the CPU smoke run: a tight budget
         extra = CPU_KVTIER
-        budget = (common.kvtier_overhead_bytes(name, model, batch, args.device, with_hot=True, **extra)
-                  + CPU_WARM_BYTES * batch) / common.GB
+        warm = CPU_WARM_PAGES * kvtier.TierConfig().block_size * kvtier_bytes_per_token(model, name, batch)
+        budget = (common.kvtier_overhead_bytes(name, model, batch, args.device, with_hot=True, **extra) + warm) / common.GB
     cache = common.new_cache(name, model, budget, args.host_gb, **extra)
     started = time.monotonic()
     # the offloaded cache moves a whole layer across PCIe at every update: one update a layer, as cold_tier.py fills it
@@ -168,7 +168,7 @@ def markdown(result: dict) -> str:
              + (f", optimum-quanto {env['optimum-quanto']}" if "optimum-quanto" in env else "")
              + f"; {settings['model']}; eager, median of {settings['steps']} steps after {settings['warmup']} "
              f"(offloaded: {max(3, settings['steps'] // 4)}); kvtier warm-only budget {settings['warm_budget_gb']:.3g} GB, "
-             f"host-tier configurations {settings['budget_gb']:.3g} GB on the GPU (CPU smoke: scratch + 64 KB a sequence) and up to {settings['host_gb']:.3g} GB "
+             f"host-tier configurations {settings['budget_gb']:.3g} GB on the GPU (CPU smoke: scratch + 8 warm pages a layer) and up to {settings['host_gb']:.3g} GB "
              "on the host.", "",
              "| batch | context | " + " | ".join(common.LABELS[name] for name in caches) + " |",
              "|---:|---:|" + "---:|" * len(caches)]
