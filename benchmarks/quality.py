@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
