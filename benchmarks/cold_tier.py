@@ -33,80 +33,29 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from tqdm import tqdm
+from transformers import DynamicCache, LlamaConfig
 
 import kvtier
 
-RESULTS = Path(__file__).parent / "results"
-FILL_CHUNK = 16384  # tokens per update while filling
-GB = 1024**3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import FILL_CHUNK, GB, RESULTS, fill_dynamic, llama_8b_shape, random_model  # noqa: E402
+from common import decode_steps_ms as decode_ms  # noqa: E402
 
-def llama_8b_shape() -> LlamaConfig:
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                       max_position_embeddings=1 << 21)
-
-
-def random_model(config: LlamaConfig) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
-def random_states(config: LlamaConfig, batch: int, tokens: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (batch, config.num_key_value_heads, tokens, config.head_dim)
-    keys = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
-    keys[..., :4] += 3  # a few outlier channels, as real keys have
-    return keys, torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
-
-
-def fill_dynamic(cache: DynamicCache, config: LlamaConfig, batch: int, context: int) -> None:
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    for index in range(config.num_hidden_layers):
-        cache.update(*random_states(config, batch, context, generator), index)
+import common  # noqa: E402
 
 
 def fill_tiered(cache: kvtier.TieredCache, config: LlamaConfig, batch: int, context: int) -> None:
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    started = time.perf_counter()
-    for first in range(0, context, FILL_CHUNK):
-        length = min(FILL_CHUNK, context - first)
-        for layer in cache.layers:
-            layer.update(*random_states(config, batch, length, generator))
-        if context >= 16 * FILL_CHUNK and (first // FILL_CHUNK) % 8 == 7:  # long fills say how far they are
-            print(f"  filled {first + length:,} of {context:,} tokens in {time.perf_counter() - started:.0f} s",
-                  flush=True)
-
-
-@torch.no_grad()
-def decode_ms(model, cache, batch: int, steps: int) -> list[float]:
-    """Synchronized wall time of each decode step (the first two are warm-up and left out)."""
-    token = torch.full((batch, 1), 7, device="cuda")
-    times = []
-    for _ in range(steps + 2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-        if not torch.isfinite(logits).all():
-            raise RuntimeError("non-finite logits")
-    return times[2:]
+    progress = tqdm(total=context, unit="token", desc="fill", disable=context < 16 * FILL_CHUNK, mininterval=15)
+    common.fill_chunked(cache, config, batch, context, FILL_CHUNK, progress=progress)  # long fills show progress
+    progress.close()
 
 
 class HostPageSet:
@@ -286,9 +235,7 @@ def fits_dense(config: LlamaConfig, batch: int, context: int) -> bool:
 
 
 def environment() -> dict:
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "kvtier": kvtier.__version__, "model": "random-weight Llama-3.1-8B shape, bf16"}
+    return {**common.environment("cuda"), "model": "random-weight Llama-3.1-8B shape, bf16"}
 
 
 def markdown(result: dict) -> str:

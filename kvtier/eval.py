@@ -3,7 +3,8 @@
 For one context it prefills the dense cache and the cache under test, then feeds both the same tokens
 (the dense model's greedy choices) for several decode steps and reports, at every step: the MSE of the
 logits, the overlap of their top-10 tokens, whether the argmax agrees, and per layer the relative L2
-distance of the attention block's output. Tests and benchmarks use it; thresholds are theirs.
+distance of the attention block's output. Tests and benchmarks use it; thresholds are theirs. It also reads a
+text through a cache in chunks for its perplexity, and builds passkey-retrieval cases.
 """
 
 from __future__ import annotations
@@ -149,6 +150,24 @@ class _AttentionOutputs:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+
+
+@torch.no_grad()
+def chunked_perplexity(model, ids: torch.Tensor, cache, chunk: int = 128, skip: int = 0) -> float:
+    """Perplexity of ``ids`` (1, L) read ``chunk`` tokens per forward through ``cache``, so that every chunk attends
+    the earlier ones as the cache holds them (quantized, for a quantizing cache); the first ``skip`` positions'
+    predictions are left out (their context is mostly exact in any cache)."""
+    total, count = 0.0, 0
+    for first in range(0, ids.shape[1] - 1, chunk):
+        inputs = ids[:, first:first + chunk]  # (1, C)
+        logits = model(inputs, past_key_values=cache, use_cache=True).logits[0].double()  # (C, V)
+        targets = ids[0, first + 1:first + 1 + chunk]  # the next token of each position, (C') with C' <= C
+        positions = torch.arange(first, first + len(targets))
+        keep = positions >= skip
+        losses = torch.nn.functional.cross_entropy(logits[:len(targets)], targets, reduction="none")  # (C',)
+        total += losses[keep].sum().item()
+        count += int(keep.sum())
+    return float(torch.exp(torch.tensor(total / max(count, 1))))
 
 
 # ---------------------------------------------------------------- real text and passkeys
