@@ -86,8 +86,10 @@ class Prober:
     def __call__(self, tokens: int) -> bool:
         if self.name == "offloaded" and self.host_bytes_needed(tokens) > self.host_gb * common.GB:
             return False  # its host copy would not fit in host RAM (checked, not run)
-        fitted, measured = self.run(tokens)
-        common.release(self.model)
+        try:
+            fitted, measured = self.run(tokens)
+        finally:  # a probe cut short by the time limit detaches kvtier too, so the next cache can attach
+            common.release(self.model)
         print(f"  {self.name}: {tokens:,} tokens {'fit' if fitted else 'do not fit'}"
               + (f" ({measured['seconds']:.1f} s)" if fitted else ""), flush=True)
         if fitted:

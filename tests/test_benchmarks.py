@@ -86,6 +86,18 @@ def test_every_capacity_probe_runs_end_to_end(tiny_model):
         assert getattr(tiny_model, "_kvtier", None) is None  # detached after every probe
 
 
+def test_a_probe_cut_short_by_the_time_limit_detaches_kvtier(tiny_model):
+    """The GPU run that found this: the warm-only search ran out of time mid-fill, and the next kvtier configuration
+    could not attach ("kvtier is already attached")."""
+    args = capacity.parse(["--device", "cpu", "--tiny", "--decode", "1"])
+    cap = 2**19
+    prober = capacity.Prober("kvtier-int4", tiny_model, args, cap / common.GB, cap / common.GB, cap)
+    prober.ends_at = 0.0  # the search's time is already spent: the fill raises at its first chunk
+    with pytest.raises(ProbeTimeout):
+        prober(1024)
+    assert getattr(tiny_model, "_kvtier", None) is None
+
+
 def test_capacity_smoke_writes_sane_results(tmp_path):
     result = capacity.main(["--device", "cpu", "--tiny", "--caches", "dense", "kvtier-int4", "--decode", "1",
                             "--cpu-cache-mb", "0.5", "--start", "256", "--granule", "64", "--resolution", "0.25",
