@@ -295,6 +295,14 @@ def write_results(result: dict, markdown: str, out: Path, name: str) -> None:
     (out / f"{name}.md").write_text(markdown)
 
 
+def finish_results(result: dict, markdown, plot, out: Path, name: str) -> None:
+    """The end of a run: the plot, the final JSON and markdown (``markdown(result)``), and the table printed last."""
+    plot(result, out, name)
+    table = markdown(result)
+    write_results(result, table, out, name)
+    print("\n" + table, flush=True)
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:

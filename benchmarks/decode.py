@@ -272,10 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         common.write_results(result, markdown(result), args.out, name)
         bar.update(1)
     bar.close()
-    plot(result, args.out, name)
-    table = markdown(result)
-    common.write_results(result, table, args.out, name)
-    print("\n" + table, flush=True)
+    common.finish_results(result, markdown, plot, args.out, name)
     return result
 
 

@@ -375,6 +375,12 @@ class Prefetcher:
             torch.index_select(slab.pages, 0, index, out=gather.pages[slot, row:row + len(rows)])
             torch.index_select(slab.positions, 0, index, out=gather.positions[slot, row:row + len(rows)])
             row += len(rows)
+        self._send_gathered(slot, count)
+
+    def _send_gathered(self, slot: int, count: int) -> None:
+        """The first ``count`` gathered rows of ``slot`` (pages and positions) into the ring slot, in two copies; the
+        next gather into those rows waits for them."""
+        gather = self.gather
         pages, positions = self.ring.pages[slot, :count], self.ring.positions[slot, :count]
         pages.copy_(gather.pages[slot, :count], non_blocking=True)
         positions.copy_(gather.positions[slot, :count], non_blocking=True)
@@ -422,13 +428,7 @@ class Prefetcher:
                 job.disk.read_pages += count
         if future is None:
             job.disk.load_into(job.entries, gather.pages[slot, :count], gather.positions[slot, :count])
-        pages, positions = self.ring.pages[slot, :count], self.ring.positions[slot, :count]
-        pages.copy_(gather.pages[slot, :count], non_blocking=True)
-        positions.copy_(gather.positions[slot, :count], non_blocking=True)
-        if self.stream is not None:
-            gather.copied[slot] = torch.cuda.Event()
-            gather.copied[slot].record(self.stream)
-        self.moved_bytes += pages.nbytes + positions.nbytes
+        self._send_gathered(slot, count)
 
     @staticmethod
     def read_rows_bytes(slots: int, chunk_pages: int, page_bytes: int) -> int:
