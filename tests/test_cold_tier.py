@@ -161,12 +161,19 @@ def test_decode_over_cold_pages_equals_the_warm_only_cache(decode_kernel, chunk_
         outputs.append([attend_tiers(view, query, decode_mask(kv_start, 321), 0.25)[:, 0] for view in views])
     warm_only, offloading = caches
     assert offloading.stats()["cold"]["tokens"] >= 320 - 2 * 16 - 8 - 16 - 2
+    assert_decode_matches(outputs, offloading, query, kv_start, decode_kernel)
+
+
+def assert_decode_matches(outputs, cache, query, kv_start, decode_kernel, reference=None):
+    """Each layer's decode output through ``cache`` (outputs[1]) equals the one over the same codes kept elsewhere
+    (outputs[0]) and float64 attention over the tokens ``cache`` holds (``reference``, default dense_decode)."""
+    reference = reference or dense_decode
     # the kernel rounds softmax weights to float16 for its dot products, relative to each launch's running maximum:
     # the same codes split over more launches round differently (2^-11 per weight)
     same_codes = FP32_RELATIVE if decode_kernel == "torch" else KERNEL_RESPLIT_RELATIVE
     for index in range(MODEL.num_hidden_layers):
         assert relative_error(outputs[1][index], outputs[0][index]) < same_codes
-        expected = dense_decode(query[:, :, 0], offloading.layers[index], 0.25, kv_start)
+        expected = reference(query[:, :, 0], cache.layers[index], 0.25, kv_start)
         assert relative_error(outputs[1][index], expected) < (FP32_RELATIVE if decode_kernel == "torch" else 1e-2)
 
 

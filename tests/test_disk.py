@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cold_tier import (FP32_RELATIVE, HEAD_DIM, HEADS, KERNEL_RESPLIT_RELATIVE, MODEL, budget_for_warm_pages,
+from test_cold_tier import (FP32_RELATIVE, assert_decode_matches, HEAD_DIM, HEADS, KERNEL_RESPLIT_RELATIVE, MODEL, budget_for_warm_pages,
                             decode_mask, host_budget_for_slabs, make_cache, offloading_cache, random_states,
                             relative_error, step)
 
@@ -153,11 +153,7 @@ def test_decode_over_disk_pages_equals_the_cache_that_keeps_them_in_host_memory(
     in_host_memory, spilling = caches
     assert spilling.stats()["disk"]["tokens"] >= 320 - 2 * BLOCK - chunk_pages * BLOCK - 8 - BLOCK - 2 - BLOCK
     assert in_host_memory.stats()["disk"]["tokens"] == 0
-    same_codes = FP32_RELATIVE if decode_kernel == "torch" else KERNEL_RESPLIT_RELATIVE
-    for index in range(MODEL.num_hidden_layers):
-        assert relative_error(outputs[1][index], outputs[0][index]) < same_codes
-        expected = dense_decode(query[:, :, 0], spilling.layers[index], 0.25, kv_start)
-        assert relative_error(outputs[1][index], expected) < (FP32_RELATIVE if decode_kernel == "torch" else 1e-2)
+    assert_decode_matches(outputs, spilling, query, kv_start, decode_kernel, reference=dense_decode)
 
 
 def test_prefill_over_disk_pages_equals_the_warm_only_cache():
