@@ -8,6 +8,7 @@ tokens through an 8B model's forward is quadratic and far too slow. Decode steps
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -19,6 +20,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvtier
+from kvtier.graph import DecodeGraph
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1024**3
@@ -119,14 +121,20 @@ def synchronize(device: str) -> None:
 
 @torch.no_grad()
 def decode_steps_ms(model, cache, batch: int, steps: int, warmup: int = 2) -> list[float]:
-    """Synchronized wall time of each decode step through ``model()`` after ``warmup`` untimed ones."""
+    """Synchronized wall time of each decode step after ``warmup`` untimed ones, taken as generate() takes it: through
+    the model's forward, or for a kvtier cache on CUDA through its DecodeGraph (kvtier.graph)."""
     device = str(model.device)
     token = torch.full((batch, 1), 7, device=model.device)
+    forward = model.forward
+    if isinstance(cache, kvtier.TieredCache) and cache.config.cuda_graph == "auto" and device.startswith("cuda"):
+        # as generate() runs it: replayed from a CUDA graph where the cache allows, else the eager forward
+        graph = cache.decode_graph = DecodeGraph(cache, captured=True)
+        forward = functools.partial(graph.forward, model.forward)
     times = []
     for _ in range(steps + warmup):
         synchronize(device)
         start = time.perf_counter()
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
         if not torch.isfinite(logits).all():

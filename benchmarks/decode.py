@@ -3,7 +3,9 @@
 A random-weight Llama-3.1-8B-shaped model (bf16). For each batch, context and cache, a fresh cache is filled through
 its own update path in chunks of random keys and values (what a chunked prefill writes; prefilling 1M tokens through
 the model's forward is quadratic and far too slow), then ``--warmup`` untimed and ``--steps`` timed decode steps run
-through ``model()`` (eager; synchronized wall time); ms/token is the median step. A configuration that cannot fit
+as generate() runs them (synchronized wall time; ms/token is the median step): the transformers caches through the
+model's eager forward, kvtier on CUDA through its DecodeGraph (a CUDA graph replay while the cache holds no cold
+pages, the eager forward otherwise; kvtier.graph). A configuration that cannot fit
 (predicted from its bytes per token before filling: the GPU less the weights and ``--margin-gb``, or the host's
 ``--host-gb``) or whose fill passes ``--time-limit`` seconds is skipped, and the row says why.
 
@@ -166,7 +168,9 @@ def markdown(result: dict) -> str:
              f"torch {env['torch']}, transformers {env['transformers']}"
              + (f", triton {env['triton']}" if "triton" in env else "")
              + (f", optimum-quanto {env['optimum-quanto']}" if "optimum-quanto" in env else "")
-             + f"; {settings['model']}; eager, median of {settings['steps']} steps after {settings['warmup']} "
+             + f"; {settings['model']}; transformers caches eager, kvtier as generate() runs it (on CUDA: a CUDA graph "
+             "replay while no page is cold, else eager); "
+             f"median of {settings['steps']} steps after {settings['warmup']} "
              f"(offloaded: {max(3, settings['steps'] // 4)}); kvtier warm-only budget {settings['warm_budget_gb']:.3g} GB, "
              f"host-tier configurations {settings['budget_gb']:.3g} GB on the GPU (CPU smoke: scratch + 8 warm pages a layer) and up to {settings['host_gb']:.3g} GB "
              "on the host.", "",

@@ -251,13 +251,17 @@ def max_splits(batch: int, kv_heads: int, device) -> int:
 
 def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
                      with_mass: bool = False, workspace: DecodeWorkspace | None = None, splits: int | None = None,
-                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                     warm_count: torch.Tensor | None = None):
     """One decode step's attention with the Triton kernels.
 
     query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends
     returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32;
     ``lse``, if given, (B, H_q) float32, receives each row's natural-log log-sum-exp (-inf where nothing was
-    attended), for merging with attention over other pages
+    attended), for merging with attention over other pages.
+    ``warm_count``, if given, (1,) int32 on the device: the number of warm pages to read, so that the launch does
+    not depend on it (a CUDA graph replays it while pages are added); the grid is then the full ``splits``, and
+    per-page mass is not available.
     """
     batch, query_heads, head_dim = query.shape
     layout = paged.warm.layout
@@ -265,9 +269,14 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     group = query_heads // kv_heads
     warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
     total_pages = warm_pages + hot_pages
-    splits = min(splits or max_splits(batch, kv_heads, query.device), total_pages)
-    pages_per_split = -(-total_pages // splits)
-    splits = -(-total_pages // pages_per_split)
+    if warm_count is None:
+        splits = min(splits or max_splits(batch, kv_heads, query.device), total_pages)
+        pages_per_split = -(-total_pages // splits)
+        splits = -(-total_pages // pages_per_split)
+    else:
+        if with_mass:
+            raise ValueError("per-page mass needs the page count on the host: call without warm_count")
+        splits, pages_per_split = splits or max_splits(batch, kv_heads, query.device), 0  # computed in the kernel
     workspace = workspace or DecodeWorkspace()
     partial_plain = workspace.get("plain", (batch, query_heads, splits, head_dim), query.device)
     partial_rotated = workspace.get("rotated", (batch, query_heads, splits, head_dim), query.device)
@@ -289,16 +298,18 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot on bf16 returns garbage there): on the CPU,
     # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    num_warps, num_stages = LAUNCH["int4" if warm_pages >= hot_pages else "dense"]
+    num_warps, num_stages = LAUNCH["int4" if warm_count is not None or warm_pages >= hot_pages else "dense"]
     variant = kernel_variant(constants, query.device)
     _decode_pages_kernel[(batch * kv_heads, splits)](
         query, rotated, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
+        kv_start if warm_count is None else warm_count,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
         kv_start, kv_end, partial_plain, partial_rotated, partial_lse, page_lse if with_mass else partial_lse,
         scale * LOG2_E, pages_per_split, splits,
         **constants, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
         UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant,
+        COUNT_ON_DEVICE=warm_count is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query) if out is None else out
@@ -425,6 +436,7 @@ if triton is not None:
         sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T sqrt(pi/2)/D; (2^BITS,) levels
         page_base_ptr, warm_offset_ptr, warm_position_ptr, warm_pages,  # uint8 base; (n_warm,) int64 distances
         # of the pages from it, in ALIGNMENT bytes; (n_warm,) int32 positions
+        warm_count_ptr,  # with COUNT_ON_DEVICE: (1,) int32 n_warm, read here instead of warm_pages
         hot_keys_ptr, hot_values_ptr, hot_table_ptr, hot_pages,  # hot buffers (B, H_kv, T, D); table (3, n_hot)
         hot_stride_batch, hot_stride_head, hot_stride_token,
         kv_start_ptr, kv_end_ptr,  # (B,) int32
@@ -440,7 +452,7 @@ if triton is not None:
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
         HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
         ALIGNMENT: tl.constexpr, FOLD_KEY_SCALES: tl.constexpr, OFFSET_CODES: tl.constexpr, MASS_DOT: tl.constexpr,
-        MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr,
+        MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
     ):
         HALF: tl.constexpr = HEAD_DIM // 2
         QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
@@ -480,9 +492,15 @@ if triton is not None:
         low_acc = tl.zeros([GROUP_PAD, HALF], tl.float32)  # rotated accumulator, first and second half channels
         high_acc = tl.zeros([GROUP_PAD, HALF], tl.float32)
 
-        first = split * pages_per_split
-        last = tl.minimum(first + pages_per_split, warm_pages + hot_pages)
-        warm_last = tl.minimum(last, warm_pages)
+        if COUNT_ON_DEVICE:  # a captured step (CUDA graph): the page count lives on the device, the grid is fixed
+            page_count = tl.load(warm_count_ptr)
+            per_split = tl.cdiv(page_count + hot_pages, splits)
+        else:
+            page_count = warm_pages
+            per_split = pages_per_split
+        first = split * per_split
+        last = tl.minimum(first + per_split, page_count + hot_pages)
+        warm_last = tl.minimum(last, page_count)
         page_rows = kv_head + batch_index * KV_HEADS  # (b, h) index inside a page's fields
         rows = tl.arange(0, TILE)
         token = rows % BLOCK  # inside its page
@@ -622,8 +640,8 @@ if triton is not None:
 
         hot_tokens = tl.arange(0, HOT_TILE)
         hot_base = batch_index.to(tl.int64) * hot_stride_batch + kv_head.to(tl.int64) * hot_stride_head
-        for page in range(tl.maximum(first, warm_pages), last):
-            row = page - warm_pages
+        for page in range(tl.maximum(first, page_count), last):
+            row = page - page_count
             offset = tl.load(hot_table_ptr + row)
             position = tl.load(hot_table_ptr + hot_pages + row)
             count = tl.load(hot_table_ptr + 2 * hot_pages + row)

@@ -13,6 +13,7 @@ from .attention import ATTENTION_NAME, tiered_attention_forward
 from .cache import TieredCache
 from .config import TierConfig
 from .errors import KVTierError, UnsupportedModelError
+from .graph import DecodeGraph
 
 AttentionInterface.register(ATTENTION_NAME, tiered_attention_forward)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
@@ -42,11 +43,34 @@ class KVTier:
         elif isinstance(passed, TieredCache):
             self.cache = passed
             check_continuation(self.cache, input_ids)
-        output = self.original_generate(*args, **kwargs)
+        graph = self.decode_graph(passed)
+        own_forward = self.model.__dict__.get("forward")  # an instance attribute (accelerate's hooks set one), or None
+        if graph is not None:  # decode steps replay a CUDA graph: the model's forward goes through it meanwhile
+            model_forward = self.model.forward
+            self.model.forward = functools.wraps(model_forward)(  # generate() reads the forward's signature
+                lambda *inputs, **named: graph.forward(model_forward, *inputs, **named))
+        try:
+            output = self.original_generate(*args, **kwargs)
+        finally:
+            if graph is not None and own_forward is None:
+                del self.model.forward  # the class's forward shows through again
+            elif graph is not None:
+                self.model.forward = own_forward
         sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
         if isinstance(passed, TieredCache) and sequences is not None and sequences.shape[1] >= passed.get_seq_length():
             passed.token_ids = sequences[:, :passed.get_seq_length()].cpu()
         return output
+
+    def decode_graph(self, cache) -> DecodeGraph | None:
+        """The DecodeGraph that serves ``cache``'s decode steps (kept on the cache), or None (``cuda_graph``)."""
+        if not isinstance(cache, TieredCache) or self.config.cuda_graph == "off":
+            return None
+        captured = self.config.cuda_graph == "auto"
+        if captured and self.model.device.type != "cuda":
+            return None
+        if cache.decode_graph is None:
+            cache.decode_graph = DecodeGraph(cache, captured)
+        return cache.decode_graph
 
     def save(self, path, token_ids: torch.Tensor | None = None):
         """Write the latest cache to the directory ``path``; load it with ``kvtier.load(path, model)``. ``token_ids``

@@ -37,6 +37,8 @@ def tiered_attention_forward(module, query, key, value, attention_mask, scaling=
 
 def attend_tiers(view: TierView, query: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
     """query (B, H_q, Q, D) at positions past_length.. -> attention output (B, Q, H_q, D) in the query's dtype."""
+    if view.step is not None:
+        return _decode_static(view, query, scaling)
     if query.shape[2] == 1:
         ranges = _decode_ranges(view, attention_mask)
         if ranges is not None:
@@ -89,6 +91,22 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
         for launch_lse, mass, starts in launches:
             _observe(layer, mass, starts, launch_lse, lse, layer.total_tokens)
     return out.unsqueeze(1).to(query.dtype)
+
+
+def _decode_static(view: TierView, query, scaling: float) -> torch.Tensor:
+    """A fixed-shape decode step (kvtier.graph): the warm pages and the hot tier only, the attended positions and
+    the warm page count read from device buffers, so that a CUDA graph can replay it as pages are added."""
+    layer, step = view.layer, view.step
+    batch, query_heads, _, head_dim = query.shape
+    if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout):
+        out, _ = paged_kernel.decode_attention(query[:, :, 0], layer.paged(), step.kv_start, step.kv_end, scaling,
+                                               workspace=layer.cache.workspace, warm_count=layer.warm.row_count)
+        return out.unsqueeze(1)
+    kv_heads = layer.hot_keys.shape[1]
+    queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
+    out, _, _ = paged_kernel.paged_attention_reference(queries, layer.paged(), step.kv_start, step.kv_end,
+                                                       key_tile=layer.config.key_tile)
+    return out.view(batch, 1, query_heads, head_dim).to(query.dtype)
 
 
 def _table_starts(pages) -> torch.Tensor:

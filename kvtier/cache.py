@@ -66,11 +66,15 @@ class TieredCache(Cache):
         # how this step attends cold pages: streamed to the device or on the host; "auto" picks per decode step
         self.chooser = ColdAttentionChooser() if config.cold_attention == "auto" else None
         self.cold_mode = "stream" if self.chooser else config.cold_attention
+        self.static_step = None  # set while a fixed-shape decode step runs (kvtier.graph.DecodeGraph)
+        self.decode_graph = None  # the DecodeGraph serving this cache's decode steps in generate(), if any
         super().__init__(layers=[TieredLayer(self, index) for index in range(self.num_layers)])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer. A prefill
         chunk (more than one token) attends every cold page, even under prefetch="topk", and so scores them all."""
+        if self.static_step is not None:  # a decode step being captured (or run as it will be replayed)
+            return self.layers[layer_idx].update_static(key_states, value_states, self.static_step)
         if self.chooser is not None and layer_idx == 0:  # a step starts: cold_attention="auto" picks its mode
             if key_states.shape[2] == 1:
                 self.cold_mode = self.chooser.start_step(time.perf_counter())
@@ -284,6 +288,7 @@ class TieredCache(Cache):
             "bytes_per_token": self.reserved_bytes / max(held * batch, 1),
             "dense_bytes_per_token": dense_bytes_per_token,
             "dense_bytes": dense_bytes_per_token * tokens * batch,
+            "graph": self.decode_graph.stats() if self.decode_graph is not None else None,
         }
 
     def _low_stats(self) -> dict:

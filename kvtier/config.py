@@ -17,6 +17,7 @@ ON_DISK_FULL = ("raise", "evict")
 PREFETCH_MODES = ("all", "topk")
 COLD_ATTENTION = ("stream", "host", "auto")
 DECODE_KERNELS = ("auto", "triton", "torch")
+CUDA_GRAPHS = ("auto", "off", "uncaptured")
 
 BYTES_PER_GB = 1024**3
 CHUNK_BYTES = 48 * 1024**2  # the default cold chunk: few launches per layer, a staging ring of a few such chunks
@@ -73,6 +74,9 @@ class TierConfig:
     key_tile: int = 1024  # attention reads the cache this many tokens at a time (bounds scratch)
     query_tile: int = 256  # and handles this many query rows at a time (prefill)
     decode_kernel: str = "auto"  # "auto": the Triton kernel on CUDA, its torch reference elsewhere; or force one
+    cuda_graph: str = "auto"  # generate()'s decode steps: "auto": replayed from a CUDA graph on CUDA where the cache
+    # allows it (kvtier.graph), eager elsewhere; "off": always eager; "uncaptured": the graph's fixed-shape step run
+    # eagerly, on any device (for tests and debugging)
     check_finite: bool = True  # refuse keys and values holding NaN or Inf (one reduction and host sync per layer and
     # update; see TieredCache.check_states)
 
@@ -137,6 +141,8 @@ class TierConfig:
                f"key_tile ({self.key_tile}) must be at least block_size ({self.block_size}).")
         _check(self.query_tile >= 1, f"query_tile must be >= 1, got {self.query_tile}.")
         _check(isinstance(self.check_finite, bool), f"check_finite must be True or False, got {self.check_finite!r}.")
+        _check(self.cuda_graph in CUDA_GRAPHS,
+               f"unknown cuda_graph {self.cuda_graph!r}; choose one of {CUDA_GRAPHS}.")
         _check(self.decode_kernel in DECODE_KERNELS,
                f"unknown decode_kernel {self.decode_kernel!r}; choose one of {DECODE_KERNELS}.")
 

@@ -51,6 +51,7 @@ class TierView:
     new_keys: torch.Tensor  # (B, H_kv, L, D)
     new_values: torch.Tensor  # (B, H_kv, L, D)
     past_length: int
+    step: "StaticStep | None" = None  # a fixed-shape decode step (kvtier.graph): attention reads its device buffers
 
 
 class TieredLayer(CacheLayerMixin):
@@ -112,6 +113,28 @@ class TieredLayer(CacheLayerMixin):
         self.append(key_states, value_states)
         view = TierView(self, key_states, value_states, past_length)
         return view, view
+
+    def update_static(self, keys: torch.Tensor, values: torch.Tensor, step):
+        """A decode step that does not depend on host state (kvtier.graph): the new token (B, H_kv, 1, D) goes into
+        the hot slot ``step.slot``; the counters advance afterwards, in :meth:`advance_static`."""
+        self.hot_keys.index_copy_(2, step.slot, keys)
+        self.hot_values.index_copy_(2, step.slot, values)
+        if self.config.check_finite:  # read once per step, after the last layer (DecodeGraph.finish)
+            step.nonfinite[self.layer_idx] = ~torch.isfinite(keys.sum(dtype=torch.float32)
+                                                             + values.sum(dtype=torch.float32))
+        view = TierView(self, keys, values, self.total_tokens, step)
+        return view, view
+
+    def make_room_static(self) -> None:
+        """Before a static step: if its token will fill the recent buffer, send the buffer's oldest block to a warm
+        page now, as :meth:`append` would have right after storing the token (so attention reads the same tiers)."""
+        if self.recent_count + 1 == self.recent_keys.shape[2]:
+            self.flush_oldest_block()
+
+    def advance_static(self) -> None:
+        """After a static step: count the token it wrote."""
+        self.recent_count += 1
+        self.total_tokens += 1
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.total_tokens + query_length, 0

@@ -124,6 +124,7 @@ class WarmPages:
         self.table_positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) first token positions
         self.head = 0
         self.base = _placeholder(device)  # the slab at the lowest address
+        self.row_count = torch.zeros(1, dtype=torch.int32, device=device)  # rows, on the device (a CUDA graph reads it)
 
     @property
     def page_bytes(self) -> int:
@@ -175,6 +176,7 @@ class WarmPages:
         self.positions[row].fill_(start)
         self.table.append(PageEntry(page_id, start))
         self.starts.append(start)
+        self.row_count.fill_(len(self.table))
 
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
         """Gather the pages of ``entries`` into field tensors with a leading page axis: (n, *field shape)."""
@@ -198,6 +200,7 @@ class WarmPages:
         entry = self.table.pop(index)
         self.starts.pop(index)
         self.free_page_ids.append(entry.page_id)
+        self.row_count.fill_(len(self.table))
         return entry
 
     def release_all(self) -> None:
@@ -206,6 +209,7 @@ class WarmPages:
         self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
         self.head = 0
         self.base = _placeholder(self.device)
+        self.row_count.fill_(0)
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` to the batch axis of every page field (beam reorder, batch selection), in place."""

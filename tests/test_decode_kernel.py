@@ -177,7 +177,9 @@ def test_generate_through_kernel_matches_torch_path(warm_format, device):
                                     output_logits=True, return_dict_in_generate=True)
         finally:
             kvtier.detach(model)
-        assert handle.cache.decode_ranges is not None  # the padded decode steps took the paged decode path
+        graph = handle.stats()["graph"]  # on CUDA, the kernel's decode steps replay a CUDA graph
+        replayed = graph is not None and graph["replays"] == 5
+        assert handle.cache.decode_ranges is not None or replayed  # the padded decode steps took the paged decode path
         assert handle.stats()["warm"]["pages"] > 0
         runs[kernel] = result
     assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
@@ -200,3 +202,34 @@ def test_forcing_the_kernel_on_pages_it_cannot_read_says_why():
             model.generate(torch.randint(0, 100, (1, 30)), max_new_tokens=2, do_sample=False)
     finally:
         kvtier.detach(model)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 8, 32])
+def test_page_count_read_on_the_device(splits, device):
+    """With the warm page count in a device tensor (what a CUDA graph replays) and a fixed grid of splits, many of
+    them empty, the kernel gives the reference's answer, and reads pages stored after the launch was set up."""
+    layer = filled_layer(device, 2, 8, 2, 64, 150, torch.float32, seed=5)
+    query = torch.randn(2, 8, 64, device=device)
+    kv_start = torch.tensor([0, 9], dtype=torch.int32, device=device)
+    queries = (query.double() / 8).view(2, 2, 4, 1, 64)
+    workspace = DecodeWorkspace()
+    generator = torch.Generator().manual_seed(9)
+    pages = []
+    for tokens in (150, 150 + 16):  # the second call: one more warm page, the same launch arguments otherwise
+        if tokens > 150:
+            layer.update(torch.randn(2, 2, 16, 64, generator=generator).to(device),
+                         torch.randn(2, 2, 16, 64, generator=generator).to(device))
+        pages.append(len(layer.warm.table))
+        kv_end = torch.full((2,), tokens, dtype=torch.int32, device=device)
+        expected = paged_attention_reference(queries, layer.paged(), kv_start, kv_end)[0].view(2, 8, 64)
+        decode_attention(query, layer.paged(), kv_start, kv_end, 1 / 8, workspace=workspace, splits=splits,
+                         warm_count=layer.warm.row_count)
+        for buffer in workspace.buffers.values():
+            buffer.fill_(math.nan)
+        out, _ = decode_attention(query, layer.paged(), kv_start, kv_end, 1 / 8, workspace=workspace, splits=splits,
+                                  out=torch.full_like(query, math.nan), warm_count=layer.warm.row_count)
+        assert int(layer.warm.row_count) == len(layer.warm.table)
+        assert torch.isfinite(out).all()
+        assert (out.double() - expected).norm() / expected.norm() < BF16_RELATIVE
+    assert pages[1] == pages[0] + 1

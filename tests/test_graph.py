@@ -1,0 +1,123 @@
+"""The decode step a CUDA graph replays (kvtier.graph) against the eager kvtier path, through generate().
+
+On the CPU the graph's fixed-shape step runs uncaptured (``cuda_graph="uncaptured"``): the same static update, the
+same device buffers, the same attention over them, and the same flushes between steps; it must give the eager path's
+tokens and logits (float32: to 1e-5). On a GPU the captured graph is replayed and compared the same way (bf16, with
+the kernel on both sides), with recaptures forced by a slab per page.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvtier
+from kvtier.errors import NonFiniteStatesError
+
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+SMALL = dict(recent_window=32, block_size=16, key_group=16)
+
+
+def small_model(device="cpu", dtype=torch.float32):
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                         hidden_size=256, intermediate_size=512, vocab_size=500)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device, dtype).eval()
+
+
+def padded_prompt(device="cpu", length=120):
+    ids = torch.randint(1, 500, (2, length), generator=torch.Generator().manual_seed(1)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0  # left padding
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, ids, mask, cuda_graph, sample=False, **config):
+    handle = kvtier.attach(model, cuda_graph=cuda_graph, **{"budget_gb": 0.5, **SMALL, **config})
+    try:
+        if sample:
+            torch.manual_seed(3)
+        result = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=sample, pad_token_id=0,
+                                output_logits=True, return_dict_in_generate=True)
+    finally:
+        kvtier.detach(model)
+    return result, handle.stats()
+
+
+@pytest.mark.parametrize("warm_format", ["int4", "turboquant"])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampling"])
+def test_static_step_matches_eager_generate(warm_format, sample):
+    """40 decode steps (two block flushes each layer), batch 2 with left padding: the same tokens and logits."""
+    model = small_model()
+    ids, mask = padded_prompt()
+    eager, _ = generate(model, ids, mask, "off", sample, warm_format=warm_format)
+    static, stats = generate(model, ids, mask, "uncaptured", sample, warm_format=warm_format)
+    graph = stats["graph"]
+    assert graph["eager_steps"] == 1 and graph["eager_reason"] == "not a one-token decode step"  # the prefill only
+    assert stats["warm"]["tokens"] > 120 - 4 - SMALL["recent_window"]  # more than the prefill stored: pages were
+    # stored between static steps
+    assert torch.equal(eager.sequences, static.sequences)
+    for expected, got in zip(eager.logits, static.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, reason", [
+    (dict(policy="attention_mass"), "attention mass"),
+    (dict(budget_gb=0.0018, host_budget_gb=0.1, chunk_pages=2, query_tile=16, key_tile=64), "cold or disk pages"),
+])
+def test_steps_the_graph_cannot_serve_run_eagerly_and_say_why(config, reason):
+    model = small_model()
+    ids, mask = padded_prompt()
+    eager, _ = generate(model, ids, mask, "off", **config)
+    static, stats = generate(model, ids, mask, "uncaptured", **config)
+    assert stats["graph"]["eager_steps"] == 40 and reason in stats["graph"]["eager_reason"]
+    assert torch.equal(eager.sequences, static.sequences)
+
+
+@torch.no_grad()
+def test_nan_in_a_static_step_is_refused_and_the_cache_stays_usable():
+    model = small_model()
+    ids, mask = padded_prompt()
+    handle = kvtier.attach(model, budget_gb=0.5, cuda_graph="uncaptured", **SMALL)
+    poison = {"on": False}
+
+    def inject(_module, _inputs, output):  # NaN keys in layer 1, in decode steps only, while switched on
+        return output.fill_(float("nan")) if poison["on"] and output.shape[1] == 1 else output
+
+    hook = model.model.layers[1].self_attn.k_proj.register_forward_hook(inject)
+    try:
+        first = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        cache = handle.cache
+        held = cache.get_seq_length()
+        poison["on"] = True
+        with pytest.raises(NonFiniteStatesError, match=r"layers \[1\].*CUDA graph"):
+            model.generate(first, attention_mask=torch.cat((mask, mask.new_ones(2, 3)), 1), past_key_values=cache,
+                           max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert cache.get_seq_length() == held  # the refused step's token was not counted
+        assert all(torch.isfinite(layer.hot_keys).all() for layer in cache.layers)
+        poison["on"] = False
+        model.generate(first, attention_mask=torch.cat((mask, mask.new_ones(2, 3)), 1), past_key_values=cache,
+                       max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert cache.get_seq_length() == held + 2
+    finally:
+        hook.remove()
+        kvtier.detach(model)
+
+
+@pytest.mark.cuda
+@NO_CUDA
+@pytest.mark.parametrize("pages_per_slab", [16, 1])
+def test_captured_graph_matches_eager_generate_on_cuda(pages_per_slab):
+    """bf16 on the GPU, the Triton kernel on both sides; one slab per page moves the page table and the slab base
+    often, so the graph is captured again, and every capture must read the moved buffers."""
+    model = small_model("cuda", torch.bfloat16)
+    ids, mask = padded_prompt("cuda", length=700)
+    eager, _ = generate(model, ids, mask, "off", pages_per_slab=pages_per_slab)
+    graphed, stats = generate(model, ids, mask, "auto", pages_per_slab=pages_per_slab)
+    graph = stats["graph"]
+    assert graph["captured"] and graph["replays"] == 39 and graph["captures"] >= 1
+    if pages_per_slab == 1:
+        assert graph["captures"] > 1
+    assert torch.equal(eager.sequences, graphed.sequences)
+    for expected, got in zip(eager.logits, graphed.logits):
+        assert (got - expected).norm() / expected.norm() < 1e-2
