@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import capacity  # noqa: E402
 import common  # noqa: E402
 import decode  # noqa: E402
+import graph_decode  # noqa: E402
 from search import ProbeTimeout, find_capacity  # noqa: E402
 
 from kvtier.eval import chunked_perplexity  # noqa: E402
@@ -129,6 +130,18 @@ def test_decode_smoke_writes_sane_results(tmp_path):
     assert "skipped: DynamicCache(offloading=True)" in (tmp_path / "decode-cpu.md").read_text()
     if common.pyplot() is not None:
         assert (tmp_path / "decode-cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_graph_decode_smoke_writes_sane_results(tmp_path):
+    """On the CPU the graph's fixed-shape step runs uncaptured: every timed step must take it (no eager fallback)."""
+    result = graph_decode.main(["--device", "cpu", "--tiny", "--contexts", "512", "--steps", "1", "--warmup", "1",
+                                "--caches", "kvtier-graph", "kvtier-eager", "dynamic-eager", "--out", str(tmp_path)])
+    rows = {row["cache"]: row for row in result["rows"]}
+    assert all(row["ms_per_token"] > 0 for row in rows.values())
+    assert rows["kvtier-graph"]["graph"]["eager_steps"] == 0 and not rows["kvtier-graph"]["graph"]["captured"]
+    table = (tmp_path / "graph-decode-cpu.md").read_text()
+    assert "| kvtier INT4 (CUDA graph) | kvtier INT4 (eager) | DynamicCache (eager) |" in table
+    assert len(json.loads((tmp_path / "graph-decode-cpu.json").read_text())["rows"]) == 3
 
 
 def test_chunked_perplexity_of_the_dense_cache_is_the_full_forward_one(smollm2):
