@@ -93,10 +93,10 @@ class DecodeGraph:
         if not self.captured:
             logits = self.run(model_forward, options)
         else:
-            buffers = self.buffers()
-            if buffers != self.captured_buffers:
+            buffers = self.buffers(), sorted(options.items(), key=lambda item: item[0])
+            if buffers != self.captured_buffers:  # a moved buffer, or other forward options: capture again
                 self.capture(model_forward, options)
-                self.captured_buffers = self.buffers()
+                self.captured_buffers = self.buffers(), buffers[1]
             self.graph.replay()
             self.replays += 1
             logits = self.logits
