@@ -64,6 +64,18 @@ class StaticStep:
                    zeros(layers, dtype=torch.bool), zeros(batch, 1), zeros(batch, 1), zeros(1))
 
 
+def attends_one_range(attention_mask, length: int) -> bool:
+    """Whether a (B, >= length) 2D mask lets each row attend one run of positions ending at the newest (zeros, then
+    ones: left padding), what StaticStep's kv_start and kv_end describe; None attends everything. One host sync."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < length:
+        return False
+    allowed = attention_mask[:, :length].bool()  # (B, length)
+    start = allowed.int().argmax(-1)
+    return bool((allowed.sum(-1) == length - start).all() & allowed[:, -1].all())
+
+
 class DecodeGraph:
     """Serves a TieredCache's decode steps from one captured forward (``captured=False``: the same fixed-shape step,
     run eagerly each time, on any device: what the CPU tests compare against the eager path)."""
@@ -119,6 +131,8 @@ class DecodeGraph:
             return "the sinks are not filled yet"
         if first.hot_keys.shape[0] != input_ids.shape[0]:
             return "the batch changed"
+        if not attends_one_range(kwargs.get("attention_mask"), first.total_tokens + 1):
+            return "an attention mask that is not one range of positions per row (left padding)"
         if any(layer.offloaded_pages() for layer in cache.layers):
             return "cold or disk pages (their staging is planned on the host every step)"
         if any(layer.low_pages() is not None for layer in cache.layers):

@@ -121,3 +121,14 @@ def test_captured_graph_matches_eager_generate_on_cuda(pages_per_slab):
     assert torch.equal(eager.sequences, graphed.sequences)
     for expected, got in zip(eager.logits, graphed.logits):
         assert (got - expected).norm() / expected.norm() < 1e-2
+
+
+def test_a_mask_with_a_hole_runs_eagerly():
+    from kvtier.graph import attends_one_range
+
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :3] = 0
+    assert attends_one_range(mask, 10) and attends_one_range(None, 10)
+    mask[0, 5] = 0  # a hole in row 0: not a range, so the eager path (which reads the mask) must serve it
+    assert not attends_one_range(mask, 10)
+    assert not attends_one_range(torch.ones(2, 1, 1, 10), 10)  # a 4D mask
