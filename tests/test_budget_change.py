@@ -391,7 +391,7 @@ def test_generate_continues_after_a_budget_change_like_a_cache_that_had_the_smal
             stats.append(handle.stats()["cold"]["tokens"])
             handle.set_budgets(budget_gb=small)
             assert handle.stats()["cold"]["tokens"] == 3 * 64 and handle.stats()["warm"]["tokens"] == 64
-            results.append(model_.generate(out, past_key_values=handle.cache, max_new_tokens=6, do_sample=False,
+            results.append(model_.generate(out, past_key_values=handle.cache, max_new_tokens=4, do_sample=False,
                                            output_logits=True, return_dict_in_generate=True))
         finally:
             kvtier.detach(model_)
