@@ -279,7 +279,8 @@ class WarmPages:
         return pages * self.page_bytes + _table_rows(pages) * TABLE_ROW_BYTES if pages else 0
 
     def host_copy(self, entries: list[PageEntry]) -> torch.Tensor:
-        """The bytes of ``entries``' pages, (n, page_bytes) uint8 on the CPU, in order; one device-to-host copy a slab."""
+        """The bytes of ``entries``' pages, (n, page_bytes) uint8 on the CPU, in order (one device-to-host copy a
+        slab)."""
         pages = torch.empty(len(entries), self.page_bytes, dtype=torch.uint8)
         by_slab: dict[int, list[tuple[int, int]]] = {}
         for index, entry in enumerate(entries):

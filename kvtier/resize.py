@@ -149,8 +149,8 @@ def blocked_error(cache, config: TierConfig, shares: Shares, layer, plan: LayerP
         return BudgetExceededError(
             f"kvtier: host_budget_gb={shares.host_bytes / BYTES_PER_GB:g} leaves layer {layer.layer_idx} room for "
             f"{plan.host_pages} cold pages, fewer than it would hold ({len(layer.cold.entries)} now, and the warm "
-            "pages the device budget sends it); on_host_full='raise' drops none, so nothing changed. Choose a larger host_budget_gb (or budget_gb), or "
-            "attach with on_host_full='evict' or 'disk'.")
+            "pages the device budget sends it); on_host_full='raise' drops none, so nothing changed. Choose a larger "
+            "host_budget_gb (or budget_gb), or attach with on_host_full='evict' or 'disk'.")
     if plan.blocked == "low":
         return BudgetExceededError(
             f"kvtier: budget_gb={config.budget_gb:g} leaves layer {layer.layer_idx} room for {plan.low_pages} "

@@ -255,7 +255,8 @@ REFUSALS = [
      r"layer 0's files take [\d,]+ bytes .*on_disk_full='raise' evicts none, so nothing changed"),
     ("disk-raise", FILL, dict(host_budget_gb=1), BudgetExceededError, r"the pages this change spills [\d,]+ more"),
     ("host-evict", FILL, dict(budget_gb=-1), ValueError, r"budget_gb must be positive, got -1"),
-    ("host-evict", FILL, dict(host_budget_gb="2"), ValueError, r"host_budget_gb must be a number of GB, got '2' \(str\)"),
+    ("host-evict", FILL, dict(host_budget_gb="2"), ValueError,
+     r"host_budget_gb must be a number of GB, got '2' \(str\)"),
 ]
 
 
