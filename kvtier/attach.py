@@ -79,6 +79,15 @@ class KVTier:
             raise KVTierError("kvtier: nothing to save yet; run model.generate() first.")
         return self.cache.save(path, token_ids, model=self.model)
 
+    def set_budgets(self, budget_gb: float | None = None, host_budget_gb: float | None = None,
+                    disk_budget_gb: float | None = None) -> None:
+        """Change the budgets (None: unchanged) of the latest cache, at once (see TieredCache.set_budgets: a smaller
+        budget moves pages down by policy, all or nothing), and of every cache generate() makes from now on."""
+        config = self.config.with_budgets(budget_gb, host_budget_gb, disk_budget_gb)  # invalid values raise here
+        if self.cache is not None:
+            self.cache.set_budgets(budget_gb, host_budget_gb, disk_budget_gb)
+        self.config = config
+
     def stats(self) -> dict:
         """Per-tier tokens and bytes of the latest cache (empty before the first generate)."""
         if self.cache is None:

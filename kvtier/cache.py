@@ -54,7 +54,8 @@ class TieredCache(Cache):
         self.scratch_bytes = 0
         self.staging_bytes = 0
         self.warm_share_bytes = 0  # each layer's share of what the hot tier, staging ring and scratch leave
-        self.host_share_bytes = self.host_budget.limit_bytes // self.num_layers  # each layer's cold share
+        self.host_reserved_bytes = 0  # host bytes outside the layers' shares: the rows disk pages are read into
+        self.host_share_bytes = self.host_share_for(self.host_budget.limit_bytes)  # each layer's cold share
         self.disk_directory: str | None = None  # with the disk tier: this cache's own folder of segment files
         self.disk_budget: ByteBudget | None = None  # and the bytes its files may take
         self.disk_share_bytes = 0  # each layer's share of them
@@ -99,6 +100,45 @@ class TieredCache(Cache):
     @property
     def budget_bytes(self) -> int:
         return self.config.budget_bytes
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What the cache holds on its device besides pages: hot tiers, scratch and the staging ring."""
+        return self.hot_bytes + self.scratch_bytes + self.staging_bytes
+
+    def warm_share_for(self, budget_bytes: int) -> int:
+        """Each layer's share of a device budget: what the hot tiers, staging ring and scratch leave."""
+        return (budget_bytes - self.fixed_bytes) // self.num_layers
+
+    def split_warm_share(self, warm_share: int) -> tuple[int, int]:
+        """A layer's warm share -> its bytes for full-precision pages and for low-precision ones (``low_bits``)."""
+        low = int(warm_share * self.config.low_share) if self.low_format is not None else 0
+        return warm_share - low, low
+
+    def host_share_for(self, host_budget_bytes: int) -> int:
+        """Each layer's share of a host budget for cold pages: what the rows disk pages are read into leave."""
+        return (host_budget_bytes - self.host_reserved_bytes) // self.num_layers
+
+    def set_budgets(self, budget_gb: float | None = None, host_budget_gb: float | None = None,
+                    disk_budget_gb: float | None = None) -> None:
+        """Change the device, host and disk budgets of this live cache (None: unchanged); see kvtier.resize.
+
+        Each layer's shares are recomputed as at the start. A smaller budget is met at once by the moves a full
+        budget makes, the pages the policy scores lowest first: warm pages leave the device (to the host tier,
+        to fewer bits with ``low_bits``, or evicted, per ``on_budget_full``), cold pages leave the host (to disk,
+        or evicted, per ``on_host_full``), disk pages are evicted (``on_disk_full="evict"``); sinks and the recent
+        window stay. Tiers that emptied or shrank give their memory back: a layer's warm pages are repacked into one
+        slab, cold pages into as few host slabs as they fill. A larger budget raises the limits and shares, and new
+        pages use the room; pages already moved down stay where they are (no promotion). The staging ring and
+        chunk size stay as sized at the first states.
+
+        All or nothing: if the new budgets cannot be met (the device budget holds less than the hot tiers, scratch,
+        staging ring and one warm page a layer; the host budget less than one slab a layer; or pages would have to
+        leave a tier whose action is "raise"), BudgetTooSmallError or BudgetExceededError says why and nothing has
+        changed. Invalid values raise TierConfig's ValueError."""
+        from .resize import change_budgets
+
+        change_budgets(self, budget_gb, host_budget_gb, disk_budget_gb)
 
     @property
     def reserved_bytes(self) -> int:
@@ -161,7 +201,7 @@ class TieredCache(Cache):
         self.chunk_pages = self.config.pages_per_chunk(layout.page_bytes)
         if self.config.offloads:
             self.staging_bytes = StagingRing.bytes_for(self.config.staging_chunks, self.chunk_pages, layout.page_bytes)
-        fixed_bytes = self.hot_bytes + self.scratch_bytes + self.staging_bytes
+        fixed_bytes = self.fixed_bytes
         if not self.reserve(fixed_bytes):
             raise BudgetTooSmallError(
                 f"kvtier: budget_gb={self.config.budget_gb:g} ({self.budget_bytes:,} bytes) cannot hold the hot window: "
@@ -176,7 +216,7 @@ class TieredCache(Cache):
             self.prefetcher = Prefetcher(ring, layout, device, self.host_budget)
         if self.config.spills:
             self.open_disk_tier()
-        self.warm_share_bytes = (self.budget_bytes - self.reserved_bytes) // self.num_layers
+        self.warm_share_bytes = self.warm_share_for(self.budget_bytes)
 
     def open_disk_tier(self) -> None:
         """Reserve the pinned rows disk pages are read into out of the host budget (the cold pages share the rest),
@@ -187,7 +227,8 @@ class TieredCache(Cache):
                 f"are read into (twice {self.config.staging_chunks} x {self.chunk_pages} pages). Raise host_budget_gb, or "
                 "lower chunk_pages or staging_chunks."
             )
-        self.host_share_bytes = self.host_budget.free_bytes // self.num_layers
+        self.host_reserved_bytes = self.host_budget.used_bytes
+        self.host_share_bytes = self.host_share_for(self.host_budget.limit_bytes)
         self.disk_directory = tempfile.mkdtemp(prefix="kvtier-", dir=self.config.disk_dir)
         weakref.finalize(self, shutil.rmtree, self.disk_directory, ignore_errors=True)
         if self.config.disk_budget_gb is not None:

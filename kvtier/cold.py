@@ -105,6 +105,45 @@ class ColdPages:
         """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives."""
         return [(slab, slab.used_rows, list(slab.entries)) for slab in self.slabs if slab.entries]
 
+    def slabs_within(self, share_bytes: int) -> int:
+        """How many slabs ``share_bytes`` of the host budget pays for."""
+        return share_bytes // self.slab_bytes
+
+    @property
+    def slab_bytes(self) -> int:
+        return self.chunk_pages * (self.layout.page_bytes + 4)
+
+    def compact(self) -> None:
+        """Free every slab the pages do not need: the pages of the emptiest slabs move (host row to host row) into free
+        rows of the fullest, and slabs left empty go back to the host budget. Positions and arrival order stay."""
+        needed = -(-len(self.entries) // self.chunk_pages)
+        ranked = sorted(range(len(self.slabs)), key=lambda index: -len(self.slabs[index].entries))
+        kept, emptied = sorted(ranked[:needed]), ranked[needed:]
+        for index in emptied:
+            for entry in list(self.slabs[index].entries):
+                self._move(entry, next(target for target in kept if self._has_room(self.slabs[target])))
+        self.budget.release(len(emptied) * self.slab_bytes)
+        self.slabs = [self.slabs[index] for index in kept]
+        for new_index, slab in enumerate(self.slabs):
+            for entry in slab.entries:
+                entry.slab = new_index
+        self.version += 1
+
+    def _has_room(self, slab: HostSlab) -> bool:
+        return bool(slab.free_rows) or slab.used_rows < slab.pages.shape[0]
+
+    def _move(self, entry: ColdEntry, target_index: int) -> None:
+        """Copy one page's row into a free row of slab ``target_index``; its old row becomes free."""
+        source, target = self.slabs[entry.slab], self.slabs[target_index]
+        row = target.take_row()
+        target.pages[row].copy_(source.pages[entry.row])
+        target.positions[row] = entry.start
+        source.positions[entry.row] = FREE_POSITION
+        source.free_rows.append(entry.row)
+        source.entries.remove(entry)
+        target.entries.append(entry)
+        entry.slab, entry.row = target_index, row
+
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)
         self.slabs, self.entries, self.starts = [], [], []
@@ -128,7 +167,7 @@ class ColdPages:
         return len(self.slabs) - 1, self.slabs[-1].take_row()
 
     def _new_slab(self) -> HostSlab:
-        nbytes = self.chunk_pages * (self.layout.page_bytes + 4)
+        nbytes = self.slab_bytes
         if self.allocated_bytes + nbytes > self.share_bytes or not self.budget.reserve(nbytes):
             raise NoRoomForPage()
         try:

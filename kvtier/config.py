@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .policies import POLICIES, PagePolicy, policy_name
 
@@ -81,6 +82,11 @@ class TierConfig:
     # update; see TieredCache.check_states)
 
     def __post_init__(self):
+        for name in ("budget_gb", "host_budget_gb", "disk_budget_gb"):
+            value = getattr(self, name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            _check(number or (value is None and name != "budget_gb"),
+                   f"{name} must be a number of GB, got {value!r} ({type(value).__name__}).")
         _check(self.budget_gb > 0, f"budget_gb must be positive, got {self.budget_gb}.")
         _check(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}.")
         _check(self.recent_window >= 1, f"recent_window must be >= 1, got {self.recent_window}.")
@@ -149,6 +155,12 @@ class TierConfig:
     @property
     def budget_bytes(self) -> int:
         return int(self.budget_gb * BYTES_PER_GB)
+
+    def with_budgets(self, budget_gb: float | None = None, host_budget_gb: float | None = None,
+                     disk_budget_gb: float | None = None) -> "TierConfig":
+        """This configuration with the budgets that are given (None: unchanged), validated like any TierConfig."""
+        given = {"budget_gb": budget_gb, "host_budget_gb": host_budget_gb, "disk_budget_gb": disk_budget_gb}
+        return replace(self, **{name: value for name, value in given.items() if value is not None})
 
     @property
     def offloads(self) -> bool:

@@ -122,6 +122,10 @@ class DiskPages:
         self.compressed_bytes += len(frame)
         self.version += 1
 
+    def frame_bytes(self, page: torch.Tensor) -> int:
+        """What :meth:`store` would append for ``page`` (page_bytes,) uint8 on the CPU: its lz4 frame's length."""
+        return len(_lz4_frame().compress(page.numpy().tobytes()))
+
     def load_into(self, entries: list[DiskEntry], pages: torch.Tensor, positions: torch.Tensor) -> None:
         """Read ``entries`` into host rows: pages (n, page_bytes) uint8 and positions (n,) int32, in order; every
         page's checksum is verified."""

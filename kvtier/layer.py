@@ -91,10 +91,9 @@ class TieredLayer(CacheLayerMixin):
         self.hot_pages = self._hot_pages()
         self.hot_table = hot_table_tensor(self.hot_pages, self.device)  # (3, n_hot)
         layout = PageLayout(batch, kv_heads, config.block_size, head_dim, warm_format)
-        warm_share = self.cache.warm_share_bytes
+        full_share, low_share = self.cache.split_warm_share(self.cache.warm_share_bytes)
         low_format = self.cache.low_format
-        low_share = int(warm_share * config.low_share) if low_format is not None else 0
-        self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, warm_share - low_share)
+        self.warm = WarmPages(layout, self.device, config.pages_per_slab, self.cache, full_share)
         # low-precision warm pages (the precision rule, low_bits), in the order the policy sends them
         self.low = WarmPages(PageLayout(batch, kv_heads, config.block_size, head_dim, low_format), self.device,
                              config.pages_per_slab, self.cache, low_share, in_order=False) if low_format else None

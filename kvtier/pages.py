@@ -92,6 +92,14 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
+def _table_rows(pages: int, current_rows: int = 0) -> int:
+    """Rows of a device table grown (doubling, from at least 16 rows) to twice ``pages``."""
+    rows = max(current_rows, 16)
+    while rows < 2 * pages:
+        rows *= 2
+    return rows
+
+
 @dataclass
 class PageEntry:
     """One row of the block table: which slab slot holds the tokens starting at ``start``."""
@@ -260,10 +268,60 @@ class WarmPages:
         room for twice the pages, so that the head moved by dropped pages reaches its end rarely."""
         if 2 * pages <= self.table_offsets.shape[0]:
             return 0
-        capacity = max(self.table_offsets.shape[0], 16)
-        while capacity < 2 * pages:
-            capacity *= 2
-        return capacity * TABLE_ROW_BYTES
+        return _table_rows(pages, self.table_offsets.shape[0]) * TABLE_ROW_BYTES
+
+    def pages_within(self, share_bytes: int) -> int:
+        """The most pages that :meth:`rebuild` can hold within ``share_bytes``: one slab of them and the table
+        store() would have grown for them."""
+        pages = share_bytes // self.page_bytes
+        while pages and pages * self.page_bytes + _table_rows(pages) * TABLE_ROW_BYTES > share_bytes:
+            pages -= 1
+        return pages
+
+    def bytes_for_pages(self, pages: int) -> int:
+        """What :meth:`rebuild` allocates for ``pages`` pages (0 for none)."""
+        return pages * self.page_bytes + _table_rows(pages) * TABLE_ROW_BYTES if pages else 0
+
+    def host_copy(self, entries: list[PageEntry]) -> torch.Tensor:
+        """The bytes of ``entries``' pages, (n, page_bytes) uint8 on the CPU, in order (one device-to-host copy a
+        slab)."""
+        pages = torch.empty(len(entries), self.page_bytes, dtype=torch.uint8)
+        by_slab: dict[int, list[tuple[int, int]]] = {}
+        for index, entry in enumerate(entries):
+            slab_index = bisect.bisect_right(self.slab_offsets, entry.page_id) - 1
+            by_slab.setdefault(slab_index, []).append((index, entry.page_id - self.slab_offsets[slab_index]))
+        for slab_index, rows in by_slab.items():
+            on_host = self.slabs[slab_index].cpu()  # (slab pages, page_bytes)
+            pages[torch.tensor([index for index, _ in rows])] = on_host[torch.tensor([slot for _, slot in rows])]
+        return pages
+
+    def rebuild(self, starts: list[int], pages: torch.Tensor) -> None:
+        """Hold exactly ``pages`` (n, page_bytes) uint8 (on any device) at first positions ``starts``, in that table
+        order, instead of what the tier held: every slab and the table are freed, then one slab of exactly n pages and
+        a new table are allocated (so memory returns where pages left, and a half-empty slab shrinks). The budget is
+        settled first: if the new bytes do not fit, NoRoomForPage is raised and nothing changed."""
+        old_bytes, new_bytes = self.allocated_bytes, self.bytes_for_pages(len(starts))
+        self.budget.release(old_bytes)
+        if not self.budget.reserve(new_bytes):
+            self.budget.reserve(old_bytes)
+            raise NoRoomForPage()
+        self.slabs, self.slab_offsets, self.free_page_ids, self.table, self.starts = [], [], [], [], []
+        self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
+        self.head = 0
+        self.base = _placeholder(self.device)
+        if not starts:
+            return
+        count = len(starts)
+        slab = torch.empty((count, self.page_bytes), dtype=torch.uint8, device=self.device)
+        slab.copy_(pages)
+        rows = _table_rows(count)
+        self.table_offsets = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        self.table_positions = torch.zeros(rows, dtype=torch.int32, device=self.device)
+        self.table_offsets[:count] = torch.arange(count, device=self.device) * (self.page_bytes // ALIGNMENT)
+        self.table_positions[:count] = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        self.slabs, self.slab_offsets, self.base = [slab], [0], slab
+        self.table = [PageEntry(page_id, start) for page_id, start in enumerate(starts)]
+        self.starts = list(starts)
 
     def _grow_table(self, pages: int) -> None:
         old_bytes, count = self.table_bytes, len(self.table)

@@ -271,6 +271,25 @@ class Prefetcher:
                 self.free_slots.append(job.slot)
             self._forget_read_ahead(job)
 
+    def quiesce(self) -> None:
+        """Forget every layer's plan and wait until no copy into or out of host memory is in flight, so that pages
+        may move between host rows, slabs and files (a budget change); the next step plans afresh."""
+        for layer_index in list(self.jobs):
+            self.cancel(layer_index)
+        if self.reader is not None:  # one thread, in order: reads submitted before are done once this one is
+            self.reader.submit(lambda: None).result()
+        if self.stream is not None:
+            self.stream.synchronize()
+        self.wait_for_host_writes()
+
+    def release_gather_rows(self, host_budget) -> None:
+        """Give ``prefetch="topk"``'s gather rows back to ``host_budget`` (after :meth:`quiesce`); they are paid for
+        again at the next job of scattered rows, if they fit then."""
+        if self.gather is not None and self.host_budget is not None:
+            self.host_budget.release(GatherRows.bytes_for(*self.ring.pages.shape))
+            self.gather = None
+        self.host_budget = host_budget
+
     # ---------------------------------------------------------------- slots and copies
     def _issue_waiting(self, layer_index: int) -> None:
         """Start the copies of the layer's jobs that have no slot yet, while slots are free. A copy that fails here

@@ -49,15 +49,20 @@ def spilling_cache(warm_pages=2, host_slabs=1, chunk_pages=2, device="cpu", **ov
 
 def every_cached_token(layer):
     """positions (N,), keys and values (B, H, N, D) float32 on the CPU in the model basis, in position order, read
-    from the hot buffer, the warm pages, the host slabs and the disk files directly (through DiskPages.read, which
-    checks each page's CRC), not through attention or staging."""
+    from the hot buffer, the warm and low-precision pages, the host slabs and the disk files directly (through
+    DiskPages.read, which checks each page's CRC), not through attention or staging; tiers the layer lacks are
+    skipped."""
     layout, block = layer.warm.layout, layer.config.block_size
     paged = layer.paged()
-    parts = [dequantize_pages(paged, paged.warm.table)] if paged.warm.table else []
-    positions = [torch.arange(entry.start, entry.start + block) for entry in paged.warm.table]
-    offloaded = [(entry.start, layer.cold.slabs[entry.slab].pages[entry.row]) for entry in layer.cold.entries]
+    parts, positions = [], []
+    for pages in (layer.warm, layer.low):
+        if pages is not None and pages.table:
+            parts.append(dequantize_pages(layer.paged(pages), pages.table))
+            positions += [torch.arange(entry.start, entry.start + block) for entry in pages.table]
+    offloaded = [(entry.start, layer.cold.slabs[entry.slab].pages[entry.row])
+                 for entry in (layer.cold.entries if layer.cold is not None else [])]
     offloaded += [(entry.start, torch.frombuffer(bytearray(layer.disk.read(entry)), dtype=torch.uint8))
-                  for entry in layer.disk.entries]
+                  for entry in (layer.disk.entries if layer.disk is not None else [])]
     for start, page in offloaded:  # page (page_bytes,) uint8
         page = page.to(layer.device)  # dequantized beside the layer's rotation and sketch
         page_keys, page_values = layout.format.dequantize(layout.views(page[None]), torch.float32, layer.sketch)
@@ -99,7 +104,7 @@ def assert_every_token_once(layer, total):
     positions, _, _ = every_cached_token(layer)
     kept = positions.tolist()
     assert len(kept) == len(set(kept)) == total - layer.evicted_tokens
-    assert layer.hot_tokens() + layer.warm_tokens() + layer.cold_tokens() + layer.disk_tokens() \
+    assert layer.hot_tokens() + layer.warm_tokens() + layer.low_tokens() + layer.cold_tokens() + layer.disk_tokens() \
         + layer.evicted_tokens == total
     assert kept[len(kept) - layer.recent_count:] == list(range(total - layer.recent_count, total))
 
