@@ -309,6 +309,7 @@ class WarmPages:
         self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
         self.head = 0
         self.base = _placeholder(self.device)
+        self.row_count.fill_(len(starts))
         if not starts:
             return
         count = len(starts)

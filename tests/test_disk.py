@@ -107,6 +107,8 @@ def assert_every_token_once(layer, total):
     assert layer.hot_tokens() + layer.warm_tokens() + layer.low_tokens() + layer.cold_tokens() + layer.disk_tokens() \
         + layer.evicted_tokens == total
     assert kept[len(kept) - layer.recent_count:] == list(range(total - layer.recent_count, total))
+    for pages in (layer.warm, layer.low):  # the page count a CUDA graph's kernel reads follows the table
+        assert pages is None or int(pages.row_count) == len(pages.table)
 
 
 def query_for(seed, device="cpu"):
