@@ -1,14 +1,16 @@
 """Fidelity of warm-tier formats against the dense cache on the real SmolLM2-135M-Instruct.
 
     python benchmarks/fidelity.py [--formats int4 tq3+qjl tq4] [--windows 8] [--context 2048] [--steps 4]
-                                  [--seeds 1] [--key-group 32] [--name NAME]
+                                  [--seeds 1] [--key-group 32] [--order 6 0 1 ...] [--name NAME]
 
 A format is ``int4`` or ``tq<bits>`` (TurboQuant: 2, 3 or 4 codebook bits per channel) with optional suffixes
-``+qjl`` (the keys' 1-bit residual sketch) and ``-nomean`` (keys not centered on their key-group mean).
+``+qjl`` (the keys' 1-bit residual sketch, unbiased), ``+qjlmin`` (the same bit at its min-MSE scale) and
+``-nomean`` (keys not centered on their key-group mean).
 For each format, each of ``--windows`` evenly spaced pydoc windows and each rotation seed: decode-logit MSE,
 top-10 overlap, argmax agreement and worst per-layer attention relative L2 over ``--steps`` decode steps,
 judged by the gate of the format's bit width. Writes benchmarks/results/<name>.json and .md (default name
-fidelity-<device> for INT4 alone, fidelity-formats-<device> otherwise); prints the table last.
+fidelity-<device> for INT4 alone, fidelity-formats-<device> otherwise) after every window (a run cut short keeps
+the windows done; ``--order`` picks which windows go first); prints the table last.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import transformers
 
 import kvtier
-from kvtier.eval import compare_decode, text_windows
+from kvtier.eval import compare_decode, dense_reference, text_windows
 from kvtier.gate import FidelityGate
 from kvtier.models import load_smollm2
 
@@ -36,18 +38,19 @@ GATES = {
     2: FidelityGate(max_logit_mse=0.25, min_top10_overlap=0.9, require_argmax=False),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMAT_PATTERN = re.compile(r"^(int4|tq([234])(\+qjl)?(-nomean)?)$")
+FORMAT_PATTERN = re.compile(r"^(int4|tq([234])(\+qjl(min)?)?(-nomean)?)$")
 
 
 def format_settings(spec: str) -> dict:
     """A format name -> TierConfig fields."""
     match = FORMAT_PATTERN.match(spec)
     if match is None:
-        raise SystemExit(f"unknown format {spec!r}: use int4 or tq<2|3|4>[+qjl][-nomean], e.g. tq3+qjl")
+        raise SystemExit(f"unknown format {spec!r}: use int4 or tq<2|3|4>[+qjl|+qjlmin][-nomean], e.g. tq3+qjl")
     if spec == "int4":
         return {"warm_format": "int4"}
     return {"warm_format": "turboquant", "turboquant_bits": int(match.group(2)),
-            "turboquant_qjl": bool(match.group(3)), "turboquant_center_keys": not match.group(4)}
+            "turboquant_qjl": bool(match.group(3)), "turboquant_center_keys": not match.group(5),
+            "turboquant_qjl_estimator": "min_mse" if match.group(4) else "unbiased"}
 
 
 def gate_for(spec: str) -> FidelityGate:
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=1, help="rotation seeds per window (noise realizations)")
     parser.add_argument("--key-group", type=int, default=kvtier.TierConfig.key_group)
+    parser.add_argument("--order", type=int, nargs="+", help="window indices in the order to run them (default: all, "
+                                                                 "in order); the others follow")
     parser.add_argument("--name", help="results file stem")
     args = parser.parse_args(argv)
     formats = {spec: format_settings(spec) for spec in args.formats}
@@ -112,7 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     bf16_per_head = 2 * head_dim * torch.bfloat16.itemsize
     kv_heads = model.config.num_key_value_heads
     rows = []
-    for index, window in enumerate(windows):
+    env = environment(device)
+    name = args.name or (f"fidelity-{device}" if list(formats) == ["int4"] else f"fidelity-formats-{device}")
+    first = [index for index in args.order or [] if 0 <= index < len(windows)]
+    order = first + [index for index in range(len(windows)) if index not in first]
+    for done, index in enumerate(order, 1):
+        window = windows[index]
+        reference = dense_reference(model, window.to(device), args.steps)  # shared by every format and seed
         for spec, overrides in formats.items():
             for seed in range(args.seeds):
                 started = time.perf_counter()
@@ -120,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
                                        rotation_seed=seed, **overrides)
                 try:
                     cache = handle.new_cache()
-                    report = compare_decode(model, window.to(device), cache, steps=args.steps, shared_prefill=True)
+                    report = compare_decode(model, window.to(device), cache, steps=args.steps, shared_prefill=True,
+                                            reference=reference)
                 finally:
                     kvtier.detach(model)
                 stats = cache.stats()
@@ -135,16 +147,21 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"window {index} {spec} seed {seed}: worst MSE {row['worst_mse']:.4f}, top-10 "
                       f"{row['worst_top10']:.1f}, argmax {row['argmax_agreement']:.2f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
+        settings["windows_done"] = f"{done} of {len(windows)}: {sorted(order[:done])}"
+        table = write_results(name, rows, [summarize(rows, spec, bf16_per_head) for spec in formats], settings, env,
+                              bf16_per_head)
+    print("\n" + table)
 
-    env = environment(device)
-    summaries = [summarize(rows, spec, bf16_per_head) for spec in formats]
+
+def write_results(name: str, rows: list[dict], summaries: list[dict], settings: dict, env: dict,
+                  bf16_per_head: int) -> str:
+    """benchmarks/results/<name>.json and .md from the runs so far; returns the markdown."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = args.name or (f"fidelity-{device}" if list(formats) == ["int4"] else f"fidelity-formats-{device}")
     (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "settings": settings, "summary": summaries,
                                                       "runs": rows}, indent=1))
     table = markdown(rows, summaries, settings, env, bf16_per_head)
     (RESULTS / f"{name}.md").write_text(table)
-    print("\n" + table)
+    return table
 
 
 if __name__ == "__main__":
