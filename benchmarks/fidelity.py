@@ -78,7 +78,7 @@ def markdown(rows: list[dict], summaries: list[dict], settings: dict, env: dict,
              f"{settings['steps']} decode steps", "", f"{env}", "", f"settings: {settings}", "",
              "| window | seed | format | worst MSE | worst top-10 | argmax | worst attn L2 | gate |",
              "|---:|---:|---|---:|---:|---:|---:|---|"]
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row["window"]):  # stable: formats and seeds keep their order
         lines.append(f"| {row['window']} | {row['seed']} | {row['format']} | {row['worst_mse']:.4f} | "
                      f"{row['worst_top10']:.1f} | {row['argmax_agreement']:.2f} | {row['worst_attention_l2']:.3f} | "
                      f"{'pass' if not row['gate_failures'] else 'FAIL'} |")

@@ -44,8 +44,8 @@ class TierConfig:
     warm_format: str = "int4"  # or "turboquant": rotation + Lloyd-Max codes (+ a QJL residual bit on keys)
     turboquant_bits: int = 3  # TurboQuant codebook bits per channel, keys and values
     turboquant_qjl: bool = True  # TurboQuant keys add a 1-bit QJL sketch of their residual
-    turboquant_qjl_estimator: str = "unbiased"  # the sketch term's scale: "unbiased" dot products, or "min_mse": the
-    # scale that minimizes the keys' expected squared error (biased, less noisy; kvtier.formats.turboquant)
+    turboquant_qjl_estimator: str = "min_mse"  # the sketch term's scale: "min_mse" minimizes the keys' expected squared
+    # error (biased, less noisy), "unbiased" makes dot products unbiased (noisier); see kvtier.formats.turboquant
     turboquant_center_keys: bool = True  # TurboQuant keys: store the mean of each key_group tokens, quantize the rest
     key_axis: str = "channel"  # keys share a (scale, min) per channel over key_group tokens ("channel", KIVI) or per token
     key_group: int = 32  # tokens sharing one per-channel key (scale, min) pair (INT4) or key mean (TurboQuant)

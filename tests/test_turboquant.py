@@ -84,7 +84,7 @@ def estimated_dot_products(bits: int, qjl: bool, draws: int, seed: int) -> tuple
     generator = torch.Generator().manual_seed(seed)
     key = torch.randn(dim, generator=generator, dtype=torch.float64)
     query = key + 0.5 * torch.randn(dim, generator=generator, dtype=torch.float64)
-    quantizer = TurboQuantFormat(bits, qjl)
+    quantizer = TurboQuantFormat(bits, qjl, 0, "unbiased")
     estimates = []
     for draw in range(draws):
         signs = random_signs(dim, seed=seed * 100_003 + draw).double()
@@ -190,7 +190,8 @@ def test_min_mse_qjl_scale_minimizes_the_keys_squared_error():
     dim, draws = 64, 4000
     unbiased_error, alignment = sketch_term_errors(dim, draws)
     mean_square = float((unbiased_error + 2 * alignment - 1).mean())  # E|u|^2 / |r|^2
-    shrink = TurboQuantFormat(3, True, 0, "min_mse").qjl_scale(dim) / TurboQuantFormat(3, True).qjl_scale(dim)
+    unbiased_scale = TurboQuantFormat(3, True, 0, "unbiased").qjl_scale(dim)
+    shrink = TurboQuantFormat(3, True, 0, "min_mse").qjl_scale(dim) / unbiased_scale
     assert shrink == pytest.approx(1 / (math.pi / 2 + (dim - 1) / dim))
     assert float(unbiased_error.mean()) == pytest.approx(math.pi / 2 - 1 / dim, rel=0.03)
     assert float(alignment.mean()) == pytest.approx(1.0, rel=0.03)  # E[r . u] = |r|^2: unbiased
@@ -222,7 +223,8 @@ def test_min_mse_estimator_is_labelled_and_checked():
     from kvtier import TierConfig
     from kvtier.formats import make_format
 
-    assert make_format(TierConfig(warm_format="turboquant", turboquant_qjl_estimator="min_mse")).label == \
-        "turboquant-3bit+qjl(min-mse)+mean/32"
+    assert make_format(TierConfig(warm_format="turboquant")).label == "turboquant-3bit+qjl(min-mse)+mean/32"
+    assert make_format(TierConfig(warm_format="turboquant", turboquant_qjl_estimator="unbiased")).label == \
+        "turboquant-3bit+qjl+mean/32"
     with pytest.raises(ValueError, match=r"unknown turboquant_qjl_estimator 'biased'; choose one of"):
         TierConfig(turboquant_qjl_estimator="biased")

@@ -89,7 +89,7 @@ class TurboQuantFormat:
     bits: int = 3  # codebook bits per channel, keys and values
     qjl: bool = True  # keys add a 1-bit sketch of their residual (unbiased dot products)
     key_group: int = 0  # tokens sharing one stored key mean (keys quantized as differences from it); 0: none
-    qjl_estimator: str = "unbiased"  # how the sketch term is scaled: "unbiased" or "min_mse" (see the module doc)
+    qjl_estimator: str = "min_mse"  # how the sketch term is scaled: "min_mse" or "unbiased" (see the module doc)
     name = "turboquant"
 
     @property
