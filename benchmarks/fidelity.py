@@ -27,8 +27,10 @@ import transformers
 
 import kvtier
 from kvtier.eval import compare_decode, dense_reference, text_windows
+from kvtier.formats import Int4Format
 from kvtier.gate import FidelityGate
 from kvtier.models import load_smollm2
+from kvtier.pages import PageLayout
 
 # issue 2's gate for INT4; issue 6's for TurboQuant at 3 and 4 bits (2 bits is measured against the 3-bit gate)
 GATES = {
@@ -82,7 +84,9 @@ def markdown(rows: list[dict], summaries: list[dict], settings: dict, env: dict,
         lines.append(f"| {row['window']} | {row['seed']} | {row['format']} | {row['worst_mse']:.4f} | "
                      f"{row['worst_top10']:.1f} | {row['argmax_agreement']:.2f} | {row['worst_attention_l2']:.3f} | "
                      f"{'pass' if not row['gate_failures'] else 'FAIL'} |")
-    lines += ["", f"Bits vs fidelity (bf16 keys and values: {bf16_per_head} B per token per KV head; worst over all runs; "
+    int4 = settings["int4_bytes_per_token_per_head"]
+    lines += ["", f"Bits vs fidelity (bf16 keys and values: {bf16_per_head} B per token per KV head, INT4 pages: "
+                  f"{int4:.1f} B, {int4 * 16 / bf16_per_head:.2f} bits/channel; worst over all runs; "
                   "gate: INT4 MSE <= 0.1, top-10 >= 0.9, argmax; TurboQuant 4-bit MSE <= 0.05; 2- and 3-bit MSE <= "
                   "0.25, top-10 >= 0.9):", "",
               "| format | B/token/head | of bf16 | bits/channel | worst MSE | worst top-10 | argmax | runs passing |",
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     bf16_per_head = 2 * head_dim * torch.bfloat16.itemsize
     kv_heads = model.config.num_key_value_heads
+    settings["int4_bytes_per_token_per_head"] = int4_bytes_per_head(kv_heads, head_dim, args.key_group)
     rows = []
     env = environment(device)
     name = args.name or (f"fidelity-{device}" if list(formats) == ["int4"] else f"fidelity-formats-{device}")
@@ -151,6 +156,13 @@ def main(argv: list[str] | None = None) -> None:
         table = write_results(name, rows, [summarize(rows, spec, bf16_per_head) for spec in formats], settings, env,
                               bf16_per_head)
     print("\n" + table)
+
+
+def int4_bytes_per_head(kv_heads: int, head_dim: int, key_group: int) -> float:
+    """Bytes per token and KV head of a default INT4 warm page at this shape, as its PageLayout lays it out."""
+    config = kvtier.TierConfig(key_group=key_group)
+    layout = PageLayout(1, kv_heads, config.block_size, head_dim, Int4Format(config.key_group_size))
+    return layout.page_bytes / (config.block_size * kv_heads)
 
 
 def write_results(name: str, rows: list[dict], summaries: list[dict], settings: dict, env: dict,
