@@ -1,5 +1,6 @@
 """The TurboQuant page format (arXiv 2504.19874): unit vectors on a Lloyd-Max codebook, norms apart, and for
-keys a 1-bit QJL sketch of the residual that makes the query-key dot product unbiased.
+keys a 1-bit QJL sketch of the residual that can make the query-key dot product unbiased (by default it is scaled
+for the least squared error instead; see below).
 
 Keys and values arrive rotated (randomized Hadamard), so every coordinate of x / |x| follows the same known
 distribution and one codebook per bit width serves all channels (see lloyd_max). For a key x with unit
@@ -87,7 +88,7 @@ def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TurboQuantFormat:
     bits: int = 3  # codebook bits per channel, keys and values
-    qjl: bool = True  # keys add a 1-bit sketch of their residual (unbiased dot products)
+    qjl: bool = True  # keys add a 1-bit sketch of their residual (scaled as qjl_estimator says)
     key_group: int = 0  # tokens sharing one stored key mean (keys quantized as differences from it); 0: none
     qjl_estimator: str = "min_mse"  # how the sketch term is scaled: "min_mse" or "unbiased" (see the module doc)
     name = "turboquant"
