@@ -4,8 +4,10 @@
 
 The warm tier is simulated: every warm page's keys and values go through the format's own quantize and
 dequantize in the layer's rotated basis (the layer's rotation and sketch seeds, kvtier's page boundaries) and
-back, into a DynamicCache that SDPA reads; one configuration is also run through the real TieredCache to show
-that the two agree. This lets one part of the cache be swapped for exact states at a time:
+back, into a DynamicCache that SDPA reads; one configuration is also run through the real TieredCache to compare.
+(The real cache quantizes one more page when its recent buffer fills at the 4th decode step; the simulation keeps
+those tokens exact, so the two can differ at that step.) This lets one part of the cache be swapped for exact
+states at a time:
 
 - keys or values alone quantized; keys quantized in one layer only;
 - the tokens holding the most dense attention mass, or with the largest centered key norms, kept exact;
