@@ -1,14 +1,16 @@
 """Fidelity of warm-tier formats against the dense cache on the real SmolLM2-135M-Instruct.
 
     python benchmarks/fidelity.py [--formats int4 tq3+qjl tq4] [--windows 8] [--context 2048] [--steps 4]
-                                  [--seeds 1] [--key-group 32] [--name NAME]
+                                  [--seeds 1] [--key-group 32] [--order 6 0 1 ...] [--name NAME]
 
 A format is ``int4`` or ``tq<bits>`` (TurboQuant: 2, 3 or 4 codebook bits per channel) with optional suffixes
-``+qjl`` (the keys' 1-bit residual sketch) and ``-nomean`` (keys not centered on their key-group mean).
+``+qjl`` (the keys' 1-bit residual sketch, unbiased), ``+qjlmin`` (the same bit at its min-MSE scale) and
+``-nomean`` (keys not centered on their key-group mean).
 For each format, each of ``--windows`` evenly spaced pydoc windows and each rotation seed: decode-logit MSE,
 top-10 overlap, argmax agreement and worst per-layer attention relative L2 over ``--steps`` decode steps,
 judged by the gate of the format's bit width. Writes benchmarks/results/<name>.json and .md (default name
-fidelity-<device> for INT4 alone, fidelity-formats-<device> otherwise); prints the table last.
+fidelity-<device> for INT4 alone, fidelity-formats-<device> otherwise) after every window (a run cut short keeps
+the windows done; ``--order`` picks which windows go first); prints the table last.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 import transformers
 
 import kvtier
-from kvtier.eval import compare_decode, text_windows
+from kvtier.eval import compare_decode, dense_reference, text_windows
+from kvtier.formats import Int4Format
 from kvtier.gate import FidelityGate
 from kvtier.models import load_smollm2
+from kvtier.pages import PageLayout
 
 # issue 2's gate for INT4; issue 6's for TurboQuant at 3 and 4 bits (2 bits is measured against the 3-bit gate)
 GATES = {
@@ -36,18 +40,19 @@ GATES = {
     2: FidelityGate(max_logit_mse=0.25, min_top10_overlap=0.9, require_argmax=False),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMAT_PATTERN = re.compile(r"^(int4|tq([234])(\+qjl)?(-nomean)?)$")
+FORMAT_PATTERN = re.compile(r"^(int4|tq([234])(\+qjl(min)?)?(-nomean)?)$")
 
 
 def format_settings(spec: str) -> dict:
     """A format name -> TierConfig fields."""
     match = FORMAT_PATTERN.match(spec)
     if match is None:
-        raise SystemExit(f"unknown format {spec!r}: use int4 or tq<2|3|4>[+qjl][-nomean], e.g. tq3+qjl")
+        raise SystemExit(f"unknown format {spec!r}: use int4 or tq<2|3|4>[+qjl|+qjlmin][-nomean], e.g. tq3+qjl")
     if spec == "int4":
         return {"warm_format": "int4"}
     return {"warm_format": "turboquant", "turboquant_bits": int(match.group(2)),
-            "turboquant_qjl": bool(match.group(3)), "turboquant_center_keys": not match.group(4)}
+            "turboquant_qjl": bool(match.group(3)), "turboquant_center_keys": not match.group(5),
+            "turboquant_qjl_estimator": "min_mse" if match.group(4) else "unbiased"}
 
 
 def gate_for(spec: str) -> FidelityGate:
@@ -75,11 +80,13 @@ def markdown(rows: list[dict], summaries: list[dict], settings: dict, env: dict,
              f"{settings['steps']} decode steps", "", f"{env}", "", f"settings: {settings}", "",
              "| window | seed | format | worst MSE | worst top-10 | argmax | worst attn L2 | gate |",
              "|---:|---:|---|---:|---:|---:|---:|---|"]
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row["window"]):  # stable: formats and seeds keep their order
         lines.append(f"| {row['window']} | {row['seed']} | {row['format']} | {row['worst_mse']:.4f} | "
                      f"{row['worst_top10']:.1f} | {row['argmax_agreement']:.2f} | {row['worst_attention_l2']:.3f} | "
                      f"{'pass' if not row['gate_failures'] else 'FAIL'} |")
-    lines += ["", f"Bits vs fidelity (bf16 keys and values: {bf16_per_head} B per token per KV head; worst over all runs; "
+    int4 = settings["int4_bytes_per_token_per_head"]
+    lines += ["", f"Bits vs fidelity (bf16 keys and values: {bf16_per_head} B per token per KV head, INT4 pages: "
+                  f"{int4:.1f} B, {int4 * 16 / bf16_per_head:.2f} bits/channel; worst over all runs; "
                   "gate: INT4 MSE <= 0.1, top-10 >= 0.9, argmax; TurboQuant 4-bit MSE <= 0.05; 2- and 3-bit MSE <= "
                   "0.25, top-10 >= 0.9):", "",
               "| format | B/token/head | of bf16 | bits/channel | worst MSE | worst top-10 | argmax | runs passing |",
@@ -99,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=1, help="rotation seeds per window (noise realizations)")
     parser.add_argument("--key-group", type=int, default=kvtier.TierConfig.key_group)
+    parser.add_argument("--order", type=int, nargs="+", help="window indices in the order to run them (default: all, "
+                                                                 "in order); the others follow")
     parser.add_argument("--name", help="results file stem")
     args = parser.parse_args(argv)
     formats = {spec: format_settings(spec) for spec in args.formats}
@@ -111,8 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     bf16_per_head = 2 * head_dim * torch.bfloat16.itemsize
     kv_heads = model.config.num_key_value_heads
+    settings["int4_bytes_per_token_per_head"] = int4_bytes_per_head(kv_heads, head_dim, args.key_group)
     rows = []
-    for index, window in enumerate(windows):
+    env = environment(device)
+    name = args.name or (f"fidelity-{device}" if list(formats) == ["int4"] else f"fidelity-formats-{device}")
+    first = [index for index in args.order or [] if 0 <= index < len(windows)]
+    order = first + [index for index in range(len(windows)) if index not in first]
+    for done, index in enumerate(order, 1):
+        window = windows[index]
+        reference = dense_reference(model, window.to(device), args.steps)  # shared by every format and seed
         for spec, overrides in formats.items():
             for seed in range(args.seeds):
                 started = time.perf_counter()
@@ -120,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                                        rotation_seed=seed, **overrides)
                 try:
                     cache = handle.new_cache()
-                    report = compare_decode(model, window.to(device), cache, steps=args.steps, shared_prefill=True)
+                    report = compare_decode(model, window.to(device), cache, steps=args.steps, shared_prefill=True,
+                                            reference=reference)
                 finally:
                     kvtier.detach(model)
                 stats = cache.stats()
@@ -135,16 +152,28 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"window {index} {spec} seed {seed}: worst MSE {row['worst_mse']:.4f}, top-10 "
                       f"{row['worst_top10']:.1f}, argmax {row['argmax_agreement']:.2f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
+        settings["windows_done"] = f"{done} of {len(windows)}: {sorted(order[:done])}"
+        table = write_results(name, rows, [summarize(rows, spec, bf16_per_head) for spec in formats], settings, env,
+                              bf16_per_head)
+    print("\n" + table)
 
-    env = environment(device)
-    summaries = [summarize(rows, spec, bf16_per_head) for spec in formats]
+
+def int4_bytes_per_head(kv_heads: int, head_dim: int, key_group: int) -> float:
+    """Bytes per token and KV head of a default INT4 warm page at this shape, as its PageLayout lays it out."""
+    config = kvtier.TierConfig(key_group=key_group)
+    layout = PageLayout(1, kv_heads, config.block_size, head_dim, Int4Format(config.key_group_size))
+    return layout.page_bytes / (config.block_size * kv_heads)
+
+
+def write_results(name: str, rows: list[dict], summaries: list[dict], settings: dict, env: dict,
+                  bf16_per_head: int) -> str:
+    """benchmarks/results/<name>.json and .md from the runs so far; returns the markdown."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = args.name or (f"fidelity-{device}" if list(formats) == ["int4"] else f"fidelity-formats-{device}")
     (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "settings": settings, "summary": summaries,
                                                       "runs": rows}, indent=1))
     table = markdown(rows, summaries, settings, env, bf16_per_head)
     (RESULTS / f"{name}.md").write_text(table)
-    print("\n" + table)
+    return table
 
 
 if __name__ == "__main__":

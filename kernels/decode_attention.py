@@ -288,7 +288,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     constants = _page_constants(layout, WARM_TILE)
     if constants["TURBOQUANT"]:  # the codebook, and the rotated query through the QJL sketch, scaled
         codebook = turboquant_levels(layout.format.bits, head_dim, str(query.device))
-        sketched = rotated @ paged.sketch.T * (math.sqrt(math.pi / 2) / head_dim) if constants["QJL"] else rotated
+        sketched = rotated @ paged.sketch.T * layout.format.qjl_scale(head_dim) if constants["QJL"] else rotated
     else:
         codebook, sketched = rotated, rotated  # not read
     hot_keys, hot_values = paged.hot_keys, paged.hot_values
@@ -433,7 +433,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["warm_pages", "hot_pages", "pages_per_split", "splits"])
     def _decode_pages_kernel(
         query_ptr, rotated_query_ptr,  # (B, H_q, D): model dtype, plain basis; float32, rotated basis
-        sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T sqrt(pi/2)/D; (2^BITS,) levels
+        sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T qjl_scale; (2^BITS,) levels
         page_base_ptr, warm_offset_ptr, warm_position_ptr, warm_pages,  # uint8 base; (n_warm,) int64 distances
         # of the pages from it, in ALIGNMENT bytes; (n_warm,) int32 positions
         warm_count_ptr,  # with COUNT_ON_DEVICE: (1,) int32 n_warm, read here instead of warm_pages
@@ -540,7 +540,7 @@ if triton is not None:
                                                     other=0.0), KEY_GROUP, TILE, HALF)
                 scores = tl.dot(query_low16, tl.trans(low_keys.to(tl.float16)))
                 scores = tl.dot(query_high16, tl.trans(high_keys.to(tl.float16)), scores)
-                if QJL:  # + |k| |r| sqrt(pi/2)/D (q R S^T) . signs
+                if QJL:  # + |k| |r| qjl_scale (q R S^T) . signs
                     residual = tl.load((row_ptr + KEY_RESIDUAL_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                        mask=page_ok, other=0.0).to(tl.float32)
                     sign_rows_ptr = row_ptr + KEY_SIGNS_AT + sign_row

@@ -11,6 +11,7 @@ from .policies import POLICIES, PagePolicy, policy_name
 
 WARM_FORMATS = ("int4", "turboquant")
 TURBOQUANT_BITS = (2, 3, 4)
+QJL_ESTIMATORS = ("unbiased", "min_mse")
 KEY_AXES = ("channel", "token")
 ON_BUDGET_FULL = ("offload", "raise", "evict")
 ON_HOST_FULL = ("raise", "evict", "disk")
@@ -45,6 +46,8 @@ class TierConfig:
     warm_format: str = "int4"  # or "turboquant": rotation + Lloyd-Max codes (+ a QJL residual bit on keys)
     turboquant_bits: int = 3  # TurboQuant codebook bits per channel, keys and values
     turboquant_qjl: bool = True  # TurboQuant keys add a 1-bit QJL sketch of their residual
+    turboquant_qjl_estimator: str = "min_mse"  # the sketch term's scale: "min_mse" minimizes the keys' expected squared
+    # error (biased, less noisy), "unbiased" makes dot products unbiased (noisier); see kvtier.formats.turboquant
     turboquant_center_keys: bool = True  # TurboQuant keys: store the mean of each key_group tokens, quantize the rest
     key_axis: str = "channel"  # keys share a (scale, min) per channel over key_group tokens ("channel", KIVI) or per token
     key_group: int = 32  # tokens sharing one per-channel key (scale, min) pair (INT4) or key mean (TurboQuant)
@@ -96,6 +99,8 @@ class TierConfig:
                f"unknown warm_format {self.warm_format!r}; choose one of {WARM_FORMATS}.")
         _check(self.turboquant_bits in TURBOQUANT_BITS,
                f"turboquant_bits must be one of {TURBOQUANT_BITS}, got {self.turboquant_bits}.")
+        _check(self.turboquant_qjl_estimator in QJL_ESTIMATORS,
+               f"unknown turboquant_qjl_estimator {self.turboquant_qjl_estimator!r}; choose one of {QJL_ESTIMATORS}.")
         _check(self.rotate or self.warm_format != "turboquant",
                "warm_format='turboquant' quantizes rotated vectors (its codebook assumes the rotation); "
                "keep rotate=True, or choose warm_format='int4'.")

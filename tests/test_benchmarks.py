@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import capacity  # noqa: E402
 import common  # noqa: E402
 import decode  # noqa: E402
+import fidelity  # noqa: E402
 import graph_decode  # noqa: E402
 from search import ProbeTimeout, find_capacity  # noqa: E402
 
@@ -161,3 +162,23 @@ def test_an_allocation_failure_reads_as_out_of_memory():
     assert common.is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not common.is_out_of_memory(RuntimeError("shape mismatch"))
     assert not common.is_out_of_memory(ValueError("out of memory"))
+
+
+def test_fidelity_format_names_map_to_tier_config_fields():
+    assert fidelity.format_settings("tq3+qjlmin") == {"warm_format": "turboquant", "turboquant_bits": 3,
+                                                      "turboquant_qjl": True, "turboquant_center_keys": True,
+                                                      "turboquant_qjl_estimator": "min_mse"}
+    assert fidelity.format_settings("tq4+qjl-nomean") == {"warm_format": "turboquant", "turboquant_bits": 4,
+                                                          "turboquant_qjl": True, "turboquant_center_keys": False,
+                                                          "turboquant_qjl_estimator": "unbiased"}
+    with pytest.raises(SystemExit, match=r"unknown format 'tq3\+qjlmax'"):
+        fidelity.format_settings("tq3+qjlmax")
+
+
+def test_fidelity_prints_int4_bytes_per_token_exactly():
+    """SmolLM2's shape (3 KV heads, head dim 64, 64-token pages, key groups of 32): key and value codes at 4 bits,
+    a float16 scale and minimum per channel per 32 keys and per value."""
+    codes = 2 * 64 // 2
+    key_params = 2 * 64 * 2 / 32
+    value_params = 2 * 2
+    assert fidelity.int4_bytes_per_head(3, 64, 32) == codes + key_params + value_params == 76

@@ -61,6 +61,8 @@ CASES = {  # batch, query heads, KV heads, head dim, tokens, block, key group, e
     "gqa4-d64-unrotated": (2, 8, 2, 64, 120, 16, 16, {"rotate": False}),
     "gqa4-d64-no-sinks": (2, 8, 2, 64, 101, 32, 32, {"sink_tokens": 0}),
     "turboquant3-qjl-gqa4-d64": (2, 8, 2, 64, 150, 16, 16, {"warm_format": "turboquant", "turboquant_bits": 3}),
+    "turboquant3-qjl-unbiased-gqa4-d64": (1, 8, 2, 64, 150, 16, 16, {"warm_format": "turboquant", "turboquant_bits": 3,
+                                                                     "turboquant_qjl_estimator": "unbiased"}),
     "turboquant4-gqa8-d128-block32": (1, 8, 1, 128, 200, 32, 16, {"warm_format": "turboquant", "turboquant_bits": 4,
                                                                    "turboquant_qjl": False}),
     "turboquant2-qjl-uncentered-mha-d64": (2, 2, 2, 64, 260, 64, 32, {"warm_format": "turboquant",

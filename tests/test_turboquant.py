@@ -84,7 +84,7 @@ def estimated_dot_products(bits: int, qjl: bool, draws: int, seed: int) -> tuple
     generator = torch.Generator().manual_seed(seed)
     key = torch.randn(dim, generator=generator, dtype=torch.float64)
     query = key + 0.5 * torch.randn(dim, generator=generator, dtype=torch.float64)
-    quantizer = TurboQuantFormat(bits, qjl)
+    quantizer = TurboQuantFormat(bits, qjl, 0, "unbiased")
     estimates = []
     for draw in range(draws):
         signs = random_signs(dim, seed=seed * 100_003 + draw).double()
@@ -168,3 +168,63 @@ def test_bytes_per_token_are_exactly_the_packed_fields(bits, qjl, center):
     assert stats["warm"]["pages"] > 0
     assert stats["warm"]["bytes_per_token"] == 2 * per_head  # one layer, two KV heads, batch 1
     assert stats["warm"]["format"].startswith(f"turboquant-{bits}bit")
+
+
+def sketch_term_errors(dim: int, draws: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """For fresh sketches S and residuals r: |u - r|^2 / |r|^2 and (r . u) / |r|^2 of the unbiased sketch term
+    u = sqrt(pi / 2) / D |r| S^T sign(S r), each (draws,) float64, computed from the definition."""
+    generator = torch.Generator().manual_seed(seed)
+    sketches = torch.randn(draws, dim, dim, generator=generator, dtype=torch.float64)  # (N, D, D)
+    residuals = torch.randn(draws, dim, generator=generator, dtype=torch.float64) * torch.rand(draws, 1) * 3
+    signs = torch.sign(torch.einsum("nij,nj->ni", sketches, residuals))  # (N, D)
+    norms = residuals.norm(dim=-1, keepdim=True)
+    sketched = math.sqrt(math.pi / 2) / dim * norms * torch.einsum("nij,ni->nj", sketches, signs)  # (N, D)
+    squared = norms.squeeze(-1).square()
+    return (sketched - residuals).square().sum(-1) / squared, (sketched * residuals).sum(-1) / squared
+
+
+def test_min_mse_qjl_scale_minimizes_the_keys_squared_error():
+    """The min-MSE scale lambda = 1 / (pi/2 + (D-1)/D) against a Monte Carlo over sketches: the unbiased term's
+    error is (pi/2 - 1/D) |r|^2, lambda u leaves (1 - lambda) |r|^2, and lambda scaled up or down by 20% leaves
+    more."""
+    dim, draws = 64, 4000
+    unbiased_error, alignment = sketch_term_errors(dim, draws)
+    mean_square = float((unbiased_error + 2 * alignment - 1).mean())  # E|u|^2 / |r|^2
+    unbiased_scale = TurboQuantFormat(3, True, 0, "unbiased").qjl_scale(dim)
+    shrink = TurboQuantFormat(3, True, 0, "min_mse").qjl_scale(dim) / unbiased_scale
+    assert shrink == pytest.approx(1 / (math.pi / 2 + (dim - 1) / dim))
+    assert float(unbiased_error.mean()) == pytest.approx(math.pi / 2 - 1 / dim, rel=0.03)
+    assert float(alignment.mean()) == pytest.approx(1.0, rel=0.03)  # E[r . u] = |r|^2: unbiased
+    errors = {factor: 1 - 2 * factor * shrink * float(alignment.mean()) + (factor * shrink) ** 2 * mean_square
+              for factor in (0.8, 1.0, 1.2)}  # E|r - lambda u|^2 / |r|^2 at lambda = factor * shrink
+    assert errors[1.0] == pytest.approx(1 - shrink, rel=0.03)
+    assert errors[1.0] < min(errors[0.8], errors[1.2]) and errors[1.0] < 1 < float(unbiased_error.mean())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_min_mse_qjl_keys_are_closer_than_unbiased_or_codebook_only_keys(bits):
+    """Through the format's quantize and dequantize on rotated random keys: squared key error relative to the
+    codebook-only error D * distortion: about 1 - lambda with the min-MSE scale, pi/2 - 1/D unbiased."""
+    dim, count = 64, 4096
+    keys = rotate(torch.randn(count, dim) * torch.rand(count, 1) * 10, random_signs(dim, seed=3))
+    sketch = qjl_sketch(dim, seed=4)
+    relative = {}
+    for estimator in ("unbiased", "min_mse"):
+        quantizer = TurboQuantFormat(bits, True, 0, estimator)
+        restored, _ = quantizer.dequantize(quantizer.quantize(keys, keys, None, sketch), torch.float64, sketch)
+        error = (restored - keys.double()).square().sum(-1) / keys.double().square().sum(-1)
+        relative[estimator] = float(error.mean()) / (dim * distortion(codebook(bits, dim), dim))
+    shrink = 1 / (math.pi / 2 + (dim - 1) / dim)
+    assert relative["min_mse"] == pytest.approx(1 - shrink, rel=0.1)
+    assert relative["unbiased"] == pytest.approx(math.pi / 2 - 1 / dim, rel=0.1)
+
+
+def test_min_mse_estimator_is_labelled_and_checked():
+    from kvtier import TierConfig
+    from kvtier.formats import make_format
+
+    assert make_format(TierConfig(warm_format="turboquant")).label == "turboquant-3bit+qjl(min-mse)+mean/32"
+    assert make_format(TierConfig(warm_format="turboquant", turboquant_qjl_estimator="unbiased")).label == \
+        "turboquant-3bit+qjl+mean/32"
+    with pytest.raises(ValueError, match=r"unknown turboquant_qjl_estimator 'biased'; choose one of"):
+        TierConfig(turboquant_qjl_estimator="biased")

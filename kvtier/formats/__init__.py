@@ -52,7 +52,8 @@ def make_low_format(config) -> WarmFormat | None:
 
 def _turboquant(config, bits: int, qjl: bool) -> TurboQuantFormat:
     """TurboQuant at ``bits``, keys centered per key group as the config says."""
-    return TurboQuantFormat(bits, qjl, config.key_group_size if config.turboquant_center_keys else 0)
+    return TurboQuantFormat(bits, qjl, config.key_group_size if config.turboquant_center_keys else 0,
+                            config.turboquant_qjl_estimator)
 
 
 __all__ = ["FieldSpec", "Int4Format", "TurboQuantFormat", "WarmFormat", "make_format", "make_low_format"]

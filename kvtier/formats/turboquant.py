@@ -1,5 +1,6 @@
 """The TurboQuant page format (arXiv 2504.19874): unit vectors on a Lloyd-Max codebook, norms apart, and for
-keys a 1-bit QJL sketch of the residual that makes the query-key dot product unbiased.
+keys a 1-bit QJL sketch of the residual that can make the query-key dot product unbiased (by default it is scaled
+for the least squared error instead; see below).
 
 Keys and values arrive rotated (randomized Hadamard), so every coordinate of x / |x| follows the same known
 distribution and one codebook per bit width serves all channels (see lloyd_max). For a key x with unit
@@ -9,6 +10,13 @@ direction y = x / |x|, codes c and residual r = y - levels[c]:
 
 with S a (D, D) standard Gaussian matrix fixed per layer (the "sketch"); the second term's expectation over S
 is |x| q . r, so the estimate is unbiased. Values keep only the codebook part (MSE-optimal).
+
+The unbiased sketch term u = sqrt(pi / 2) / D |r| S^T sign(S r) is noisy: E|u - r|^2 = (pi / 2 - 1 / D) |r|^2,
+more than the |r|^2 error of leaving the residual out, so for a query in a random direction the unbiased
+estimate scatters more than the codebook part alone. ``qjl_estimator="min_mse"`` scales u by the lambda that
+minimizes E|r - lambda u|^2 over S: lambda = E[r . u] / E|u|^2 = 1 / (pi / 2 + (D - 1) / D) (0.39 at D = 64),
+which leaves E|r - lambda u|^2 = (1 - lambda) |r|^2: the sign bit then removes 39% of the residual's squared
+error instead of adding 55%, at the price of a bias (dot products shrink toward the codebook part's).
 
 Keys can first be centered (``key_group`` > 0): the mean key of every ``key_group`` tokens is stored in float16
 and only the differences are quantized. Keys share a large common component (per-channel offsets, slowly
@@ -80,14 +88,21 @@ def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TurboQuantFormat:
     bits: int = 3  # codebook bits per channel, keys and values
-    qjl: bool = True  # keys add a 1-bit sketch of their residual (unbiased dot products)
+    qjl: bool = True  # keys add a 1-bit sketch of their residual (scaled as qjl_estimator says)
     key_group: int = 0  # tokens sharing one stored key mean (keys quantized as differences from it); 0: none
+    qjl_estimator: str = "min_mse"  # how the sketch term is scaled: "min_mse" or "unbiased" (see the module doc)
     name = "turboquant"
 
     @property
     def label(self) -> str:
         centered = f"+mean/{self.key_group}" if self.key_group else ""
-        return f"turboquant-{self.bits}bit" + ("+qjl" if self.qjl else "") + centered
+        sketch = ("+qjl" + ("(min-mse)" if self.qjl_estimator == "min_mse" else "")) if self.qjl else ""
+        return f"turboquant-{self.bits}bit" + sketch + centered
+
+    def qjl_scale(self, dim: int) -> float:
+        """The factor of |r| (q S^T) . sign(S r) in a key's dot product: sqrt(pi / 2) / D, times the min-MSE lambda."""
+        unbiased = math.sqrt(math.pi / 2) / dim
+        return unbiased if self.qjl_estimator == "unbiased" else unbiased / (math.pi / 2 + (dim - 1) / dim)
 
     def fields(self, batch: int, heads: int, block: int, dim: int):
         planes, norms = (batch, heads, block, self.bits, dim // 8), (batch, heads, block, 1)
@@ -144,7 +159,7 @@ class TurboQuantFormat:
         keys = table[unpack_planes(planes)]
         if self.qjl:
             signs = unpack_bits(fields["key_signs"]).to(dtype) * 2 - 1  # (..., D) of +-1
-            residual_scale = math.sqrt(math.pi / 2) / dim * fields["key_residual_norm"].to(dtype)
+            residual_scale = self.qjl_scale(dim) * fields["key_residual_norm"].to(dtype)
             keys = keys + residual_scale * (signs @ sketch.to(dtype))
         keys = keys * fields["key_norm"].to(dtype)
         if self.key_group:
