@@ -304,3 +304,11 @@ def test_describe_names_each_tier_its_precision_and_the_policy():
     rule = TierConfig(policy=NewestFirst(), low_bits=2, on_budget_full="evict").describe().splitlines()
     assert rule[2].startswith("low  (device, turboquant-2bit") and "NewestFirst scores lowest" in rule[2]
     assert rule[-1] == "full device budget: NewestFirst evicts" and not any(line.startswith("cold") for line in rule)
+
+
+def test_a_config_prints_every_field_and_a_policy_object_by_its_settings():
+    printed = str(TierConfig(policy=AttentionMass(decay=0.5), low_bits=2, low_share=0.25, on_budget_full="evict"))
+    assert printed.startswith("TierConfig(budget_gb=2.0, sink_tokens=4, recent_window=128, block_size=64, warm_format=int4")
+    assert "low_bits=2, low_share=0.25, on_budget_full=evict" in printed
+    assert "policy=AttentionMass(decay=0.5, recent_share=0.0)," in printed and "history" not in printed
+    assert "policy='sink_recent'" in str(TierConfig())
