@@ -1,9 +1,8 @@
 """Policies on the real SmolLM2-135M-Instruct: what each keeps for the same bytes, measured against the dense cache.
 
     python benchmarks/policy_fidelity.py [--parts eviction topk precision passkey] [--windows 8] [--context 2048]
-                                         [--between] [--steps 4] [--passkeys 12] [--prefill-chunk 256]
-                                         [--high-pages 15]
-                                         [--name policy-fidelity-cpu]
+                                         [--between] [--pick 0 2 ...] [--steps 4] [--passkeys 12]
+                                         [--prefill-chunk 256] [--high-pages 15] [--name policy-fidelity-cpu]
 
 eviction   sink_recent vs attention_mass, both dropping pages (on_budget_full="evict") under one budget whose warm
            share holds --evict-pages pages a layer: worst decode-logit MSE and top-10 per pydoc window, and the
@@ -129,8 +128,9 @@ def passkey_rows(model, tokenizer, count: int, prefill_chunk: int, progress) -> 
 
 def paired(compared: list[dict]) -> list[tuple[dict, dict]]:
     """(sink_recent row, attention_mass row) of each window, in window order."""
+    windows = sorted({row["window"] for row in compared})
     return [tuple(next(row for row in compared if row["window"] == window and row["config"] == name)
-                  for name in ("sink_recent", "attention_mass")) for window in sorted({row["window"] for row in compared})]
+                  for name in ("sink_recent", "attention_mass")) for window in windows]
 
 
 def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) -> str:
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--between", action="store_true",
                         help="the windows - 1 windows midway between the default ones (held-out text)")
+    parser.add_argument("--pick", type=int, nargs="+", help="run only these windows of the set (indices)")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--passkeys", type=int, default=12)
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_smollm2()
     windows = text_windows(tokenizer, args.context, args.windows, between=args.between)
+    picked = args.pick if args.pick is not None else range(len(windows))
     configs = {}
     if "eviction" in args.parts:
         configs["eviction"] = {name: (config, None) for name, config in eviction_configs(model, args.evict_pages).items()}
@@ -202,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         configs["topk"] = {name: (config, None) for name, config in topk_configs(model, args.evict_pages).items()}
     if "precision" in args.parts:
         configs["precision"] = precision_configs(model, args.high_pages, args.context)
-    runs = len(windows) * sum(len(part) for part in configs.values()) + args.passkeys * ("passkey" in args.parts)
+    runs = len(picked) * sum(len(part) for part in configs.values()) + args.passkeys * ("passkey" in args.parts)
     rows, passkeys = [], []
     started = time.perf_counter()
     with tqdm(total=runs, desc="policies") as progress:
-        for index, window in enumerate(windows):
+        for index in picked:
+            window = windows[index]
             reference = [dense_reference(model, window, steps=args.steps)]
             for part, named in configs.items():
                 for name, (config, bytes_per_token) in named.items():
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
            "transformers": transformers.__version__, "python": platform.python_version(), "kvtier": kvtier.__version__,
            "seconds": round(time.perf_counter() - started)}
     settings = {"model": "SmolLM2-135M-Instruct (float32)", "context": args.context, "steps": args.steps,
-                "windows": f"{len(windows)} {'midway between ' if args.between else ''}{args.windows} evenly spaced",
+                "windows": f"{list(picked)} of {len(windows)} "
+                           f"{'midway between ' if args.between else ''}{args.windows} evenly spaced",
                 "recent_window": RECENT_WINDOW, "prefill_chunk": args.prefill_chunk, "evict_pages": args.evict_pages,
                 "high_pages": args.high_pages,
                 "configs": {part: {name: config for name, (config, _) in named.items()} for part, named in configs.items()}}
