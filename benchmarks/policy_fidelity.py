@@ -2,7 +2,8 @@
 
     python benchmarks/policy_fidelity.py [--parts eviction topk precision passkey] [--windows 8] [--context 2048]
                                          [--between] [--pick 0 2 ...] [--steps 4] [--passkeys 12]
-                                         [--prefill-chunk 256] [--high-pages 15] [--name policy-fidelity-cpu]
+                                         [--prefill-chunk 256] [--high-pages 15] [--only NAME ...]
+                                         [--rotation-seed 0] [--name policy-fidelity-cpu]
 
 eviction   sink_recent vs attention_mass, both dropping pages (on_budget_full="evict") under one budget whose warm
            share holds --evict-pages pages a layer: worst decode-logit MSE and top-10 per pydoc window, and the
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--between", action="store_true",
                         help="the windows - 1 windows midway between the default ones (held-out text)")
     parser.add_argument("--pick", type=int, nargs="+", help="run only these windows of the set (indices)")
+    parser.add_argument("--only", nargs="+", help="run only the configurations of these names (e.g. rule-attention_mass)")
+    parser.add_argument("--rotation-seed", type=int, default=0, help="TierConfig.rotation_seed of every configuration")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--passkeys", type=int, default=12)
@@ -204,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
         configs["topk"] = {name: (config, None) for name, config in topk_configs(model, args.evict_pages).items()}
     if "precision" in args.parts:
         configs["precision"] = precision_configs(model, args.high_pages, args.context)
+    for part, named in configs.items():
+        configs[part] = {name: (dict(config, rotation_seed=args.rotation_seed), bytes_per_token)
+                         for name, (config, bytes_per_token) in named.items() if not args.only or name in args.only}
     runs = len(picked) * sum(len(part) for part in configs.values()) + args.passkeys * ("passkey" in args.parts)
     rows, passkeys = [], []
     started = time.perf_counter()
