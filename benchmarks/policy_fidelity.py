@@ -1,8 +1,9 @@
 """Policies on the real SmolLM2-135M-Instruct: what each keeps for the same bytes, measured against the dense cache.
 
     python benchmarks/policy_fidelity.py [--parts eviction topk precision passkey] [--windows 8] [--context 2048]
-                                         [--steps 4] [--passkeys 12] [--prefill-chunk 256] [--high-pages 15]
-                                         [--name policy-fidelity-cpu]
+                                         [--between] [--pick 0 2 ...] [--steps 4] [--passkeys 12]
+                                         [--prefill-chunk 256] [--high-pages 15] [--only NAME ...]
+                                         [--rotation-seed 0] [--name policy-fidelity-cpu]
 
 eviction   sink_recent vs attention_mass, both dropping pages (on_budget_full="evict") under one budget whose warm
            share holds --evict-pages pages a layer: worst decode-logit MSE and top-10 per pydoc window, and the
@@ -126,6 +127,13 @@ def passkey_rows(model, tokenizer, count: int, prefill_chunk: int, progress) -> 
     return rows
 
 
+def paired(compared: list[dict]) -> list[tuple[dict, dict]]:
+    """(sink_recent row, attention_mass row) of each window, in window order."""
+    windows = sorted({row["window"] for row in compared})
+    return [tuple(next(row for row in compared if row["window"] == window and row["config"] == name)
+                  for name in ("sink_recent", "attention_mass")) for window in windows]
+
+
 def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) -> str:
     lines = [f"# Policies on {settings['model']}, {settings['context']} tokens, {settings['steps']} decode steps", "",
              f"{env}", "", f"settings: {settings}", ""]
@@ -138,18 +146,14 @@ def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) 
         lines += [f"## {title}", "",
                   "| window | sink_recent MSE | attention_mass MSE | difference | top-10 (sr / am) | tokens off the GPU |",
                   "|---:|---:|---:|---:|---|---:|"]
-        for window in sorted({row["window"] for row in compared}):
-            recent, mass = (next(row for row in compared if row["window"] == window and row["config"] == name)
-                            for name in ("sink_recent", "attention_mass"))
-            lines.append(f"| {window} | {recent['worst_mse']:.4f} | {mass['worst_mse']:.4f} | "
+        for recent, mass in paired(compared):
+            lines.append(f"| {mass['window']} | {recent['worst_mse']:.4f} | {mass['worst_mse']:.4f} | "
                          f"{mass['worst_mse'] - recent['worst_mse']:+.4f} | {recent['worst_top10']:.1f} / "
                          f"{mass['worst_top10']:.1f} | {mass['evicted_tokens'] + mass['cold_tokens']} |")
-        wins = sum(next(row for row in compared if row["window"] == window and row["config"] == "attention_mass")
-                   ["worst_mse"] <= next(row for row in compared if row["window"] == window and
-                                         row["config"] == "sink_recent")["worst_mse"]
-                   for window in {row["window"] for row in compared})
-        lines += ["", f"attention_mass at or below sink_recent on {wins} of {len({r['window'] for r in compared})} "
-                      "windows.", ""]
+        differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in paired(compared)]
+        lines += ["", f"attention_mass at or below sink_recent on {sum(d <= 0 for d in differences)} of "
+                      f"{len(differences)} windows; mean difference {sum(differences) / len(differences):+.4f}, "
+                      f"largest excess {max(differences):+.4f}.", ""]
     precision = [row for row in rows if row["part"] == "precision"]
     if precision:
         lines += ["## Precision: gate MSE <= 0.25 and top-10 >= 0.8 at every step", "",
@@ -179,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", default=["eviction", "topk", "precision", "passkey"],
                         choices=["eviction", "topk", "precision", "passkey"])
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--between", action="store_true",
+                        help="the windows - 1 windows midway between the default ones (held-out text)")
+    parser.add_argument("--pick", type=int, nargs="+", help="run only these windows of the set (indices)")
+    parser.add_argument("--only", nargs="+", help="run only the configurations of these names (e.g. rule-attention_mass)")
+    parser.add_argument("--rotation-seed", type=int, default=0, help="TierConfig.rotation_seed of every configuration")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--passkeys", type=int, default=12)
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_smollm2()
-    windows = text_windows(tokenizer, args.context, args.windows)
+    windows = text_windows(tokenizer, args.context, args.windows, between=args.between)
+    picked = args.pick if args.pick is not None else range(len(windows))
     configs = {}
     if "eviction" in args.parts:
         configs["eviction"] = {name: (config, None) for name, config in eviction_configs(model, args.evict_pages).items()}
@@ -197,11 +207,15 @@ def main(argv: list[str] | None = None) -> None:
         configs["topk"] = {name: (config, None) for name, config in topk_configs(model, args.evict_pages).items()}
     if "precision" in args.parts:
         configs["precision"] = precision_configs(model, args.high_pages, args.context)
-    runs = len(windows) * sum(len(part) for part in configs.values()) + args.passkeys * ("passkey" in args.parts)
+    for part, named in configs.items():
+        configs[part] = {name: (dict(config, rotation_seed=args.rotation_seed), bytes_per_token)
+                         for name, (config, bytes_per_token) in named.items() if not args.only or name in args.only}
+    runs = len(picked) * sum(len(part) for part in configs.values()) + args.passkeys * ("passkey" in args.parts)
     rows, passkeys = [], []
     started = time.perf_counter()
     with tqdm(total=runs, desc="policies") as progress:
-        for index, window in enumerate(windows):
+        for index in picked:
+            window = windows[index]
             reference = [dense_reference(model, window, steps=args.steps)]
             for part, named in configs.items():
                 for name, (config, bytes_per_token) in named.items():
@@ -217,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
            "transformers": transformers.__version__, "python": platform.python_version(), "kvtier": kvtier.__version__,
            "seconds": round(time.perf_counter() - started)}
     settings = {"model": "SmolLM2-135M-Instruct (float32)", "context": args.context, "steps": args.steps,
+                "windows": f"{list(picked)} of {len(windows)} "
+                           f"{'midway between ' if args.between else ''}{args.windows} evenly spaced",
                 "recent_window": RECENT_WINDOW, "prefill_chunk": args.prefill_chunk, "evict_pages": args.evict_pages,
                 "high_pages": args.high_pages,
                 "configs": {part: {name: config for name, (config, _) in named.items()} for part, named in configs.items()}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import numbers
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from .policies import POLICIES, PagePolicy, policy_name
 
@@ -221,8 +221,10 @@ class TierConfig:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        fields = ", ".join(f"{k}={v}" for k, v in asdict(self).items())
-        return f"TierConfig({fields})"
+        """Every field; a policy object by its repr (its settings, not the per-layer state asdict would copy)."""
+        shown = ", ".join(f"{each.name}={getattr(self, each.name)!r}" if each.name == "policy"
+                          else f"{each.name}={getattr(self, each.name)}" for each in fields(self))
+        return f"TierConfig({shown})"
 
 
 def _check(condition: bool, message: str) -> None:

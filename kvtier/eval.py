@@ -178,11 +178,14 @@ def reference_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics))
 
 
-def text_windows(tokenizer, length: int, count: int) -> list[torch.Tensor]:
-    """``count`` windows (1, length) of token ids, evenly spaced over the reference text."""
+def text_windows(tokenizer, length: int, count: int, between: bool = False) -> list[torch.Tensor]:
+    """``count`` windows (1, length) of token ids, evenly spaced over the reference text; with ``between``, the
+    ``count - 1`` windows midway between those (held-out text for checking a choice made on the first set)."""
     ids = tokenizer(reference_text(), return_tensors="pt").input_ids[0]
     stride = (len(ids) - length) // max(count - 1, 1)
-    return [ids[index * stride:index * stride + length].unsqueeze(0) for index in range(count)]
+    starts = [index * stride + stride // 2 for index in range(count - 1)] if between else [
+        index * stride for index in range(count)]
+    return [ids[start:start + length].unsqueeze(0) for start in starts]
 
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "

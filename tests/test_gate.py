@@ -63,3 +63,26 @@ def test_run_gate_judges_every_context_and_names_the_failing_one():
     assert run.stats[0]["evicted_tokens"] == 0 < run.stats[1]["evicted_tokens"]
     assert not run.passes and all(line.startswith("context 1, step") for line in run.failures), run.failures
     assert run.worst_mse == run.reports[1].worst_mse > 1e-8
+
+
+def test_run_gate_fails_a_configuration_that_passes_one_step_and_fails_the_next():
+    """A context two tokens short of the hot tier's capacity: the first decode step attends only hot tokens (the
+    dense cache's own values: it passes a strict gate), the second completes a page that goes to INT4 (it does not).
+    One passing step does not make the configuration pass."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvtier import TierConfig
+    from kvtier.gate import run_gate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    config = dict(recent_window=32, block_size=16, key_tile=64, query_tile=16)
+    context = torch.randint(0, 128, (1, TierConfig(**config).hot_capacity - 2))
+    strict = FidelityGate(max_logit_mse=1e-8, min_top10_overlap=1.0, require_argmax=True)
+    run = run_gate(model, [context], strict, steps=3, **config)
+    first, *later = run.reports[0].steps
+    assert strict.passes(FidelityReport([first])) and not strict.passes(FidelityReport(later))
+    assert run.stats[0]["warm"]["tokens"] == 16  # the page the second step completed
+    assert not run.passes and run.failures[0].startswith("context 0, step 1: logit MSE")

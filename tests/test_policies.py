@@ -94,6 +94,31 @@ def test_a_policy_written_in_a_few_lines_drives_eviction():
     assert cache.stats()["evicted_tokens"] == cache.layers[0].evicted_tokens
 
 
+@torch.no_grad()
+def test_a_user_written_policy_object_drives_generate_through_attach():
+    """The few-line policy passed to attach(policy=obj): every layer gets its own copy, its choices decide which pages
+    generate() keeps, and what it evicts shows in stats()."""
+    torch.manual_seed(0)
+    model = kvtier_test_model()
+    ids = torch.randint(0, 128, (2, 200))  # batch 2, as the budget's probe
+    budget = budget_for_warm_pages(3, on_budget_full="evict")
+    user_policy = NewestFirst()
+    handle = kvtier.attach(model, **SMALL, budget_gb=budget, on_budget_full="evict", policy=user_policy)
+    try:
+        output = model.generate(ids, max_new_tokens=6, do_sample=False)
+        layers, stats = handle.cache.layers, handle.stats()
+    finally:
+        kvtier.detach(model)
+    assert output.shape[1] == 206
+    for layer in layers:
+        assert type(layer.policy) is NewestFirst and layer.policy is not user_policy
+        # each new page took the place of the newest one held: the two oldest stayed, beside the latest
+        assert layer.warm.starts == [2, 2 + BLOCK, layer.recent_start - BLOCK]
+        assert layer.total_tokens == 205  # the last new token is not fed back
+        assert layer.evicted_tokens == layer.total_tokens - 2 - layer.recent_count - 3 * BLOCK
+    assert stats["evicted_tokens"] == layers[0].evicted_tokens > 0
+
+
 def budget_for_pages(pages_per_layer, **overrides):
     probe = cache_for(**overrides)
     step(probe, *random_states(40, seed=0))
@@ -279,3 +304,11 @@ def test_describe_names_each_tier_its_precision_and_the_policy():
     rule = TierConfig(policy=NewestFirst(), low_bits=2, on_budget_full="evict").describe().splitlines()
     assert rule[2].startswith("low  (device, turboquant-2bit") and "NewestFirst scores lowest" in rule[2]
     assert rule[-1] == "full device budget: NewestFirst evicts" and not any(line.startswith("cold") for line in rule)
+
+
+def test_a_config_prints_every_field_and_a_policy_object_by_its_settings():
+    printed = str(TierConfig(policy=AttentionMass(decay=0.5), low_bits=2, low_share=0.25, on_budget_full="evict"))
+    assert printed.startswith("TierConfig(budget_gb=2.0, sink_tokens=4, recent_window=128, block_size=64, warm_format=int4")
+    assert "low_bits=2, low_share=0.25, on_budget_full=evict" in printed
+    assert "policy=AttentionMass(decay=0.5, recent_share=0.0)," in printed and "history" not in printed
+    assert "policy='sink_recent'" in str(TierConfig())
