@@ -323,6 +323,21 @@ def pyplot():
     return plt
 
 
+def latency_axes(axes, rows: list[dict], caches, labels: dict) -> None:
+    """ms/token against context on log-log axes, a line per cache in ``caches`` (kvtier's solid, the others dashed)."""
+    for cache in caches:
+        points = sorted((row["context"], row["ms_per_token"]) for row in rows
+                        if row["cache"] == cache and "ms_per_token" in row)
+        if points:
+            axes.plot(*zip(*points), marker="o", label=labels[cache],
+                      linestyle="-" if cache.startswith("kvtier") else "--")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("context (tokens)")
+    axes.set_ylabel("ms per decode step (median)")
+    axes.legend(fontsize=7)
+
+
 def save_figure(figure, out: Path, name: str) -> Path:
     path = out / f"{name}.png"
     figure.tight_layout()

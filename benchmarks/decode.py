@@ -201,18 +201,9 @@ def plot(result: dict, out: Path, name: str) -> Path | None:
     batches = sorted({row["batch"] for row in result["rows"]})
     figure, axes_list = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.2), squeeze=False)
     for axes, batch in zip(axes_list[0], batches):
-        for cache in result["settings"]["caches"]:
-            points = sorted((row["context"], row["ms_per_token"]) for row in result["rows"]
-                            if row["batch"] == batch and row["cache"] == cache and "ms_per_token" in row)
-            if points:
-                axes.plot(*zip(*points), marker="o", label=common.LABELS[cache],
-                          linestyle="-" if cache.startswith("kvtier") else "--")
-        axes.set_xscale("log", base=2)
-        axes.set_yscale("log")
-        axes.set_xlabel("context (tokens)")
-        axes.set_ylabel("ms per decode step (median)")
+        common.latency_axes(axes, [row for row in result["rows"] if row["batch"] == batch],
+                            result["settings"]["caches"], common.LABELS)
         axes.set_title(f"batch {batch}", fontsize=10)
-        axes.legend(fontsize=7)
     figure.suptitle(f"Decode latency vs context ({result['environment']['device']})", fontsize=10)
     return common.save_figure(figure, out, name)
 

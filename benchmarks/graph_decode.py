@@ -163,16 +163,9 @@ def plot(result: dict, out: Path, name: str) -> Path | None:
     if plt is None:
         return None
     figure, axes = plt.subplots(figsize=(6, 4.2))
-    for cache in result["settings"]["caches"]:
-        points = sorted((row["context"], row["ms_per_token"]) for row in result["rows"]
-                        if row["cache"] == cache and "ms_per_token" in row and row["batch"] == 1)
-        if points:
-            axes.plot(*zip(*points), marker="o", label=LABELS[cache], linestyle="-" if cache.startswith("kvtier") else "--")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xlabel("context (tokens)")
-    axes.set_ylabel("ms per decode step (median, batch 1)")
-    axes.legend(fontsize=7)
+    common.latency_axes(axes, [row for row in result["rows"] if row["batch"] == 1], result["settings"]["caches"],
+                        LABELS)
+    axes.set_title("batch 1", fontsize=10)
     figure.suptitle(f"Decode latency, graphs vs compiled ({result['environment']['device']})", fontsize=10)
     return common.save_figure(figure, out, name)
 
