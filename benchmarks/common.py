@@ -130,16 +130,39 @@ def decode_steps_ms(model, cache, batch: int, steps: int, warmup: int = 2) -> li
         # as generate() runs it: replayed from a CUDA graph where the cache allows, else the eager forward
         graph = cache.decode_graph = DecodeGraph(cache, captured=True)
         forward = functools.partial(graph.forward, model.forward)
+    def step():
+        return forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+    return timed_steps(step, steps + warmup, device)[warmup:]
+
+
+def timed_steps(step, count: int, device: str) -> list[float]:
+    """Synchronized wall time, ms, of each of ``count`` calls of ``step()`` (-> logits, checked finite)."""
     times = []
-    for _ in range(steps + warmup):
+    for _ in range(count):
         synchronize(device)
         start = time.perf_counter()
-        logits = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = step()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
         if not torch.isfinite(logits).all():
             raise RuntimeError("non-finite logits")
-    return times[warmup:]
+    return times
+
+
+def run_plan(plan: list[tuple], run_row, result: dict, markdown, out: Path, name: str, describe, after_row=None) -> None:
+    """Each (batch, context, cache) of ``plan`` through ``run_row``: the row appended to result["rows"], said in one
+    line (``describe(row)``), ``after_row(rows)`` if given, the results rewritten; a progress bar over the plan."""
+    bar = progress_bar(len(plan), "rows", "row")
+    for batch, context, cache in plan:
+        row = run_row(cache, batch, context)
+        result["rows"].append(row)
+        print(f"batch {batch}, {context:,} tokens, {cache}: {describe(row)}", flush=True)
+        if after_row is not None:
+            after_row(result["rows"])
+        write_results(result, markdown(result), out, name)
+        bar.update(1)
+    bar.close()
 
 
 def median(values: list[float]) -> float:

@@ -258,15 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "kvtier_configs": common.KVTIER_CONFIGS},
               "rows": []}
     plan = [(batch, context, cache) for batch in args.batches for context in args.contexts for cache in args.caches]
-    bar = common.progress_bar(len(plan), "rows", "row")
-    for batch, context, cache in plan:
-        row = run_row(cache, model, batch, context, args)
-        result["rows"].append(row)
-        print(f"batch {batch}, {context:,} tokens, {cache}: {cell(row)}", flush=True)
-        add_speedups(result["rows"])
-        common.write_results(result, markdown(result), args.out, name)
-        bar.update(1)
-    bar.close()
+    common.run_plan(plan, lambda cache, batch, context: run_row(cache, model, batch, context, args), result, markdown,
+                    args.out, name, cell, add_speedups)
     common.finish_results(result, markdown, plot, args.out, name)
     return result
 

@@ -97,15 +97,7 @@ def measure(name: str, model, batch: int, context: int, args) -> dict:
     common.synchronize(args.device)
     row = {"fill_s": time.monotonic() - started}
     token = torch.full((batch, 1), 7, device=args.device)
-    times = []
-    for _ in range(args.warmup + args.steps):
-        common.synchronize(args.device)
-        began = time.perf_counter()
-        logits = step(token)
-        common.synchronize(args.device)
-        times.append((time.perf_counter() - began) * 1e3)
-        if not torch.isfinite(logits).all():
-            raise RuntimeError(f"{name}: non-finite logits")
+    times = common.timed_steps(lambda: step(token), args.warmup + args.steps, args.device)
     row.update(first_step_ms=times[0], ms_per_token=common.median(times[args.warmup:]), steps_ms=times[args.warmup:])
     if isinstance(cache, kvtier.TieredCache) and cache.decode_graph is not None:
         row["graph"] = cache.decode_graph.stats()
@@ -208,15 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "steps": args.steps, "warmup": args.warmup, "kvtier_budget_gb": args.kvtier_budget_gb},
               "rows": []}
     plan = [(batch, context, cache) for batch in args.batches for context in args.contexts for cache in args.caches]
-    bar = common.progress_bar(len(plan), "rows", "row")
-    for batch, context, cache in plan:
-        row = run_row(cache, model, batch, context, args)
-        result["rows"].append(row)
-        print(f"batch {batch}, {context:,} tokens, {cache}: "
-              f"{row.get('ms_per_token', row.get('skipped'))} ms/token", flush=True)
-        common.write_results(result, markdown(result), args.out, name)
-        bar.update(1)
-    bar.close()
+    common.run_plan(plan, lambda cache, batch, context: run_row(cache, model, batch, context, args), result, markdown,
+                    args.out, name, lambda row: f"{row.get('ms_per_token', row.get('skipped'))} ms/token")
     common.finish_results(result, markdown, plot, args.out, name)
     return result
 

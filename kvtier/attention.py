@@ -63,7 +63,7 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
     pages = layer.warm if first_chunk is None else JoinedPages(layer.warm, first_chunk)
     with_mass = layer.policy.wants_mass
     low = layer.low_pages()
-    if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout, low):
+    if use_kernel(layer.config.decode_kernel, query.is_cuda, layer.warm.layout, low):
         def attend(pages, with_hot=True):  # -> out (B, H_q, D) model dtype, lse (B, H_q), mass (B, H_kv, rows)
             lse = torch.empty(batch, query_heads, device=query.device)
             out, mass = paged_kernel.decode_attention(query[:, :, 0], layer.paged(pages, with_hot), kv_start, kv_end,
@@ -98,7 +98,7 @@ def _decode_static(view: TierView, query, scaling: float) -> torch.Tensor:
     the warm page count read from device buffers, so that a CUDA graph can replay it as pages are added."""
     layer, step = view.layer, view.step
     batch, query_heads, _, head_dim = query.shape
-    if _use_kernel(layer.config.decode_kernel, query, layer.warm.layout):
+    if use_kernel(layer.config.decode_kernel, query.is_cuda, layer.warm.layout):
         out, _ = paged_kernel.decode_attention(query[:, :, 0], layer.paged(), step.kv_start, step.kv_end, scaling,
                                                workspace=layer.cache.workspace, warm_count=layer.warm.row_count)
         return out.unsqueeze(1)
@@ -150,8 +150,10 @@ def _decode_ranges(view: TierView, attention_mask):
     return ranges
 
 
-def _use_kernel(choice: str, query: torch.Tensor, layout, low_pages=None) -> bool:
-    if choice == "torch" or (choice == "auto" and not query.is_cuda):
+def use_kernel(choice: str, on_cuda: bool, layout, low_pages=None) -> bool:
+    """Whether decode attention runs the Triton kernel (``decode_kernel`` is ``choice``); "triton" on pages it cannot
+    read raises, saying why."""
+    if choice == "torch" or (choice == "auto" and not on_cuda):
         return False
     readable = paged_kernel.kernel_reads(layout) and (low_pages is None or paged_kernel.kernel_reads(low_pages.layout))
     if paged_kernel.triton is None or not readable:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .attention import use_kernel
 from .errors import NonFiniteStatesError
 
 PASSED_THROUGH = ("logits_to_keep", "use_cache", "return_dict")  # forward arguments the static step keeps (and
@@ -139,16 +140,9 @@ class DecodeGraph:
             return "low-precision pages"
         if first.policy.wants_mass:
             return f"the policy {type(first.policy).__name__} reads attention mass every step"
-        if self.captured and not self.kernel_reads(first):
+        if self.captured and not use_kernel(cache.config.decode_kernel, True, first.warm.layout):
             return "the decode kernel cannot read these pages (decode_kernel, triton, or the page layout)"
         return None
-
-    @staticmethod
-    def kernel_reads(layer) -> bool:
-        from kvtier.kernels import decode_attention as paged_kernel
-
-        return (layer.config.decode_kernel != "torch" and paged_kernel.triton is not None
-                and paged_kernel.kernel_reads(layer.warm.layout))
 
     # ---------------------------------------------------------------- one step
     def prepare(self, input_ids, attention_mask, position_ids) -> None:
