@@ -94,19 +94,30 @@ def _decode(view: TierView, query, scaling: float, kv_start, kv_end) -> torch.Te
 
 
 def _decode_static(view: TierView, query, scaling: float) -> torch.Tensor:
-    """A fixed-shape decode step (kvtier.graph): the warm pages and the hot tier only, the attended positions and
-    the warm page count read from device buffers, so that a CUDA graph can replay it as pages are added."""
+    """A fixed-shape decode step (kvtier.graph): the warm pages and the hot tier, with the attended positions and the
+    warm page count read from device buffers (so that a CUDA graph can replay it as pages are added), then each
+    staged cold chunk in a launch of its own, merged by log-sum-exp (a change in the cold pages means a new capture)."""
     layer, step = view.layer, view.step
     batch, query_heads, _, head_dim = query.shape
+    chunks = layer.cold_chunks()
     if use_kernel(layer.config.decode_kernel, query.is_cuda, layer.warm.layout):
-        out, _ = paged_kernel.decode_attention(query[:, :, 0], layer.paged(), step.kv_start, step.kv_end, scaling,
-                                               workspace=layer.cache.workspace, warm_count=layer.warm.row_count)
-        return out.unsqueeze(1)
-    kv_heads = layer.hot_keys.shape[1]
-    queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
-    out, _, _ = paged_kernel.paged_attention_reference(queries, layer.paged(), step.kv_start, step.kv_end,
-                                                       key_tile=layer.config.key_tile)
-    return out.view(batch, 1, query_heads, head_dim).to(query.dtype)
+        def attend(paged, warm_count=None):  # -> out (B, H_q, D) model dtype, lse (B, H_q) float32
+            lse = torch.empty(batch, query_heads, device=query.device)
+            out, _ = paged_kernel.decode_attention(query[:, :, 0], paged, step.kv_start, step.kv_end, scaling,
+                                                   workspace=layer.cache.workspace, lse=lse, warm_count=warm_count)
+            return out, lse
+    else:
+        kv_heads = layer.hot_keys.shape[1]
+        queries = (query.float() * scaling).view(batch, kv_heads, query_heads // kv_heads, 1, head_dim)
+
+        def attend(paged, warm_count=None):  # -> out (B, H_q, D) float32, lse (B, H_q)
+            out, lse, _ = paged_kernel.paged_attention_reference(queries, paged, step.kv_start, step.kv_end,
+                                                                 key_tile=layer.config.key_tile)
+            return out.view(batch, query_heads, head_dim), lse.view(batch, query_heads)
+    out, lse = attend(layer.paged(), warm_count=layer.warm.row_count)
+    for chunk in chunks:
+        out, lse = merge_partials(out.float(), lse, *attend(layer.paged(chunk, with_hot=False)))
+    return out.unsqueeze(1).to(query.dtype)
 
 
 def _table_starts(pages) -> torch.Tensor:

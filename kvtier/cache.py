@@ -75,6 +75,8 @@ class TieredCache(Cache):
         """transformers' per-layer entry: start moving the next layer's cold pages, then update this layer. A prefill
         chunk (more than one token) attends every cold page, even under prefetch="topk", and so scores them all."""
         if self.static_step is not None:  # a decode step being captured (or run as it will be replayed)
+            if self.prefetcher is not None:
+                self._prefetch_static(layer_idx)
             return self.layers[layer_idx].update_static(key_states, value_states, self.static_step)
         if self.chooser is not None and layer_idx == 0:  # a step starts: cold_attention="auto" picks its mode
             if key_states.shape[2] == 1:
@@ -88,6 +90,19 @@ class TieredCache(Cache):
             if upcoming.offloaded_pages():
                 self.prefetcher.prefetch(upcoming)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _prefetch_static(self, layer_idx: int) -> None:
+        """A fixed-shape step copies every layer's cold chunks within itself: the first layer forks the side stream
+        from the step's start (inside a capture, this brings the copies into the graph) and plans its own chunks; each
+        layer starts the next one's, but not the next step's first layer's (the next replay copies those)."""
+        prefetcher, upcoming = self.prefetcher, layer_idx + 1
+        prefetcher.every_page = False
+        if layer_idx == 0:
+            prefetcher.host_write_done()
+            if self.layers[0].offloaded_pages():
+                prefetcher.prefetch(self.layers[0])
+        if upcoming < self.num_layers and self.layers[upcoming].offloaded_pages():
+            prefetcher.prefetch(self.layers[upcoming])
 
     def save(self, path, token_ids: torch.Tensor | None = None, model=None):
         """Write the whole cache to the directory ``path`` (see kvtier.session); ``token_ids`` (B, N) are the tokens

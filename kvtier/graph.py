@@ -10,9 +10,14 @@ buffer, so a step reads the same tiers as an eager one. The graph is captured ag
 when a buffer it reads has moved (:meth:`DecodeGraph.buffers`: a new warm slab below the others, a grown page
 table, a reordered batch, a grown scratch buffer).
 
-Steps a graph cannot serve run the model's own forward: prefill chunks, caches holding cold or disk pages (their
-staging ring is planned on the host each step) or low-precision pages, policies that want attention mass, sinks not
-filled yet, and forward arguments the static step does not take. ``stats()["graph"]`` counts replays, captures and
+Cold pages (``prefetch="all"``, streamed) are copied within the step: each layer's chunks go from their host slabs
+into the staging ring on the prefetcher's side stream, forked from the step's start and joined by the kernel that
+reads them, so the graph holds the copies too; it is captured again when a cold page arrives or leaves.
+
+Steps a graph cannot serve run the model's own forward: prefill chunks, caches holding disk pages (read back by a host
+thread), cold pages chosen on the host every step (``prefetch="topk"``, ``cold_attention="host"`` or "auto"),
+low-precision pages, policies that want attention mass, sinks not filled yet, and forward arguments the static step
+does not take. ``stats()["graph"]`` counts replays, captures and
 eager steps, and says why the last eager step was eager.
 """
 
@@ -65,6 +70,19 @@ class StaticStep:
                    zeros(layers, dtype=torch.bool), zeros(batch, 1), zeros(batch, 1), zeros(1))
 
 
+def why_cold_pages_are_eager(cache) -> str | None:
+    """Why a step over cold pages cannot be the static step (None when it can: every cold page streams through the
+    staging ring, copied within the step, the same chunks every step until a page arrives or leaves)."""
+    config = cache.config
+    if any(layer.disk_tokens() for layer in cache.layers):
+        return "disk pages (a host thread reads them back every step)"
+    if config.prefetch != "all":
+        return f"cold pages under prefetch={config.prefetch!r} (the policy picks which to copy every step)"
+    if config.cold_attention != "stream":
+        return f"cold pages under cold_attention={config.cold_attention!r} (attended on the host, or chosen every step)"
+    return None
+
+
 def attends_one_range(attention_mask, length: int) -> bool:
     """Whether a (B, >= length) 2D mask lets each row attend one run of positions ending at the newest (zeros, then
     ones: left padding), what StaticStep's kv_start and kv_end describe; None attends everything. One host sync."""
@@ -88,6 +106,7 @@ class DecodeGraph:
         self.graph = None
         self.logits: torch.Tensor | None = None  # (B, 1, V) the captured forward's output
         self.captured_buffers = None
+        self.copies = (0, 0)  # bytes and chunks the captured step copies from the cold tier
         self.replays = self.captures = self.eager_steps = 0
         self.capture_seconds = 0.0
         self.eager_reason: str | None = None
@@ -112,6 +131,9 @@ class DecodeGraph:
                 self.captured_buffers = self.buffers(), buffers[1]
             self.graph.replay()
             self.replays += 1
+            if self.cache.prefetcher is not None:
+                self.cache.prefetcher.moved_bytes += self.copies[0]
+                self.cache.prefetcher.moved_chunks += self.copies[1]
             logits = self.logits
         self.finish()
         return CausalLMOutputWithPast(logits=logits.clone(), past_key_values=self.cache)
@@ -135,7 +157,9 @@ class DecodeGraph:
         if not attends_one_range(kwargs.get("attention_mask"), first.total_tokens + 1):
             return "an attention mask that is not one range of positions per row (left padding)"
         if any(layer.offloaded_pages() for layer in cache.layers):
-            return "cold or disk pages (their staging is planned on the host every step)"
+            reason = why_cold_pages_are_eager(cache)
+            if reason is not None:
+                return reason
         if any(layer.low_pages() is not None for layer in cache.layers):
             return "low-precision pages"
         if first.policy.wants_mass:
@@ -150,6 +174,8 @@ class DecodeGraph:
         cache, layer = self.cache, self.cache.layers[0]
         for each in cache.layers:  # a block boundary: the tier movement runs eagerly, before the step
             each.make_room_static()
+        if cache.prefetcher is not None:
+            cache.prefetcher.start_static_step()
         batch, total = input_ids.shape[0], layer.total_tokens
         if self.step is None or self.step.input_ids.shape[0] != batch:
             self.step = StaticStep.empty(batch, cache.num_layers, input_ids.device)
@@ -189,16 +215,25 @@ class DecodeGraph:
             with torch.cuda.stream(side):
                 self.run(model_forward, options)
             torch.cuda.current_stream().wait_stream(side)
+        prefetcher = self.cache.prefetcher
+        if prefetcher is not None:  # the warm-up's copies are done and forgotten; the graph makes its own
+            prefetcher.start_static_step()
+            moved = prefetcher.moved_bytes, prefetcher.moved_chunks
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self.run(model_forward, options)
         self.graph = graph
+        if prefetcher is not None:  # counted at each replay instead (capturing copies nothing)
+            self.copies = prefetcher.moved_bytes - moved[0], prefetcher.moved_chunks - moved[1]
+            prefetcher.moved_bytes, prefetcher.moved_chunks = moved
         self.captures += 1
         self.capture_seconds += time.perf_counter() - started
 
     def finish(self) -> None:
         """After the step: refuse NaN or Inf (one host sync), then count the new token in every layer."""
         cache, step = self.cache, self.step
+        if cache.prefetcher is not None:
+            cache.prefetcher.end_static_step()
         if cache.config.check_finite and bool(step.nonfinite.any()):
             layers = step.nonfinite.nonzero().flatten().tolist()
             for layer in cache.layers:  # the slot is past kv_end from now on, but attention reads whole hot pages
@@ -218,7 +253,10 @@ class DecodeGraph:
                         layer.warm.base.data_ptr(), layer.warm.offsets.data_ptr(), layer.warm.positions.data_ptr())
                        for layer in self.cache.layers)
         scratch = tuple(buffer.data_ptr() for buffer in self.cache.workspace.buffers.values())
-        return layers, scratch, self.step.input_ids.data_ptr()
+        cold = tuple(layer.offloaded_version() for layer in self.cache.layers if layer.offloaded_pages())
+        if cold:  # the staging ring, and which slabs' rows each layer's chunks copy
+            cold += (self.cache.prefetcher.ring.base.data_ptr(),)
+        return layers, scratch, cold, self.step.input_ids.data_ptr()
 
     def stats(self) -> dict:
         return {"captured": self.captured, "replays": self.replays, "captures": self.captures,

@@ -252,6 +252,26 @@ class Prefetcher:
             self._read_ahead(self.jobs[other])
             self._issue_waiting(other)
 
+    def start_static_step(self) -> None:
+        """Before a fixed-shape decode step (kvtier.graph), outside any capture: forget the plans an eager step made
+        ahead, and order the device stream after every copy already issued, so that the step (or the graph replaying
+        it) copies each layer's cold chunks itself, after whatever read the slots before."""
+        for layer_index in list(self.jobs):
+            self.cancel(layer_index)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.ring.pages.device).wait_stream(self.stream)
+        self.slot_released = [None] * len(self.slot_released)
+        self.host_written = None
+
+    def end_static_step(self) -> None:
+        """After a fixed-shape step (or its replay), outside any capture: later copies into any slot wait for it, and
+        no event recorded inside a capture is waited on outside it."""
+        self.host_written = None
+        if self.stream is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.ring.pages.device))
+            self.slot_released = [done] * len(self.slot_released)
+
     def host_write_done(self) -> None:
         """Call after queueing device-to-host demotions: later copies out of host memory wait for them."""
         if self.stream is not None:

@@ -62,9 +62,14 @@ def test_static_step_matches_eager_generate(warm_format, sample):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+COLD = dict(budget_gb=0.0018, host_budget_gb=0.1, chunk_pages=2, query_tile=16, key_tile=64)  # cold from the prefill
+SMALL_RING = dict(COLD, chunk_pages=1, staging_chunks=2)  # fewer slots than a layer's cold chunks
+
+
 @pytest.mark.parametrize("config, reason", [
     (dict(policy="attention_mass"), "attention mass"),
-    (dict(budget_gb=0.0018, host_budget_gb=0.1, chunk_pages=2, query_tile=16, key_tile=64), "cold or disk pages"),
+    (dict(COLD, prefetch="topk"), "prefetch='topk'"),
+    (dict(COLD, cold_attention="host"), "cold_attention='host'"),
 ])
 def test_steps_the_graph_cannot_serve_run_eagerly_and_say_why(config, reason):
     model = small_model()
@@ -73,6 +78,22 @@ def test_steps_the_graph_cannot_serve_run_eagerly_and_say_why(config, reason):
     static, stats = generate(model, ids, mask, "uncaptured", **config)
     assert stats["graph"]["eager_steps"] == 40 and reason in stats["graph"]["eager_reason"]
     assert torch.equal(eager.sequences, static.sequences)
+
+
+def test_static_step_over_cold_pages_matches_eager_generate():
+    """Most pages cold, in more chunks a layer than the two-slot staging ring holds: the static step copies every
+    layer's chunks within itself (no plan carried over from the step before) and gives the eager tokens and logits;
+    pages demoted between static steps are copied from then on."""
+    model = small_model()
+    ids, mask = padded_prompt(length=200)
+    eager, eager_stats = generate(model, ids, mask, "off", **SMALL_RING)
+    static, stats = generate(model, ids, mask, "uncaptured", **SMALL_RING)
+    assert stats["graph"]["eager_steps"] == 1  # the prefill only
+    assert stats["cold"]["tokens"] == eager_stats["cold"]["tokens"] > 2 * SMALL["block_size"]  # more than the ring
+    assert stats["cold"]["replans"] == 0 and 0 < stats["cold"]["moved_bytes"] <= eager_stats["cold"]["moved_bytes"]
+    assert torch.equal(eager.sequences, static.sequences)
+    for expected, got in zip(eager.logits, static.logits):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -120,6 +141,38 @@ def test_captured_graph_matches_eager_generate_on_cuda(pages_per_slab):
     assert torch.equal(eager.sequences, graphed.sequences)
     for expected, got in zip(eager.logits, graphed.logits):
         assert (got - expected).norm() / expected.norm() < 1e-2
+
+
+@pytest.mark.cuda
+@NO_CUDA
+def test_captured_graph_over_cold_pages_matches_eager_generate_on_cuda():
+    """The graph copies each layer's cold chunks from pinned host slabs into the staging ring on the side stream, in
+    more chunks than the ring holds; pages demoted during the decode make it capture again."""
+    model = small_model("cuda", torch.bfloat16)
+    ids, mask = padded_prompt("cuda", length=200)
+    config = dict(SMALL_RING, budget_gb=budget_for_warm_pages(model, ids, mask, 2, **SMALL_RING))
+    eager, eager_stats = generate(model, ids, mask, "off", **config)
+    graphed, stats = generate(model, ids, mask, "auto", **config)
+    graph = stats["graph"]
+    assert graph["captured"] and graph["replays"] == 39 and graph["captures"] > 1, graph
+    assert stats["cold"]["tokens"] == eager_stats["cold"]["tokens"] > 2 * SMALL["block_size"]
+    assert 0 < stats["cold"]["moved_bytes"] <= eager_stats["cold"]["moved_bytes"]
+    assert torch.equal(eager.sequences, graphed.sequences)
+    for expected, got in zip(eager.logits, graphed.logits):
+        assert (got - expected).norm() / expected.norm() < 1e-2
+
+
+def budget_for_warm_pages(model, ids, mask, pages: int, **config) -> float:
+    """budget_gb that holds the cache's fixed bytes (hot tiers, scratch, staging ring) and ``pages`` warm pages a
+    layer, for this model and batch on its device."""
+    handle = kvtier.attach(model, **{**config, "budget_gb": 1.0})
+    try:
+        model.generate(ids[:, -8:], attention_mask=mask[:, -8:], max_new_tokens=1, do_sample=False, pad_token_id=0)
+        cache = handle.cache
+        warm = cache.layers[0].warm
+        return (cache.fixed_bytes + cache.num_layers * (pages * warm.page_bytes + warm.table_bytes_for(pages))) / 2**30
+    finally:
+        kvtier.detach(model)
 
 
 def test_a_mask_with_a_hole_runs_eagerly():
