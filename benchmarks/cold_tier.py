@@ -182,6 +182,8 @@ def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, wi
                "replans": stats["cold"]["replans"], "within_budget": stats["cache_bytes"] <= stats["budget_bytes"]}
         if stats["cold"]["enabled"]:
             row["cold_attention"] = stats["cold"]["attention"]
+        if stats["graph"] is not None:  # replayed steps, captures (one more each time a cold page arrives), why eager
+            row["graph"] = stats["graph"]
         if with_transfer and stats["cold"]["tokens"]:
             row["transfer_ms"] = transfer_ms(cache)
             row["transfer_gbs"] = moved_per_step / 1e9 / (row["transfer_ms"] / 1e3)

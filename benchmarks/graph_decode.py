@@ -11,6 +11,10 @@ through its own update path with random keys and values (what a chunked prefill 
   ``torch.compile(mode="reduce-overhead")``; the first step's time includes the compilation;
 - ``dynamic-eager``: transformers' DynamicCache, eager.
 
+Time to first token (``--ttft-contexts``): ``generate(max_new_tokens=1)`` on a random prompt, the model's own prefill
+(in ``--ttft-chunk`` token chunks, transformers' ``prefill_chunk_size``) then one token, for kvtier and the
+DynamicCache; the first call at each size is untimed (Triton compiles then).
+
 A cache whose bytes do not fit on the GPU beside the weights (less ``--margin-gb``) is skipped and the row says so.
 
     python benchmarks/graph_decode.py                                  # 8K, 32K, 128K, 512K on the GPU
@@ -105,6 +109,38 @@ def measure(name: str, model, batch: int, context: int, args) -> dict:
     return row
 
 
+@torch.no_grad()
+def time_to_first_token(model, context: int, args) -> list[dict]:
+    """Seconds from a (1, context) prompt to its first generated token, kvtier and DynamicCache, each the second of
+    two identical calls."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), device=args.device,
+                           generator=torch.Generator(args.device).manual_seed(2))
+    chunking = {"prefill_chunk_size": args.ttft_chunk} if args.ttft_chunk else {}
+    rows = []
+    for name in ("kvtier", "dynamic"):
+        if name == "kvtier":
+            kvtier.attach(model, budget_gb=args.kvtier_budget_gb, on_budget_full="raise")
+        try:
+            seconds = []
+            for _ in range(2):
+                common.synchronize(args.device)
+                started = time.perf_counter()
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False,
+                               pad_token_id=0, **chunking)
+                common.synchronize(args.device)
+                seconds.append(time.perf_counter() - started)
+            rows.append({"context": context, "cache": name, "ttft_s": seconds[1], "first_call_s": seconds[0],
+                         "prefill_chunk": args.ttft_chunk})
+        except Exception as error:  # noqa: BLE001 (a row that fails says why; the others still run)
+            if not common.is_out_of_memory(error):
+                raise
+            rows.append({"context": context, "cache": name, "skipped": "out of memory"})
+        finally:
+            common.release(model)
+        print(f"time to first token, {context:,} tokens, {name}: {rows[-1]}", flush=True)
+    return rows
+
+
 def run_row(name: str, model, batch: int, context: int, args) -> dict:
     row = {"batch": batch, "context": context, "cache": name}
     need = cache_bytes(name, model, batch, context) / common.GB
@@ -147,6 +183,12 @@ def markdown(result: dict) -> str:
             graph = row.get("graph") or {}
             lines.append(f"| {row['batch']} | {row['context']:,} | {LABELS[row['cache']]} | {row['first_step_ms']:.0f} | "
                          f"{row['fill_s']:.1f} | {graph.get('captures', '')} | {graph.get('replays', '')} |")
+    if result.get("ttft"):
+        lines += ["", "Time to first token (generate(max_new_tokens=1), batch 1, the second of two calls), s:", "",
+                  "| context | cache | prefill chunk | seconds |", "|---:|---|---:|---:|"]
+        lines += [f"| {row['context']:,} | {row['cache']} | {row.get('prefill_chunk') or 'whole'} | "
+                  f"{row['ttft_s']:.2f} |" if "ttft_s" in row else f"| {row['context']:,} | {row['cache']} | | "
+                  f"{row['skipped']} |" for row in result["ttft"]]
     return "\n".join(lines) + "\n"
 
 
@@ -173,10 +215,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--margin-gb", type=float, default=8.0, help="GPU memory left for activations")
     parser.add_argument("--chunk", type=int, default=common.FILL_CHUNK)
+    parser.add_argument("--ttft-contexts", type=int, nargs="*", default=[8192, 32768],
+                        help="prompt lengths for the time-to-first-token rows (none: skip them)")
+    parser.add_argument("--ttft-chunk", type=int, default=2048, help="prefill chunk, tokens (0: the whole prompt)")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", help="results file stem (default graph-decode-<device>)")
     args = parser.parse_args(argv)
     args.contexts = args.contexts or ([512, 2048] if args.tiny else list(CONTEXTS))
+    if args.tiny:
+        args.ttft_contexts = [min(context, 512) for context in args.ttft_contexts[:1]]
     if args.tiny:
         args.steps, args.warmup, args.chunk = min(args.steps, 3), min(args.warmup, 1), 256
     return args
@@ -202,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = [(batch, context, cache) for batch in args.batches for context in args.contexts for cache in args.caches]
     common.run_plan(plan, lambda cache, batch, context: run_row(cache, model, batch, context, args), result, markdown,
                     args.out, name, lambda row: f"{row.get('ms_per_token', row.get('skipped'))} ms/token")
+    result["ttft"] = [row for context in args.ttft_contexts for row in time_to_first_token(model, context, args)]
     common.finish_results(result, markdown, plot, args.out, name)
     return result
 

@@ -143,6 +143,8 @@ def test_graph_decode_smoke_writes_sane_results(tmp_path):
     table = (tmp_path / "graph-decode-cpu.md").read_text()
     assert "| kvtier INT4 (CUDA graph) | kvtier INT4 (eager) | DynamicCache (eager) |" in table
     assert len(json.loads((tmp_path / "graph-decode-cpu.json").read_text())["rows"]) == 3
+    assert [(row["cache"], row["ttft_s"] > 0) for row in result["ttft"]] == [("kvtier", True), ("dynamic", True)]
+    assert "Time to first token" in table
 
 
 def test_chunked_perplexity_of_the_dense_cache_is_the_full_forward_one(smollm2):
