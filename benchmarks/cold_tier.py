@@ -240,16 +240,26 @@ def environment() -> dict:
     return {**common.environment("cuda"), "model": "random-weight Llama-3.1-8B shape, bf16"}
 
 
+def graph_cell(graph: dict | None) -> str:
+    """Replayed steps and captures, or why the steps ran eagerly."""
+    if not graph:
+        return ""
+    if graph["replays"]:
+        return f"{graph['replays']} ({graph['captures']})"
+    return f"eager: {graph['eager_reason']}"
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Cold tier: decode with most of the context in host memory ({result['environment']['device']})", "",
              f"torch {result['environment']['torch']}, transformers {result['environment']['transformers']}; "
              f"{result['environment']['model']}; pinned host-to-device copy {result['pinned_gbs']:.1f} GB/s.", "",
              "| context | batch | cache | ms/token | on GPU GB | in host GB | PCIe GB/step | transfer ms | GB/s | "
-             "hidden | rel. error | x offloaded |", "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "hidden | rel. error | x offloaded | graph replays (captures) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in result["rows"]:
         if "skipped" in row:
             lines.append(f"| {row['context']:,} | {row['batch']} | {row['cache']} | skipped: {row['skipped']} |"
-                         " | | | | | | | |")
+                         " | | | | | | | | |")
             continue
         hidden = f"{row['hidden_share']:.0%}" if "hidden_share" in row else ""
         if "hidden_share_vs_no_copies" in row:
@@ -259,7 +269,8 @@ def markdown(result: dict) -> str:
             f"{row.get('device_cache_gb', float('nan')):.2f} | {row.get('host_gb', 0):.2f} | "
             f"{row.get('moved_gb_per_step', 0):.2f} | {row.get('transfer_ms', float('nan')):.1f} | "
             f"{row.get('transfer_gbs', float('nan')):.1f} | {hidden} | {row.get('relative_error_vs_reference', '')} | "
-            + (f"{row['speedup_vs_offloaded']:.1f}x |" if "speedup_vs_offloaded" in row else " |"))
+            + (f"{row['speedup_vs_offloaded']:.1f}x |" if "speedup_vs_offloaded" in row else " |")
+            + f" {graph_cell(row.get('graph'))} |")
     return "\n".join(lines) + "\n"
 
 
