@@ -165,7 +165,7 @@ def test_captured_graph_over_cold_pages_matches_eager_generate_on_cuda():
 def budget_for_warm_pages(model, ids, mask, pages: int, **config) -> float:
     """budget_gb that holds the cache's fixed bytes (hot tiers, scratch, staging ring) and ``pages`` warm pages a
     layer, for this model and batch on its device."""
-    handle = kvtier.attach(model, **{**config, "budget_gb": 1.0})
+    handle = kvtier.attach(model, **{**SMALL, **config, "budget_gb": 1.0})
     try:
         model.generate(ids[:, -8:], attention_mask=mask[:, -8:], max_new_tokens=1, do_sample=False, pad_token_id=0)
         cache = handle.cache
