@@ -1,6 +1,7 @@
 """Budgets changed on a live cache (TieredCache.set_budgets, KVTier.set_budgets): a shrink is met at once by the moves
 a full budget makes (demotion, lower precision, spill, eviction; policy order), or refused with nothing changed; a
-growth raises the limits. Host and "device" are both the CPU here; every code path of the moves runs.
+growth raises the limits; a failed allocation changes nothing. Host and "device" are both the CPU here; every code
+path of the moves runs.
 
 References: a warm-only cache fed the same states (the same codes byte for byte, so the same outputs to float32
 rounding), float64 attention over every token read back from the tiers, and on the real model a cache that had the
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvtier
-from kvtier import BudgetExceededError, BudgetTooSmallError, TierConfig, TieredCache
+from kvtier import AllocationError, BudgetExceededError, BudgetTooSmallError, TierConfig, TieredCache, cold, pages
 from kvtier.attention import attend_tiers
 from kvtier.config import BYTES_PER_GB
 from kvtier.eval import reference_text
@@ -233,6 +234,52 @@ def test_a_larger_budget_raises_the_limits_and_new_pages_use_the_room():
     for layer, starts in zip(cache.layers, cold):
         assert len(layer.warm.table) == 4 and list(layer.cold.starts) == starts  # the new pages stayed warm
     assert_within_budgets(cache)
+
+
+# ------------------------------------------------------------------------------------------------ failed allocations
+ALLOCATION_FAULTS = [  # mode, what fails (pages.allocate_slab: device slabs; cold.HostSlab: host slabs), at which
+    # call (the last one the change makes: layer 1's, after layer 0's succeeded), and what the error says
+    ("host-evict", "allocate_slab", 2, r"[\d,]+ bytes of memory on cpu for layer 1's warm tier, repacked into a slab "
+                                       r"of 1 page\(s\)"),
+    ("low-evict", "allocate_slab", 4, r"[\d,]+ bytes of memory on cpu for layer 1's low-precision tier, repacked "
+                                      r"into a slab of \d+ page\(s\)"),
+    ("host-evict", "HostSlab", 4, r"[\d,]+ bytes of host memory for layer 1's cold tier, 2 more host slab\(s\) for "
+                                  r"the pages the device sends it"),
+]
+
+
+@pytest.mark.parametrize("mode,allocator,failing_call,message", ALLOCATION_FAULTS)
+def test_a_failed_allocation_changes_nothing_and_says_so(monkeypatch, mode, allocator, failing_call, message):
+    """The shrink of test_a_smaller_device_budget_moves_the_oldest_warm_pages_down_and_frees_their_memory, with the
+    allocator failing (as CUDA out of memory, or a failed pinned host allocation would): every page stays where it was
+    with its bytes, the budgets and shares stay, the cache decodes on; the same change succeeds once memory is there."""
+    cache, reference, keys, values = filled(mode, 300, warm_pages=4, host_slabs=10)
+    owner = pages if allocator == "allocate_slab" else cold
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == failing_call:
+            raise RuntimeError("CUDA error: out of memory")
+        return original(*args, **kwargs)
+
+    original = getattr(owner, allocator)
+    monkeypatch.setattr(owner, allocator, failing)
+    before = state(cache)
+    with pytest.raises(AllocationError, match=rf"set_budgets could not allocate {message} \(CUDA error: out of "
+                                              r"memory\); nothing changed.*free .* then call set_budgets again"):
+        cache.set_budgets(budget_gb=budget_gb(mode, 1))
+    assert len(calls) == failing_call
+    assert_same_state(before, state(cache))
+    assert all(layer.cold is None or layer.cold.spare_slabs == [] for layer in cache.layers)
+    monkeypatch.undo()
+    decode_and_check(cache, reference, keys, values, 300, query_for(300))
+    cache.set_budgets(budget_gb=budget_gb(mode, 1))
+    for layer in cache.layers:
+        assert len(layer.warm.table) == 1
+        assert_every_token_once(layer, 301)
+    assert_within_budgets(cache)
+    decode_and_check(cache, reference, keys, values, 301, query_for(301))
 
 
 # ------------------------------------------------------------------------------------------------ refusals
