@@ -294,7 +294,7 @@ ALLOCATION_FAULTS = [  # mode, what fails (pages.allocate_slab: device slabs; co
 ]
 
 
-@pytest.mark.parametrize("mode,allocator,failing_call,message", ALLOCATION_FAULTS)
+@pytest.mark.parametrize("mode,allocator,failing_call,message", ALLOCATION_FAULTS, ids=["warm", "low", "host"])
 def test_a_failed_allocation_changes_nothing_and_says_so(monkeypatch, mode, allocator, failing_call, message):
     """The shrink of test_a_smaller_device_budget_moves_the_oldest_warm_pages_down_and_frees_their_memory, with the
     allocator failing (as CUDA out of memory, or a failed pinned host allocation would): every page stays where it was
