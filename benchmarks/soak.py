@@ -10,9 +10,15 @@ benchmarks/cold_tier.py). The budget holds the hot tiers, scratch, staging ring 
 so longer prompts send pages to the cold tier. Calls alternate batch 1 and batch 2 (the second row left-padded);
 every --session-every calls the cache is saved, loaded back and continued for a few tokens (then deleted).
 
-After each call (and a gc.collect()) it records the host RSS (psutil) and, on CUDA, torch.cuda.memory_allocated with
-the handle's latest cache dropped. The baseline is the value after the warm-up calls; a call passes when its memory is
-within the tolerance of the baseline (RSS: --rss-tolerance-mb; CUDA allocated: exactly the baseline). Writes
+First come the warm-up calls (part of --calls): one of every kind of call the soak makes, at the longest prompt and
+the most new tokens (batch 1 and 2, each plain and with a save/load/continue round trip; batch 2 at that length sends
+pages to the cold tier), and a short batch-2 call (no cold pages), so that one-time costs (Triton compiling each
+path's kernels, the blocks torch's caching host allocator keeps once pinned slabs were freed, CUDA graph pools) land
+before the baseline. After each call (and a gc.collect()) it records the host RSS (psutil) and, on CUDA,
+torch.cuda.memory_allocated and the bytes torch's pinned host allocator holds (in use and cached) and has in use
+(torch.cuda.host_memory_stats, where torch has it), with the handle's latest cache dropped. The baseline is the value
+after the warm-up; a call passes when its memory is within the tolerance of the baseline (RSS: --rss-tolerance-mb;
+CUDA allocated: exactly the baseline); the pinned bytes are shown, not judged (they are part of RSS). Writes
 benchmarks/results/soak-<device>.json and .md; prints the table last.
 """
 
@@ -26,6 +32,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -38,7 +45,32 @@ from kvtier.config import BYTES_PER_GB
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
-WARMUP_CALLS = 3
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generate() call of the soak: its batch, prompt length, new tokens, and whether a save/load/continue
+    round trip follows."""
+
+    batch: int
+    length: int
+    new_tokens: int
+    session: bool
+    warmup: bool = False
+
+
+def warmup_calls(args) -> list[Call]:
+    """One call of every kind the soak makes, the longest of each (so with cold pages where the budget sends pages
+    there), and a short batch-2 one."""
+    longest = [Call(batch, args.max_prompt, args.max_new, session, warmup=True) for session in (False, True)
+               for batch in (1, 2)]
+    return longest + [Call(2, args.min_prompt, args.max_new, False, warmup=True)]
+
+
+def soak_calls(args, count: int, rng: random.Random) -> list[Call]:
+    """``count`` calls alternating batch 1 and 2, of random lengths, a round trip every --session-every calls."""
+    return [Call(1 + call % 2, rng.randint(args.min_prompt, args.max_prompt), rng.randint(1, args.max_new),
+                 bool(args.session_every) and call % args.session_every == 1) for call in range(count)]
 
 
 def load_model(device: str):
@@ -88,7 +120,24 @@ def memory(device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         sample["cuda_allocated_mib"] = torch.cuda.memory_allocated() / MIB
+        sample.update(pinned_host_memory())
     return sample
+
+
+def pinned_host_memory() -> dict:
+    """MiB that torch's caching pinned host allocator holds from CUDA (in use and cached: part of RSS) and has handed
+    out (None where its statistics lack the keys below); nothing where this torch has no
+    torch.cuda.host_memory_stats. The keys changed between versions: older ones count held bytes as "reserved_bytes"
+    and handed-out ones as "allocated_bytes", newer ones held as "allocated_bytes" and handed-out as "active_bytes"."""
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        return {}
+    stats = torch.cuda.host_memory_stats()  # {} before the first pinned block
+    newer = "active_bytes.current" in stats
+    held_key, in_use_key = ("allocated_bytes.current", "active_bytes.current") if newer else \
+        ("reserved_bytes.current", "allocated_bytes.current")
+    if stats and held_key not in stats:
+        return {"pinned_held_mib": None, "pinned_in_use_mib": None}
+    return {"pinned_held_mib": stats.get(held_key, 0) / MIB, "pinned_in_use_mib": stats.get(in_use_key, 0) / MIB}
 
 
 def run_call(model, handle, ids, mask, new_tokens: int, session_dir: Path | None) -> dict:
@@ -112,10 +161,31 @@ def run_call(model, handle, ids, mask, new_tokens: int, session_dir: Path | None
     return record
 
 
+def run_plan(model, handle, calls: list[Call], prompt_for, device: str) -> list[dict]:
+    """Make ``calls`` in order (``prompt_for(call)``: its ids and mask), each followed by a memory sample taken with the
+    handle's cache dropped; one row a call."""
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-soak-"))
+    rows = []
+    try:
+        with torch.no_grad(), tqdm(total=len(calls), desc="soak") as progress:
+            for index, call in enumerate(calls):
+                ids, mask = prompt_for(call)
+                session = scratch / f"call-{index}" if call.session else None
+                record = run_call(model, handle, ids, mask, call.new_tokens, session)
+                handle.cache = None  # what the handle keeps between calls is one cache; drop it to see the floor
+                del ids, mask
+                rows.append({"call": index, "warmup": call.warmup, "batch": call.batch, "prompt": call.length,
+                             "new_tokens": call.new_tokens, "session": call.session, **record, **memory(device)})
+                progress.update(1)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=40, help="generate() calls, the warm-up's included")
     parser.add_argument("--min-prompt", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=600)
     parser.add_argument("--max-new", type=int, default=16)
@@ -126,42 +196,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    warmup = warmup_calls(args)
+    if args.calls <= len(warmup):
+        parser.error(f"--calls {args.calls} leaves no call after the {len(warmup)} warm-up calls (one of each kind); "
+                     f"ask for at least {len(warmup) + 1}.")
 
     rng = random.Random(args.seed)
     model, source, pad_id = load_model(args.device)
-    device = next(model.parameters()).device
     knobs = {"recent_window": args.recent_window, "chunk_pages": args.chunk_pages}
     budget = budget_for_warm_pages(model, args.warm_pages, **knobs)
     handle = kvtier.attach(model, budget_gb=budget, **knobs)
-    scratch = Path(tempfile.mkdtemp(prefix="kvtier-soak-"))
-    rows, baseline = [], None
+    device = next(model.parameters()).device
     started = time.perf_counter()
     try:
-        with torch.no_grad(), tqdm(total=args.calls, desc="soak") as progress:
-            for call in range(args.calls):
-                batch = 1 + call % 2
-                length = rng.randint(args.min_prompt, args.max_prompt)
-                new_tokens = rng.randint(1, args.max_new)
-                ids, mask = prompt(source, batch, length, pad_id, rng, device)
-                session = scratch / f"call-{call}" if args.session_every and call % args.session_every == 1 else None
-                record = run_call(model, handle, ids, mask, new_tokens, session)
-                handle.cache = None  # what the handle keeps between calls is one cache; drop it to see the floor
-                del ids, mask
-                sample = memory(args.device)
-                if call == WARMUP_CALLS - 1:
-                    baseline = sample
-                rows.append({"call": call, "batch": batch, "prompt": length, "new_tokens": new_tokens,
-                             "session": session is not None, **record, **sample})
-                progress.update(1)
+        rows = run_plan(model, handle, warmup + soak_calls(args, args.calls - len(warmup), rng),
+                        lambda call: prompt(source, call.batch, call.length, pad_id, rng, device), args.device)
     finally:
         kvtier.detach(model)
-        shutil.rmtree(scratch, ignore_errors=True)
 
-    summary = summarize(rows, baseline, args)
+    summary = summarize(rows, args)
     env = {"device": device_name(args.device), "torch": torch.__version__, "transformers": transformers.__version__,
            "python": platform.python_version(), "kvtier": kvtier.__version__, "psutil": psutil.__version__,
            "seconds": round(time.perf_counter() - started)}
-    settings = {**vars(args), "budget_gb": budget, "warmup_calls": WARMUP_CALLS,
+    settings = {**vars(args), "budget_gb": budget, "warmup_calls": len(warmup),
                 "model": "SmolLM2-135M-Instruct (float32)" if args.device == "cpu"
                 else "random-weight Llama-3.1-8B shape (bf16)"}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -175,13 +232,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"soak: memory did not return to its baseline: {summary['failures']}")
 
 
-def summarize(rows: list[dict], baseline: dict, args) -> dict:
-    after = rows[WARMUP_CALLS:]
+def summarize(rows: list[dict], args) -> dict:
+    """Memory after each call past the warm-up against the baseline (the sample after the last warm-up call)."""
+    warmup = [row for row in rows if row["warmup"]]
+    baseline, after = warmup[-1], rows[len(warmup):]
     rss = [row["rss_mib"] - baseline["rss_mib"] for row in after]
     slope = _slope([row["call"] for row in after], [row["rss_mib"] for row in after])
     summary = {"baseline_rss_mib": round(baseline["rss_mib"], 1), "max_rss_over_baseline_mib": round(max(rss), 1),
                "last_rss_over_baseline_mib": round(rss[-1], 1), "rss_slope_mib_per_call": round(slope, 3),
                "calls_with_cold_pages": sum(row["cold_tokens"] > 0 for row in rows),
+               "warmup_calls_with_cold_pages": sum(row["cold_tokens"] > 0 for row in warmup),
                "session_round_trips": sum(row["session"] for row in rows), "failures": []}
     summary["failures"] += [f"call {row['call']}: RSS +{row['rss_mib'] - baseline['rss_mib']:.1f} MiB" for row in after
                             if row["rss_mib"] - baseline["rss_mib"] > args.rss_tolerance_mb]
@@ -191,6 +251,10 @@ def summarize(rows: list[dict], baseline: dict, args) -> dict:
         summary["max_cuda_allocated_over_baseline_mib"] = round(max(cuda), 3)
         summary["failures"] += [f"call {row['call']}: CUDA allocated +{excess:.3f} MiB" for row, excess
                                 in zip(after, cuda) if excess > 0]
+    if baseline.get("pinned_held_mib") is not None:  # shown, not judged: part of RSS
+        summary["baseline_pinned_held_mib"] = round(baseline["pinned_held_mib"], 1)
+        summary["max_pinned_held_over_baseline_mib"] = round(max(row["pinned_held_mib"] - baseline["pinned_held_mib"]
+                                                                 for row in after), 1)
     summary["passed"] = not summary["failures"]
     return summary
 
@@ -211,6 +275,8 @@ def device_name(device: str) -> str:
 
 
 def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
+    cuda, pinned = "cuda_allocated_mib" in rows[0], "pinned_held_mib" in rows[0]
+    warmup = settings["warmup_calls"]
     lines = [f"# Soak: {len(rows)} generate() calls, {settings['model']}", "",
              f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}, python {env['python']}, "
              f"kvtier {env['kvtier']}; {env['seconds']} s.", "",
@@ -218,17 +284,12 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
              f"recent_window {settings['recent_window']}, prompts "
              f"{settings['min_prompt']}-{settings['max_prompt']} tokens, 1-{settings['max_new']} new tokens, batch 1 "
              f"and 2 alternating (row 2 left-padded), a save/load/continue every {settings['session_every']} calls. "
-             f"Baseline: after call {WARMUP_CALLS - 1}; memory read after each call with the handle's cache dropped.",
-             "", "| call | batch | prompt | new | session | cold tokens | seconds | RSS MiB | RSS - baseline |"
-             + (" CUDA alloc MiB |" if "cuda_allocated_mib" in rows[0] else ""),
-             "|---:|---:|---:|---:|---|---:|---:|---:|---:|" + ("---:|" if "cuda_allocated_mib" in rows[0] else "")]
-    for row in rows:
-        line = (f"| {row['call']} | {row['batch']} | {row['prompt']} | {row['new_tokens']} | "
-                f"{'yes' if row['session'] else ''} | {row['cold_tokens']} | {row['seconds']:.2f} | {row['rss_mib']:.1f} "
-                f"| {row['rss_mib'] - summary['baseline_rss_mib']:+.1f} |")
-        if "cuda_allocated_mib" in row:
-            line += f" {row['cuda_allocated_mib']:.1f} |"
-        lines.append(line)
+             f"Warm-up: calls 0-{warmup - 1}, one of each kind at {settings['max_prompt']} tokens and "
+             f"{settings['max_new']} new (batch 1 and 2, each plain and with a round trip) and a batch-2 call at "
+             f"{settings['min_prompt']}. Baseline: after call {warmup - 1}; memory read after each call with the "
+             "handle's cache dropped." + (" Pinned: what torch's caching pinned host allocator holds (in use and "
+                                         "cached; part of RSS) / has in use." if pinned else ""), ""]
+    lines += table_head(cuda, pinned) + [table_row(row, summary) for row in rows]
     tolerance = f"RSS within {settings['rss_tolerance_mb']:g} MiB" + (
         ", CUDA allocated exactly" if "baseline_cuda_allocated_mib" in summary else "")
     lines += ["", "| summary | value |", "|---|---:|",
@@ -239,10 +300,36 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
     if "baseline_cuda_allocated_mib" in summary:
         lines += [f"| baseline CUDA allocated MiB | {summary['baseline_cuda_allocated_mib']} |",
                   f"| max CUDA allocated over baseline MiB | {summary['max_cuda_allocated_over_baseline_mib']} |"]
-    lines += [f"| calls with cold pages | {summary['calls_with_cold_pages']} of {len(rows)} |",
+    if "baseline_pinned_held_mib" in summary:
+        lines += [f"| baseline pinned held MiB (shown, not judged) | {summary['baseline_pinned_held_mib']} |",
+                  f"| max pinned held over baseline MiB | {summary['max_pinned_held_over_baseline_mib']} |"]
+    lines += [f"| calls with cold pages | {summary['calls_with_cold_pages']} of {len(rows)} "
+              f"({summary['warmup_calls_with_cold_pages']} in the warm-up) |",
               f"| session round trips | {summary['session_round_trips']} |",
               f"| memory back to baseline ({tolerance}) | {'yes' if summary['passed'] else 'NO'} |"]
     return "\n".join(lines) + "\n"
+
+
+def table_head(cuda: bool, pinned: bool) -> list[str]:
+    names = ["call", "warm-up", "batch", "prompt", "new", "session", "cold tokens", "seconds", "RSS MiB",
+             "RSS - baseline"] + ["CUDA alloc MiB"] * cuda + ["pinned MiB held / in use"] * pinned
+    aligns = ["---:", "---", "---:", "---:", "---:", "---"] + ["---:"] * (len(names) - 6)
+    return ["| " + " | ".join(names) + " |", "|" + "|".join(aligns) + "|"]
+
+
+def table_row(row: dict, summary: dict) -> str:
+    line = (f"| {row['call']} | {'yes' if row['warmup'] else ''} | {row['batch']} | {row['prompt']} | "
+            f"{row['new_tokens']} | {'yes' if row['session'] else ''} | {row['cold_tokens']} | {row['seconds']:.2f} | "
+            f"{row['rss_mib']:.1f} | {row['rss_mib'] - summary['baseline_rss_mib']:+.1f} |")
+    if "cuda_allocated_mib" in row:
+        line += f" {row['cuda_allocated_mib']:.1f} |"
+    if "pinned_held_mib" in row:
+        line += f" {_mib(row['pinned_held_mib'])} / {_mib(row['pinned_in_use_mib'])} |"
+    return line
+
+
+def _mib(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":

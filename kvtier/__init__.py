@@ -10,13 +10,14 @@
 from .attach import KVTier, attach, detach
 from .cache import TieredCache
 from .config import TierConfig
-from .errors import (BudgetExceededError, BudgetTooSmallError, DiskReadError, DiskWriteError, KVTierError,
-                     NonFiniteStatesError, SessionCorruptError, SessionError, SessionMismatchError, UnsupportedModelError)
+from .errors import (AllocationError, BudgetExceededError, BudgetTooSmallError, DiskReadError, DiskWriteError,
+                     KVTierError, NonFiniteStatesError, SessionCorruptError, SessionError, SessionMismatchError,
+                     UnsupportedModelError)
 from .session import load_cache as load
 
 __all__ = [
     "KVTier", "TierConfig", "TieredCache", "attach", "detach", "load",
-    "BudgetExceededError", "BudgetTooSmallError", "DiskReadError", "DiskWriteError", "KVTierError",
+    "AllocationError", "BudgetExceededError", "BudgetTooSmallError", "DiskReadError", "DiskWriteError", "KVTierError",
     "NonFiniteStatesError", "SessionCorruptError", "SessionError", "SessionMismatchError", "UnsupportedModelError",
 ]
 __version__ = "0.1.0"

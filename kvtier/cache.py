@@ -150,7 +150,8 @@ class TieredCache(Cache):
         All or nothing: if the new budgets cannot be met (the device budget holds less than the hot tiers, scratch,
         staging ring and one warm page a layer; the host budget less than one slab a layer; or pages would have to
         leave a tier whose action is "raise"), BudgetTooSmallError or BudgetExceededError says why and nothing has
-        changed. Invalid values raise TierConfig's ValueError."""
+        changed; so does AllocationError if memory for the slabs pages move into (allocated before any page moves)
+        cannot be had. Invalid values raise TierConfig's ValueError."""
         from .resize import change_budgets
 
         change_budgets(self, budget_gb, host_budget_gb, disk_budget_gb)

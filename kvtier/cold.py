@@ -5,6 +5,11 @@ ones. Host memory comes in slabs of ``chunk_pages`` rows (pinned when a CUDA dev
 run asynchronously), never one allocation per page, and is paid for out of the host budget first. Beside each
 slab's pages lies an int32 array of each row's first token position, ``FREE_POSITION`` for an empty row: a
 whole slab moves to the device in two copies, and attention masks its empty rows by position.
+
+Pinned slabs come from torch's caching host allocator: when a cache is dropped, its slabs go back to that allocator,
+which keeps them (in the process's RSS) for later pinned allocations instead of returning them to the system;
+torch.cuda.host_memory_stats() shows them, and torch.accelerator.empty_host_cache() (where torch has it) returns
+every unused cached block of the process. kvtier calls neither: emptying is the application's choice.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import ByteBudget
-from .errors import KVTierError
+from .errors import AllocationError
 from .pages import NoRoomForPage, PageLayout
 
 FREE_POSITION = 1 << 30  # past every real position; a page's last token (+ block) still fits in int32
@@ -61,6 +66,7 @@ class ColdPages:
         self.share_bytes = share_bytes
         self.pin = pin
         self.slabs: list[HostSlab] = []
+        self.spare_slabs: list[HostSlab] = []  # allocated ahead of need (a budget change); used before new ones
         self.entries: list[ColdEntry] = []  # in the order they arrived
         self.starts: list[int] = []  # their first positions, in the same order (what policies rank)
         self.version = 0  # changes whenever a page arrives or leaves, so that staged copies know they are stale
@@ -113,10 +119,15 @@ class ColdPages:
     def slab_bytes(self) -> int:
         return self.chunk_pages * (self.layout.page_bytes + 4)
 
-    def compact(self) -> None:
-        """Free every slab the pages do not need: the pages of the emptiest slabs move (host row to host row) into free
-        rows of the fullest, and slabs left empty go back to the host budget. Positions and arrival order stay."""
-        needed = -(-len(self.entries) // self.chunk_pages)
+    def slabs_for(self, pages: int) -> int:
+        """How many slabs ``pages`` pages fill."""
+        return -(-pages // self.chunk_pages)
+
+    def compact(self, keep_slabs: int = 0) -> None:
+        """Free every slab the pages do not need (keeping at least ``keep_slabs``, which pages about to arrive will
+        fill): the pages of the emptiest slabs move (host row to host row) into free rows of the fullest, and slabs
+        left empty go back to the host budget. Nothing is allocated. Positions and arrival order stay."""
+        needed = max(self.slabs_for(len(self.entries)), keep_slabs)
         ranked = sorted(range(len(self.slabs)), key=lambda index: -len(self.slabs[index].entries))
         kept, emptied = sorted(ranked[:needed]), ranked[needed:]
         for index in emptied:
@@ -166,15 +177,22 @@ class ColdPages:
         self.slabs.append(self._new_slab())
         return len(self.slabs) - 1, self.slabs[-1].take_row()
 
+    def allocate_slabs(self, count: int) -> list[HostSlab]:
+        """``count`` empty slabs, allocated (not paid for, not held): raises what the allocator raises."""
+        return [HostSlab(self.chunk_pages, self.layout.page_bytes, self.pin) for _ in range(count)]
+
     def _new_slab(self) -> HostSlab:
+        """A slab paid for out of the share and the host budget: a spare one, else one allocated now."""
         nbytes = self.slab_bytes
         if self.allocated_bytes + nbytes > self.share_bytes or not self.budget.reserve(nbytes):
             raise NoRoomForPage()
+        if self.spare_slabs:
+            return self.spare_slabs.pop()
         try:
-            return HostSlab(self.chunk_pages, self.layout.page_bytes, self.pin)
+            return self.allocate_slabs(1)[0]
         except RuntimeError as error:  # the pinned allocation itself failed
             self.budget.release(nbytes)
-            raise KVTierError(
+            raise AllocationError(
                 f"kvtier: could not allocate {nbytes:,} bytes of {'pinned ' if self.pin else ''}host memory for the "
                 f"cold tier ({error}). Lower host_budget_gb (now {self.budget.limit_bytes:,} bytes), or free host "
                 "memory."

@@ -13,6 +13,10 @@ class BudgetTooSmallError(KVTierError, ValueError):
     """The budget cannot even hold the hot window and the attention scratch."""
 
 
+class AllocationError(KVTierError):
+    """Memory for a tier could not be allocated (the device is out of memory, or a pinned host allocation failed)."""
+
+
 class UnsupportedModelError(KVTierError, ValueError):
     """The model has a feature kvtier cannot serve (no attention interface, sliding windows, ...)."""
 

@@ -3,8 +3,9 @@
 A page holds ``block_size`` consecutive tokens of every sequence in the batch and every KV head, as one
 run of bytes laid out by :class:`PageLayout`. Pages live in slabs of several pages (one uint8 allocation
 per slab, never one per page); a freed page's slot is reused before a new slab is asked for. Every slab
-is paid for out of the cache's budget before it is allocated, and no layer takes more than its equal
-share of the warm budget.
+is paid for out of the cache's budget before it is allocated (but the one slab a budget change repacks a tier
+into, allocated before any page moves and paid for when it replaces the tier's slabs; see kvtier.resize), and no
+layer takes more than its equal share of the warm budget.
 
 The block table exists twice: as Python rows (``table``) for the policies and the torch reference, and
 as device tensors that the decode kernel walks without any host-to-device copy: ``offsets``, each page's
@@ -83,6 +84,11 @@ class PageLayout:
         return views
 
 
+def allocate_slab(pages: int, page_bytes: int, device) -> torch.Tensor:
+    """One slab of ``pages`` pages: (pages, page_bytes) uint8 on ``device``, uninitialized."""
+    return torch.empty((pages, page_bytes), dtype=torch.uint8, device=device)
+
+
 def _placeholder(device) -> torch.Tensor:
     """A small uint8 tensor the kernel gets as its page base while no slab exists (it then reads no page)."""
     return torch.zeros(ALIGNMENT, dtype=torch.uint8, device=device)
@@ -110,6 +116,16 @@ class PageEntry:
 
 class NoRoomForPage(Exception):
     """Raised by :meth:`WarmPages.store` when the budget has no room for one more page."""
+
+
+@dataclass
+class Repack:
+    """What a rebuilt tier holds its pages in, allocated before the tier changes (see :meth:`WarmPages.rebuild`)."""
+
+    pages: int  # n
+    slab: torch.Tensor  # (n, page_bytes) uint8: exactly its pages; for none, the placeholder base
+    offsets: torch.Tensor  # (rows,) int64 zeros: the device table's page distances
+    positions: torch.Tensor  # (rows,) int32 zeros: its first token positions
 
 
 class WarmPages:
@@ -252,7 +268,7 @@ class WarmPages:
         if table_bytes:
             self._grow_table(self.capacity + pages)
         offset = self.capacity
-        slab = torch.empty((pages, self.page_bytes), dtype=torch.uint8, device=self.device)
+        slab = allocate_slab(pages, self.page_bytes, self.device)
         assert slab.data_ptr() % ALIGNMENT == 0, "slabs come from the allocator aligned far beyond 16 bytes"
         if not self.slabs:
             self.base = slab
@@ -295,34 +311,47 @@ class WarmPages:
             pages[torch.tensor([index for index, _ in rows])] = on_host[torch.tensor([slot for _, slot in rows])]
         return pages
 
-    def rebuild(self, starts: list[int], pages: torch.Tensor) -> None:
+    def allocate_repack(self, pages: int) -> Repack:
+        """Allocate (nothing else changes, and the budget is not charged) what :meth:`rebuild` holds ``pages`` pages
+        in: one slab of exactly that many and a device table with room for twice as many. Raises what the allocator
+        raises (torch.OutOfMemoryError, or RuntimeError for host memory)."""
+        if not pages:
+            offsets, positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()  # (0,) each
+            return Repack(0, _placeholder(self.device), offsets, positions)
+        rows = _table_rows(pages)
+        return Repack(pages, allocate_slab(pages, self.page_bytes, self.device),
+                      torch.zeros(rows, dtype=torch.int64, device=self.device),
+                      torch.zeros(rows, dtype=torch.int32, device=self.device))
+
+    def rebuild(self, starts: list[int], pages: torch.Tensor, repack: Repack | None = None) -> None:
         """Hold exactly ``pages`` (n, page_bytes) uint8 (on any device) at first positions ``starts``, in that table
-        order, instead of what the tier held: every slab and the table are freed, then one slab of exactly n pages and
-        a new table are allocated (so memory returns where pages left, and a half-empty slab shrinks). The budget is
-        settled first: if the new bytes do not fit, NoRoomForPage is raised and nothing changed."""
-        old_bytes, new_bytes = self.allocated_bytes, self.bytes_for_pages(len(starts))
+        order, instead of what the tier held, in one slab of exactly n pages and a new table (so memory returns where
+        pages left, and a half-empty slab shrinks): ``repack`` (from :meth:`allocate_repack`), else allocated here.
+        Allocate, settle the budget, copy, and only then let the old slabs and table go: if the allocation fails (its
+        error is raised) or the new bytes do not fit the budget (NoRoomForPage), nothing changed."""
+        count = len(starts)
+        repack = self.allocate_repack(count) if repack is None else repack
+        assert repack.pages == count == len(pages), (repack.pages, count, len(pages))
+        old_bytes, new_bytes = self.allocated_bytes, self.bytes_for_pages(count)
         self.budget.release(old_bytes)
         if not self.budget.reserve(new_bytes):
             self.budget.reserve(old_bytes)
             raise NoRoomForPage()
-        self.slabs, self.slab_offsets, self.free_page_ids, self.table, self.starts = [], [], [], [], []
-        self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
-        self.head = 0
-        self.base = _placeholder(self.device)
-        self.row_count.fill_(len(starts))
-        if not starts:
-            return
-        count = len(starts)
-        slab = torch.empty((count, self.page_bytes), dtype=torch.uint8, device=self.device)
-        slab.copy_(pages)
-        rows = _table_rows(count)
-        self.table_offsets = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        self.table_positions = torch.zeros(rows, dtype=torch.int32, device=self.device)
-        self.table_offsets[:count] = torch.arange(count, device=self.device) * (self.page_bytes // ALIGNMENT)
-        self.table_positions[:count] = torch.tensor(starts, dtype=torch.int32, device=self.device)
-        self.slabs, self.slab_offsets, self.base = [slab], [0], slab
+        if count:
+            repack.slab.copy_(pages)
+            repack.offsets[:count] = torch.arange(count, device=self.device) * (self.page_bytes // ALIGNMENT)
+            repack.positions[:count] = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        self._take(repack, starts)
+
+    def _take(self, repack: Repack, starts: list[int]) -> None:
+        """Hold ``repack``'s filled slab and table, whose pages start at ``starts``; the old slabs and table go."""
+        self.slabs, self.slab_offsets = ([repack.slab], [0]) if starts else ([], [])
+        self.base = repack.slab
+        self.free_page_ids, self.head = [], 0
+        self.table_offsets, self.table_positions = repack.offsets, repack.positions
         self.table = [PageEntry(page_id, start) for page_id, start in enumerate(starts)]
         self.starts = list(starts)
+        self.row_count.fill_(len(starts))
 
     def _grow_table(self, pages: int) -> None:
         old_bytes, count = self.table_bytes, len(self.table)

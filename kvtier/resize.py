@@ -5,10 +5,15 @@ from the new budgets as at the start (TieredCache.warm_share_for, split_warm_sha
 share is the disk budget over the layers). A tier over its new share sends pages on by the moves a full budget makes,
 each chosen by the layer's policy among the pages the tier holds at that moment (a page arriving in a full tier first
 pushes the tier's lowest one on, as when a budget fills during a step). Only if every layer's plan can be met (no page
-would have to leave a tier whose action is "raise", and the disk files fit) does anything move, bottom-up, so that
-each page arrives where there is room: the disk tier evicts down to its share; the host tier sends its excess on and
-frees the slabs it no longer needs; then warm pages leave the device, and each layer's warm tier (and low-precision
-tier) that was over its share is repacked into one slab. Each budget's limit is set once its tier is within it.
+would have to leave a tier whose action is "raise", and the disk files fit) is anything allocated: every slab the moves
+fill (the one slab each warm or low-precision tier over its share is repacked into, and the host slabs its demoted
+pages need beyond those it keeps), for every layer before any page moves, so that a failed allocation (CUDA out of
+memory, a failed pinned host allocation) raises AllocationError with nothing changed. Until a repacked tier lets its
+old slabs go, the device holds its new slab beside them (at most the new budget's page shares on top of what the cache
+held; the budget counts a new slab when it replaces the old ones). Then the pages move, bottom-up, so that each arrives
+where there is room: the disk tier evicts down to its share; the host tier sends its excess on and frees the slabs it
+will not need (compaction moves rows into slabs it keeps, allocating nothing); then warm pages leave the device, and
+each repacked tier takes its new slab and lets the old ones go. Each budget's limit is set once its tier is within it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cold import HostSlab
 from .config import BYTES_PER_GB, TierConfig
-from .errors import BudgetExceededError, BudgetTooSmallError
+from .errors import AllocationError, BudgetExceededError, BudgetTooSmallError
+from .pages import Repack
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,21 @@ class LayerPlan:
     host_moves: list[tuple[str, int]] = field(default_factory=list)
     device_moves: list[tuple[str, int]] = field(default_factory=list)
     spilled: list[int] = field(default_factory=list)  # the pages that reach the disk tier, in order
-    rebuild_warm: bool = False
+    warm_starts: list[int] | None = None  # the warm pages after the change, in table order, when rebuilt
     low_starts: list[int] | None = None  # the low-precision pages after the change, in table order, when rebuilt
+    cold_peak: int = 0  # the most cold pages the layer holds at once after its host moves
     blocked: str | None = None  # the tier ("device", "low", "host") whose "raise" action a page would overrule
     host_pages: int = 0  # cold pages the layer's new host share holds
     low_pages: int = 0  # low-precision pages its new share holds
+
+
+@dataclass
+class NewSlabs:
+    """What one layer's moves will put pages into, allocated before any page of any layer moves."""
+
+    warm: Repack | None = None  # the warm tier's new slab and table, when rebuilt
+    low: Repack | None = None  # the low-precision tier's, when rebuilt
+    host_slabs: list[HostSlab] = field(default_factory=list)  # slabs for demoted pages, beyond those the tier keeps
 
 
 def change_budgets(cache, budget_gb, host_budget_gb, disk_budget_gb) -> None:
@@ -69,7 +86,8 @@ def change_budgets(cache, budget_gb, host_budget_gb, disk_budget_gb) -> None:
         if plan.blocked:
             raise blocked_error(cache, config, shares, layer, plan)
     check_disk(cache, config, shares, layers, plans)
-    apply(cache, config, shares, layers, plans)
+    new_slabs = [allocate_layer(layer, plan) for layer, plan in zip(layers, plans)]
+    apply(cache, config, shares, layers, plans, new_slabs)
 
 
 def new_shares(cache, config: TierConfig, host_bytes: int, disk_budget_gb) -> Shares:
@@ -177,6 +195,7 @@ def plan_layer(layer, shares: Shares) -> LayerPlan:
         plan.host_pages = layer.cold.slabs_within(shares.cold) * layer.cold.chunk_pages
         while len(cold) > plan.host_pages and not plan.blocked:
             leave_host(layer, cold, plan, plan.host_moves)
+        plan.cold_peak = len(cold)
     low = None
     if layer.low is not None:
         low = list(layer.low.starts)
@@ -186,10 +205,10 @@ def plan_layer(layer, shares: Shares) -> LayerPlan:
             while len(low) > plan.low_pages and not plan.blocked:
                 leave_low(layer, low, plan)
     if layer.warm.allocated_bytes > shares.full:
-        plan.rebuild_warm = True
         warm, keep = list(layer.warm.starts), layer.warm.pages_within(shares.full)
         while len(warm) > keep and not plan.blocked:
             leave_device(layer, warm, cold, low, plan)
+        plan.warm_starts = warm
     return plan
 
 
@@ -209,6 +228,7 @@ def leave_device(layer, warm: list[int], cold: list[int] | None, low: list[int] 
             leave_host(layer, cold, plan, plan.device_moves)
         plan.device_moves.append(("demote", start))
         cold.append(start)
+        plan.cold_peak = max(plan.cold_peak, len(cold))
     elif config.on_budget_full == "evict":
         plan.device_moves.append(("evict_warm", warm.pop(policy.pick_eviction(warm))))
     else:
@@ -236,8 +256,44 @@ def leave_low(layer, low: list[int], plan: LayerPlan) -> None:
         plan.device_moves.append(("evict_low", low.pop(layer.policy.pick_eviction(low))))
 
 
+# ------------------------------------------------------------------------------------------------ the new slabs
+def allocate_layer(layer, plan: LayerPlan) -> NewSlabs:
+    """Allocate what ``layer``'s moves put pages into (nothing is paid for or held yet); raises AllocationError,
+    saying what failed, if an allocation does."""
+    new = NewSlabs()
+    if plan.warm_starts is not None:
+        count = len(plan.warm_starts)
+        new.warm = allocated(layer, f"warm tier, repacked into a slab of {count} page(s)",
+                             layer.warm.bytes_for_pages(count), True, lambda: layer.warm.allocate_repack(count))
+    if plan.low_starts is not None:
+        count = len(plan.low_starts)
+        new.low = allocated(layer, f"low-precision tier, repacked into a slab of {count} page(s)",
+                            layer.low.bytes_for_pages(count), True, lambda: layer.low.allocate_repack(count))
+    if layer.cold is not None:
+        count = max(0, layer.cold.slabs_for(plan.cold_peak) - len(layer.cold.slabs))
+        new.host_slabs = allocated(layer, f"cold tier, {count} more host slab(s) for the pages the device sends it",
+                                   count * layer.cold.slab_bytes, False, lambda: layer.cold.allocate_slabs(count))
+    return new
+
+
+def allocated(layer, what: str, nbytes: int, on_device: bool, allocate):
+    """``allocate()``, or AllocationError naming ``what`` of ``layer`` and its ``nbytes`` if the allocator fails."""
+    try:
+        return allocate()
+    except (RuntimeError, MemoryError) as error:
+        raise AllocationError(allocation_message(layer, what, nbytes, on_device, error)) from error
+
+
+def allocation_message(layer, what: str, nbytes: int, on_device: bool, error: BaseException) -> str:
+    where = f"memory on {layer.device}" if on_device else f"{'pinned ' if layer.cold.pin else ''}host memory"
+    return (f"kvtier: set_budgets could not allocate {nbytes:,} bytes of {where} for layer {layer.layer_idx}'s {what} "
+            f"({error}); nothing changed: every page is where it was, and the budgets are as before. A budget change "
+            "allocates what pages move into before it frees what they leave, so it needs that memory free beside the "
+            f"cache for a moment: free {where} (other tensors, other processes), then call set_budgets again.")
+
+
 # ------------------------------------------------------------------------------------------------ the moves
-def apply(cache, config: TierConfig, shares: Shares, layers, plans) -> None:
+def apply(cache, config: TierConfig, shares: Shares, layers, plans, new_slabs: list[NewSlabs]) -> None:
     """Carry the checked plans out, bottom-up; each budget's limit is set once its tier is within it."""
     if cache.prefetcher is not None:
         cache.prefetcher.quiesce()
@@ -252,17 +308,17 @@ def apply(cache, config: TierConfig, shares: Shares, layers, plans) -> None:
         if layer.cold is not None:
             layer.cold.share_bytes = shares.cold
             if layer.cold.allocated_bytes > shares.cold:
-                layer.cold.compact()
+                layer.cold.compact(keep_slabs=layer.cold.slabs_for(plan.cold_peak))
     cache.host_budget.limit_bytes, cache.host_share_bytes = shares.host_bytes, shares.cold
-    for layer, plan in zip(layers, plans):
+    for layer, plan, new in zip(layers, plans, new_slabs):
         lowered: dict[int, torch.Tensor] = {}
-        run(layer, plan.device_moves, lowered)
-        if plan.rebuild_warm:
-            layer.warm.rebuild(list(layer.warm.starts), layer.warm.host_copy(layer.warm.table))
+        run_device_moves(layer, plan, new, lowered)
+        if plan.warm_starts is not None:
+            layer.warm.rebuild(list(layer.warm.starts), layer.warm.host_copy(layer.warm.table), new.warm)
         layer.warm.share_bytes = shares.full
         if layer.low is not None:
             if plan.low_starts is not None:
-                rebuild_low(layer, plan.low_starts, lowered)
+                rebuild_low(layer, plan.low_starts, lowered, new.low)
             layer.low.share_bytes = shares.low
     cache.device_budget.limit_bytes, cache.warm_share_bytes = shares.device_bytes, shares.warm
     _install(cache, config)
@@ -276,13 +332,24 @@ def evict_disk_to_share(layer, share: int) -> None:
         layer.evicted_tokens += layer.config.block_size
 
 
-def rebuild_low(layer, starts: list[int], lowered: dict[int, torch.Tensor]) -> None:
-    """The low-precision tier holds ``starts``: its pages that stayed, then the pages lowered by this change."""
+def run_device_moves(layer, plan: LayerPlan, new: NewSlabs, lowered: dict[int, torch.Tensor]) -> None:
+    """The moves off the device; pages demoted past the host slabs the layer kept go into ``new.host_slabs``."""
+    if layer.cold is not None:
+        layer.cold.spare_slabs = new.host_slabs
+    try:
+        run(layer, plan.device_moves, lowered)
+    finally:
+        if layer.cold is not None:
+            layer.cold.spare_slabs = []
+
+
+def rebuild_low(layer, starts: list[int], lowered: dict[int, torch.Tensor], repack: Repack) -> None:
+    """The low-precision tier holds ``starts``, in ``repack``: its pages that stayed, then those this change lowered."""
     low = layer.low
     kept = {entry.start: row for row, entry in enumerate(low.table)}
     copies = low.host_copy(low.table)  # (n, page_bytes)
     pages = [lowered[start] if start in lowered else copies[kept[start]] for start in starts]
-    low.rebuild(starts, torch.stack(pages) if pages else copies[:0])
+    low.rebuild(starts, torch.stack(pages) if pages else copies[:0], repack)
 
 
 def run(layer, moves: list[tuple[str, int]], lowered: dict[int, torch.Tensor]) -> None:

@@ -1,5 +1,6 @@
 """The benchmarks' CPU smoke: the capacity search finds a known threshold exactly, every cache configuration's
-capacity probe runs end to end on a tiny model, and capacity.py and decode.py write sane JSON, markdown and PNG.
+capacity probe runs end to end on a tiny model, and capacity.py and decode.py write sane JSON, markdown and PNG;
+the soak's warm-up covers every kind of call it makes and its baseline follows the warm-up.
 (On the CPU the memory cap is a byte count: kvtier's own budget, the bytes any other cache holds.)"""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import common  # noqa: E402
 import decode  # noqa: E402
 import fidelity  # noqa: E402
 import graph_decode  # noqa: E402
+import soak  # noqa: E402
 from search import ProbeTimeout, find_capacity  # noqa: E402
 
 from kvtier.eval import chunked_perplexity  # noqa: E402
@@ -184,3 +186,51 @@ def test_fidelity_prints_int4_bytes_per_token_exactly():
     key_params = 2 * 64 * 2 / 32
     value_params = 2 * 2
     assert fidelity.int4_bytes_per_head(3, 64, 32) == codes + key_params + value_params == 76
+
+
+SOAK_ARGS = dict(min_prompt=32, max_prompt=600, max_new=16, session_every=5, rss_tolerance_mb=64.0)
+
+
+def test_the_soak_warm_up_makes_every_kind_of_call_the_soak_makes_at_its_longest():
+    import argparse
+    import random
+
+    args = argparse.Namespace(**SOAK_ARGS)
+    warmup = soak.warmup_calls(args)
+    kinds = {(call.batch, call.session) for call in soak.soak_calls(args, 40, random.Random(0))}
+    assert kinds == {(1, False), (2, False), (1, True), (2, True)}
+    for batch, session in kinds:  # the longest prompt (cold pages at batch 2) and the most new tokens
+        assert soak.Call(batch, 600, 16, session, warmup=True) in warmup
+    assert soak.Call(2, 32, 16, False, warmup=True) in warmup  # and a short batch 2 (no cold pages)
+
+
+def test_the_soak_baseline_is_the_sample_after_the_warm_up_and_only_later_calls_are_judged():
+    import argparse
+
+    warmup = len(soak.warmup_calls(argparse.Namespace(**SOAK_ARGS)))
+    rss = [900.0] * (warmup - 1) + [1000.0, 1010.0, 1065.0, 1020.0]  # a call 65 MiB over the baseline fails
+    rows = [{"call": index, "warmup": index < warmup, "session": False, "cold_tokens": 0, "rss_mib": value,
+             "cuda_allocated_mib": 7.0, "pinned_held_mib": 30.0 + index, "pinned_in_use_mib": 0.0}
+            for index, value in enumerate(rss)]
+    summary = soak.summarize(rows, argparse.Namespace(**SOAK_ARGS))
+    assert summary["baseline_rss_mib"] == 1000.0 and summary["max_rss_over_baseline_mib"] == 65.0
+    assert summary["failures"] == [f"call {warmup + 1}: RSS +65.0 MiB"] and not summary["passed"]
+    assert summary["baseline_pinned_held_mib"] == 30.0 + warmup - 1
+    assert summary["max_pinned_held_over_baseline_mib"] == 3.0
+
+
+@pytest.mark.parametrize("stats,expected", [
+    ({"allocated_bytes.current": 3 << 20, "active_bytes.current": 1 << 20}, (3.0, 1.0)),  # torch's newer keys
+    ({"reserved_bytes.current": 3 << 20, "allocated_bytes.current": 1 << 20}, (3.0, 1.0)),  # its older ones
+    ({}, (0.0, 0.0)),  # nothing pinned yet
+    ({"segment.current": 1}, (None, None)),  # keys it does not know
+])
+def test_the_soak_reads_pinned_host_memory_under_either_set_of_keys(monkeypatch, stats, expected):
+    monkeypatch.setattr(torch.cuda, "host_memory_stats", lambda: stats, raising=False)
+    sample = soak.pinned_host_memory()
+    assert (sample["pinned_held_mib"], sample["pinned_in_use_mib"]) == expected
+
+
+def test_the_soak_skips_pinned_host_memory_where_torch_has_no_statistics(monkeypatch):
+    monkeypatch.delattr(torch.cuda, "host_memory_stats", raising=False)
+    assert soak.pinned_host_memory() == {}

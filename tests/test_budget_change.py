@@ -1,6 +1,8 @@
 """Budgets changed on a live cache (TieredCache.set_budgets, KVTier.set_budgets): a shrink is met at once by the moves
 a full budget makes (demotion, lower precision, spill, eviction; policy order), or refused with nothing changed; a
-growth raises the limits. Host and "device" are both the CPU here; every code path of the moves runs.
+growth raises the limits; a failed allocation changes nothing. Host and "device" are both the CPU in most tests; every
+code path of the moves runs. The key ones run on CUDA too (pinned slabs, the side stream's copies waited for, device
+tiers repacked, the Triton kernel).
 
 References: a warm-only cache fed the same states (the same codes byte for byte, so the same outputs to float32
 rounding), float64 attention over every token read back from the tiers, and on the real model a cache that had the
@@ -16,12 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvtier
-from kvtier import BudgetExceededError, BudgetTooSmallError, TierConfig, TieredCache
+from conftest import cuda_only
+from kvtier import AllocationError, BudgetExceededError, BudgetTooSmallError, TierConfig, TieredCache, cold, pages
 from kvtier.attention import attend_tiers
 from kvtier.config import BYTES_PER_GB
 from kvtier.eval import reference_text
-from test_cold_tier import (FP32_RELATIVE, HEADS, HEAD_DIM, SMALL, kvtier_test_model, random_states, relative_error,
-                            step)
+from test_cold_tier import (FP32_RELATIVE, HEADS, HEAD_DIM, KERNEL_RESPLIT_RELATIVE, SMALL, kvtier_test_model,
+                            random_states, relative_error, step)
 from test_disk import assert_every_token_once, dense_decode
 from test_session import pages_of, smollm2_budget_for_warm_pages
 
@@ -36,6 +39,8 @@ MODES = {  # how each configuration meets a full budget
     "low-evict": dict(low_bits=2, on_budget_full="evict"),
 }
 FRAME_SLACK = 64  # an lz4 frame of an incompressible page is at most this much larger than the page
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, cuda_only()])]
+KERNEL_FLOAT64_RELATIVE = 1e-2  # the Triton kernel (CUDA) rounds softmax weights to float16 for its dot products
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,10 +50,11 @@ def model():
 
 
 @functools.lru_cache(maxsize=None)
-def probe(mode):
-    """A cache of ``mode`` with a few pages, for its page, slab and fixed sizes (which do not depend on budgets)."""
+def probe(mode, device="cpu"):
+    """A cache of ``mode`` with a few pages, for its page, slab and fixed sizes (which do not depend on budgets; the
+    scratch depends on the device)."""
     cache = make_cache(mode, budget_gb=0.05, host_budget_gb=0.05, disk_budget_gb=0.05)
-    step(cache, *random_states(60, seed=0))
+    step(cache, *(states.to(device) for states in random_states(60, seed=0)))
     return cache
 
 
@@ -56,10 +62,10 @@ def make_cache(mode, **budgets):
     return TieredCache(TierConfig(**{**SMALL, "chunk_pages": CHUNK_PAGES, **MODES[mode], **budgets}), model().config)
 
 
-def budget_gb(mode, warm_pages):
+def budget_gb(mode, warm_pages, device="cpu"):
     """A device budget that holds ``warm_pages`` warm pages a layer (and as many low-precision ones with low_bits);
     0 pages: one byte a layer short of one page."""
-    layer, cache = probe(mode).layers[0], probe(mode)
+    layer, cache = probe(mode, device).layers[0], probe(mode, device)
     share = layer.warm.bytes_for_pages(warm_pages) + FRAME_SLACK if warm_pages else layer.warm.bytes_for_pages(1) - 1
     if layer.low is not None and warm_pages:  # low_share 0.5: the warm share splits in two halves
         share = 2 * max(share, layer.low.bytes_for_pages(warm_pages) + FRAME_SLACK)
@@ -79,11 +85,11 @@ def disk_budget_gb(mode, pages):
     return probe(mode).num_layers * pages * (probe(mode).layers[0].warm.page_bytes + FRAME_SLACK) / BYTES_PER_GB
 
 
-def filled(mode, tokens, warm_pages=3, host_slabs=3, disk_pages=20):
-    cache = make_cache(mode, budget_gb=budget_gb(mode, warm_pages), host_budget_gb=host_budget_gb(mode, host_slabs),
-                       disk_budget_gb=disk_budget_gb(mode, disk_pages))
+def filled(mode, tokens, warm_pages=3, host_slabs=3, disk_pages=20, device="cpu"):
+    cache = make_cache(mode, budget_gb=budget_gb(mode, warm_pages, device),
+                       host_budget_gb=host_budget_gb(mode, host_slabs), disk_budget_gb=disk_budget_gb(mode, disk_pages))
     reference = make_cache("device-raise", budget_gb=0.5)
-    keys, values = random_states(tokens + 40, seed=tokens)
+    keys, values = (states.to(device) for states in random_states(tokens + 40, seed=tokens))
     for cache_ in (cache, reference):
         for first in range(0, tokens, 37):
             step(cache_, keys[:, :, first:min(first + 37, tokens)], values[:, :, first:min(first + 37, tokens)])
@@ -138,7 +144,7 @@ def assert_within_budgets(cache):
 def assert_same_codes(cache, reference):
     """Every full-precision page the cache holds, in any tier, has the warm-only cache's bytes at its position."""
     for layer, reference_layer in zip(cache.layers, reference.layers):
-        pages = {entry.start: reference_layer.warm.page(entry) for entry in reference_layer.warm.table}
+        pages = {entry.start: reference_layer.warm.page(entry).cpu() for entry in reference_layer.warm.table}
         for tier, start, data in layer.pages_in_order():
             if tier in ("warm", "cold", "disk"):
                 assert torch.equal(data, pages[start]), (tier, start)
@@ -149,12 +155,33 @@ def decode_and_check(cache, reference, keys, values, position, query):
     and the warm-only cache's output while the layer has lost no token and holds no low-precision page."""
     views = step(cache, keys[:, :, position:position + 1], values[:, :, position:position + 1])
     reference_views = step(reference, keys[:, :, position:position + 1], values[:, :, position:position + 1])
+    query = query.to(keys.device)
+    float64, same_codes = tolerances(keys.device)
     for layer, view, reference_view in zip(cache.layers, views, reference_views):
         got = attend_tiers(view, query, None, 0.25)[:, 0]
         expected = dense_decode(query[:, :, 0], layer, 0.25, torch.zeros(2, dtype=torch.long))
-        assert relative_error(got, expected) < FP32_RELATIVE
+        assert relative_error(got, expected) < float64
         if layer.evicted_tokens == 0 and layer.low_tokens() == 0:
-            assert relative_error(got, attend_tiers(reference_view, query, None, 0.25)[:, 0]) < FP32_RELATIVE
+            assert relative_error(got, attend_tiers(reference_view, query, None, 0.25)[:, 0]) < same_codes
+
+
+def assert_kept_and_decodes(cache, reference, keys, values, total):
+    """After a change: each of the ``total`` tokens in exactly one tier (or counted evicted), every full-precision page
+    with the warm-only cache's codes, every budget held, and the next two decode steps right."""
+    for layer in cache.layers:
+        assert_every_token_once(layer, total)
+    assert_within_budgets(cache)
+    assert_same_codes(cache, reference)
+    for position in range(total, total + 2):
+        decode_and_check(cache, reference, keys, values, position, query_for(position))
+
+
+def tolerances(device) -> tuple[float, float]:
+    """Relative errors allowed against float64 attention and against the warm-only cache (the same codes, which the
+    Triton kernel on CUDA rounds differently when they are split over more launches)."""
+    if device.type == "cuda":
+        return KERNEL_FLOAT64_RELATIVE, KERNEL_RESPLIT_RELATIVE
+    return FP32_RELATIVE, FP32_RELATIVE
 
 
 def query_for(seed):
@@ -162,14 +189,16 @@ def query_for(seed):
 
 
 # ------------------------------------------------------------------------------------------------ shrinking
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["host-evict", "disk-evict", "low-evict"])
-def test_a_smaller_device_budget_moves_the_oldest_warm_pages_down_and_frees_their_memory(mode):
-    """300 tokens: 18 pages a layer, 4 of them warm; one stays warm. The host tier has room for the other three."""
-    cache, reference, keys, values = filled(mode, 300, warm_pages=4, host_slabs=10)
+def test_a_smaller_device_budget_moves_the_oldest_warm_pages_down_and_frees_their_memory(mode, device):
+    """300 tokens: 18 pages a layer, 4 of them warm; one stays warm. The host tier has room for the other three.
+    On CUDA: the device warm (and low-precision) tiers are repacked, demotions land in pinned slabs."""
+    cache, reference, keys, values = filled(mode, 300, warm_pages=4, host_slabs=10, device=device)
     evicted = cache.stats()["evicted_tokens"]
     warm_bytes = [layer.warm.allocated_bytes for layer in cache.layers]
     hot = [(layer.hot_tokens(), layer.recent_start) for layer in cache.layers]
-    cache.set_budgets(budget_gb=budget_gb(mode, 1))
+    cache.set_budgets(budget_gb=budget_gb(mode, 1, device))
     block = SMALL["block_size"]
     for layer, allocated, (hot_tokens, recent_start) in zip(cache.layers, warm_bytes, hot):
         assert len(layer.warm.table) == 1 and layer.warm.allocated_bytes == layer.warm.bytes_for_pages(1) < allocated
@@ -203,28 +232,46 @@ def test_a_shrink_under_evict_reports_the_evicted_tokens_in_stats():
     decode_and_check(cache, reference, keys, values, 300, query_for(1))
 
 
-def test_a_smaller_host_budget_spills_the_oldest_cold_pages_and_frees_whole_slabs():
-    """400 tokens: 24 pages a layer, 2 warm, 8 cold in 4 slabs, 14 on disk; the host keeps one slab."""
-    cache, reference, keys, values = filled("disk-evict", 400, warm_pages=2, host_slabs=4, disk_pages=30)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_smaller_host_budget_spills_the_oldest_cold_pages_and_frees_whole_slabs(device):
+    """400 tokens: 24 pages a layer, 2 warm, 8 cold in 4 slabs, 14 on disk; the host keeps one slab. On CUDA: pinned
+    slabs compacted and spilled, the disk tier's pinned read rows and reader thread."""
+    cache, reference, keys, values = filled("disk-evict", 400, warm_pages=2, host_slabs=4, disk_pages=30,
+                                            device=device)
     slabs = [len(layer.cold.slabs) for layer in cache.layers]
     disk = cache.stats()["disk"]["tokens"]
     cache.set_budgets(host_budget_gb=host_budget_gb("disk-evict", 1))
     for layer, count in zip(cache.layers, slabs):
         assert count == 4 and len(layer.cold.slabs) == 1 and len(layer.cold.entries) <= CHUNK_PAGES
         assert max(layer.disk.starts) < min(layer.cold.starts)  # the oldest went to disk
-        assert_every_token_once(layer, 400)
     assert cache.stats()["disk"]["tokens"] == disk + 6 * SMALL["block_size"]
-    assert_within_budgets(cache)
-    assert_same_codes(cache, reference)
-    for position in range(400, 402):
-        decode_and_check(cache, reference, keys, values, position, query_for(position))
+    assert_kept_and_decodes(cache, reference, keys, values, 400)
 
 
-def test_a_larger_budget_raises_the_limits_and_new_pages_use_the_room():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_shrink_while_cold_pages_are_in_flight_waits_for_them_and_cancels_their_plan(device):
+    """300 tokens: 18 pages a layer, 3 warm, 6 cold, 9 on disk. A step leaves the next step's first layer with its
+    cold chunks planned and their copies issued (on CUDA, on the side stream); a change that spills cold pages to disk,
+    compacts their slabs and demotes warm pages into them first cancels that plan and waits for the copies."""
+    cache, reference, keys, values = filled("disk-evict", 300, warm_pages=3, host_slabs=3, disk_pages=30,
+                                            device=device)
+    for each in (cache, reference):
+        step(each, keys[:, :, 300:301], values[:, :, 300:301])
+    prefetcher = cache.prefetcher
+    issued = [job for job in prefetcher.jobs[0] if job.slot is not None]  # layer 0's copies for the next step
+    assert issued and all((job.ready is not None) == (device == "cuda") for job in issued)  # CUDA: on the side stream
+    cache.set_budgets(budget_gb=budget_gb("disk-evict", 1, device), host_budget_gb=host_budget_gb("disk-evict", 1))
+    assert not prefetcher.jobs and sorted(prefetcher.free_slots) == list(range(len(prefetcher.slot_released)))
+    assert all(len(layer.warm.table) == 1 and len(layer.cold.slabs) == 1 for layer in cache.layers)
+    assert_kept_and_decodes(cache, reference, keys, values, 301)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_larger_budget_raises_the_limits_and_new_pages_use_the_room(device):
     """200 tokens: 11 pages a layer, 1 warm; 40 more tokens bring 3 pages, which the larger budget keeps warm."""
-    cache, reference, keys, values = filled("host-evict", 200, warm_pages=1, host_slabs=6)
+    cache, reference, keys, values = filled("host-evict", 200, warm_pages=1, host_slabs=6, device=device)
     cold = [list(layer.cold.starts) for layer in cache.layers]
-    cache.set_budgets(budget_gb=budget_gb("host-evict", 4), host_budget_gb=host_budget_gb("host-evict", 8))
+    cache.set_budgets(budget_gb=budget_gb("host-evict", 4, device), host_budget_gb=host_budget_gb("host-evict", 8))
     assert [list(layer.cold.starts) for layer in cache.layers] == cold  # nothing is promoted back
     assert cache.host_budget.limit_bytes == int(host_budget_gb("host-evict", 8) * BYTES_PER_GB)
     for each in (cache, reference):
@@ -233,6 +280,52 @@ def test_a_larger_budget_raises_the_limits_and_new_pages_use_the_room():
     for layer, starts in zip(cache.layers, cold):
         assert len(layer.warm.table) == 4 and list(layer.cold.starts) == starts  # the new pages stayed warm
     assert_within_budgets(cache)
+
+
+# ------------------------------------------------------------------------------------------------ failed allocations
+ALLOCATION_FAULTS = [  # mode, what fails (pages.allocate_slab: device slabs; cold.HostSlab: host slabs), at which
+    # call (the last one the change makes: layer 1's, after layer 0's succeeded), and what the error says
+    ("host-evict", "allocate_slab", 2, r"[\d,]+ bytes of memory on cpu for layer 1's warm tier, repacked into a slab "
+                                       r"of 1 page\(s\)"),
+    ("low-evict", "allocate_slab", 4, r"[\d,]+ bytes of memory on cpu for layer 1's low-precision tier, repacked "
+                                      r"into a slab of \d+ page\(s\)"),
+    ("host-evict", "HostSlab", 4, r"[\d,]+ bytes of host memory for layer 1's cold tier, 2 more host slab\(s\) for "
+                                  r"the pages the device sends it"),
+]
+
+
+@pytest.mark.parametrize("mode,allocator,failing_call,message", ALLOCATION_FAULTS, ids=["warm", "low", "host"])
+def test_a_failed_allocation_changes_nothing_and_says_so(monkeypatch, mode, allocator, failing_call, message):
+    """The shrink of test_a_smaller_device_budget_moves_the_oldest_warm_pages_down_and_frees_their_memory, with the
+    allocator failing (as CUDA out of memory, or a failed pinned host allocation would): every page stays where it was
+    with its bytes, the budgets and shares stay, the cache decodes on; the same change succeeds once memory is there."""
+    cache, reference, keys, values = filled(mode, 300, warm_pages=4, host_slabs=10)
+    owner = pages if allocator == "allocate_slab" else cold
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == failing_call:
+            raise RuntimeError("CUDA error: out of memory")
+        return original(*args, **kwargs)
+
+    original = getattr(owner, allocator)
+    monkeypatch.setattr(owner, allocator, failing)
+    before = state(cache)
+    with pytest.raises(AllocationError, match=rf"set_budgets could not allocate {message} \(CUDA error: out of "
+                                              r"memory\); nothing changed.*free .* then call set_budgets again"):
+        cache.set_budgets(budget_gb=budget_gb(mode, 1))
+    assert len(calls) == failing_call
+    assert_same_state(before, state(cache))
+    assert all(layer.cold is None or layer.cold.spare_slabs == [] for layer in cache.layers)
+    monkeypatch.undo()
+    decode_and_check(cache, reference, keys, values, 300, query_for(300))
+    cache.set_budgets(budget_gb=budget_gb(mode, 1))
+    for layer in cache.layers:
+        assert len(layer.warm.table) == 1
+        assert_every_token_once(layer, 301)
+    assert_within_budgets(cache)
+    decode_and_check(cache, reference, keys, values, 301, query_for(301))
 
 
 # ------------------------------------------------------------------------------------------------ refusals
