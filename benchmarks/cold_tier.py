@@ -16,6 +16,7 @@ run through ``model()``; ms/token is the median synchronized step. Configuration
   and compute work alone, against which the share of transfer hidden is also computed)
 - kvtier-cold-light: a budget that keeps all but ``--light-cold-share`` of the pages warm (few cold bytes: the
   step's compute is long enough to hide their transfer, which the 70% hidden target is about)
+- kvtier-cold-light-nocopy: kvtier-cold-light with the staging copies left out (as ring2-nocopy)
 - kvtier-warm: a budget holding every page on the GPU (the compute-only time of the same step)
 - kvtier-cold-mass: kvtier-cold under the attention_mass policy (the cost of feeding it the kernel's page mass)
 - kvtier-cold-topk25: kvtier-cold under attention_mass with prefetch="topk" at 25% of the cold pages (approximate)
@@ -177,7 +178,8 @@ def run_tiered(model, batch: int, context: int, steps: int, budget_gb: float, wi
         times = decode_ms(model, cache, batch, steps)
         moved_per_step = (cache.prefetcher.moved_bytes - moved_before) / (steps + 2)
         stats = cache.stats()
-        row = {"ms_per_token": statistics.median(times), "steps_ms": times, "fill_s": fill_s,
+        row = {"ms_per_token": statistics.median(times), "mean_ms": statistics.mean(times), "steps_ms": times,
+               "fill_s": fill_s,
                "budget_gb": budget_gb, "device_cache_gb": stats["cache_bytes"] / GB,
                "warm_tokens": stats["warm"]["tokens"], "cold_tokens": stats["cold"]["tokens"],
                "host_gb": stats["cold"]["bytes"] / GB, "moved_gb_per_step": moved_per_step / GB,
@@ -306,6 +308,7 @@ def main() -> None:
             light_budget = budget_gb_for_warm_pages(model, round(pages * (1 - args.light_cold_share)), args.batch)
             plans += [("kvtier-cold", dict(budget_gb=cold_budget)), ("kvtier-warm", dict(budget_gb=60.0)),
                       ("kvtier-cold-light", dict(budget_gb=light_budget)),
+                      ("kvtier-cold-light-nocopy", dict(budget_gb=light_budget, skip_copies=True)),
                       ("kvtier-cold-ring2", dict(budget_gb=ring_budget, **ring)),
                       ("kvtier-cold-ring2-nocopy", dict(budget_gb=ring_budget, skip_copies=True, **ring)),
                       ("kvtier-cold-mass", dict(budget_gb=cold_budget, policy="attention_mass")),
@@ -345,10 +348,11 @@ def main() -> None:
             if all_warm and cold is not None and "transfer_ms" in cold:
                 hidden = (min(all_warm) + cold["transfer_ms"] - cold["ms_per_token"]) / cold["transfer_ms"]
                 cold["hidden_share"] = max(0.0, min(1.0, hidden))
-        ring, no_copies = by_cache.get("kvtier-cold-ring2"), by_cache.get("kvtier-cold-ring2-nocopy")
-        if ring is not None and no_copies is not None and "transfer_ms" in ring:  # against the same step minus copies
-            hidden = (no_copies["ms_per_token"] + ring["transfer_ms"] - ring["ms_per_token"]) / ring["transfer_ms"]
-            ring["hidden_share_vs_no_copies"] = max(0.0, min(1.0, hidden))
+        for name in ("kvtier-cold-ring2", "kvtier-cold-light"):  # against the same step minus its copies
+            cold, no_copies = by_cache.get(name), by_cache.get(f"{name}-nocopy")
+            if cold is not None and no_copies is not None and "transfer_ms" in cold:
+                hidden = (no_copies["ms_per_token"] + cold["transfer_ms"] - cold["ms_per_token"]) / cold["transfer_ms"]
+                cold["hidden_share_vs_no_copies"] = max(0.0, min(1.0, hidden))
         if "offloaded" in by_cache:
             for name, row in by_cache.items():
                 if name.startswith("kvtier-cold"):

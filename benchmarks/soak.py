@@ -121,6 +121,12 @@ def memory(device: str) -> dict:
         torch.cuda.synchronize()
         sample["cuda_allocated_mib"] = torch.cuda.memory_allocated() / MIB
         sample.update(pinned_host_memory())
+        sample["host_memory_stats"] = {key: value for key, value in torch.cuda.host_memory_stats().items()
+                                       if key.endswith(".current")} if hasattr(torch.cuda, "host_memory_stats") else {}
+        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None) if hasattr(torch, "accelerator") else None
+        if empty_host_cache is not None:  # shown, not judged: RSS once torch's pinned cache gave back what it keeps
+            empty_host_cache()
+            sample["rss_after_empty_host_cache_mib"] = psutil.Process().memory_info().rss / MIB
     return sample
 
 
@@ -255,6 +261,9 @@ def summarize(rows: list[dict], args) -> dict:
         summary["baseline_pinned_held_mib"] = round(baseline["pinned_held_mib"], 1)
         summary["max_pinned_held_over_baseline_mib"] = round(max(row["pinned_held_mib"] - baseline["pinned_held_mib"]
                                                                  for row in after), 1)
+    if "rss_after_empty_host_cache_mib" in baseline:  # shown, not judged
+        summary["max_rss_after_empty_host_cache_over_baseline_mib"] = round(max(
+            row["rss_after_empty_host_cache_mib"] - baseline["rss_after_empty_host_cache_mib"] for row in after), 1)
     summary["passed"] = not summary["failures"]
     return summary
 
@@ -300,6 +309,9 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
     if "baseline_cuda_allocated_mib" in summary:
         lines += [f"| baseline CUDA allocated MiB | {summary['baseline_cuda_allocated_mib']} |",
                   f"| max CUDA allocated over baseline MiB | {summary['max_cuda_allocated_over_baseline_mib']} |"]
+    if "max_rss_after_empty_host_cache_over_baseline_mib" in summary:
+        lines += ["| max RSS over baseline after torch.accelerator.empty_host_cache() MiB (shown, not judged) | "
+                  f"{summary['max_rss_after_empty_host_cache_over_baseline_mib']} |"]
     if "baseline_pinned_held_mib" in summary:
         lines += [f"| baseline pinned held MiB (shown, not judged) | {summary['baseline_pinned_held_mib']} |",
                   f"| max pinned held over baseline MiB | {summary['max_pinned_held_over_baseline_mib']} |"]

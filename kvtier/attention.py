@@ -1,6 +1,7 @@
 """The attention function kvtier registers with transformers: it reads every tier in place.
 
-A decode step (one query row) goes to the paged decode kernel on CUDA (``decode_kernel="auto"``) and to
+A first prefill chunk (an empty cache) attends only its own tokens, which the cache has not quantized: SDPA serves it,
+as it serves the dense cache. A decode step (one query row) goes to the paged decode kernel on CUDA (``decode_kernel="auto"``) and to
 its torch reference elsewhere; cold pages reach it through the staging ring (kvtier.prefetch). A prefill
 chunk attends the cached tiers through the reference, query tile by query tile, and its own tokens exactly;
 the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever built. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
@@ -32,6 +33,9 @@ def tiered_attention_forward(module, query, key, value, attention_mask, scaling=
     if dropout and module.training:
         raise NotImplementedError("kvtier's tiered cache is for inference: attention dropout is not supported.")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if key.past_length == 0 and key.step is None:  # a first chunk attends its own tokens only, in the model's dtype
+        return sdpa_attention_forward(module, query, key.new_keys, key.new_values, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
     return attend_tiers(key, query, attention_mask, scaling), None
 
 

@@ -27,7 +27,8 @@ FREE_POSITION = 1 << 30  # past every real position; a page's last token (+ bloc
 
 class HostSlab:
     def __init__(self, rows: int, page_bytes: int, pin: bool):
-        self.pages = torch.empty(rows, page_bytes, dtype=torch.uint8, pin_memory=pin)  # (rows, page_bytes)
+        # (rows, page_bytes) zeroed: rows never written may be copied (and masked by position), and must hold no NaN
+        self.pages = torch.zeros(rows, page_bytes, dtype=torch.uint8, pin_memory=pin)
         self.positions = torch.full((rows,), FREE_POSITION, dtype=torch.int32, pin_memory=pin)  # (rows,)
         self.used_rows = 0  # rows below this were written at least once; a copy of the slab covers them
         self.free_rows: list[int] = []  # freed rows below used_rows
@@ -107,9 +108,12 @@ class ColdPages:
         self.version += 1
         return entry
 
-    def chunks(self) -> list[tuple[HostSlab, int, list[ColdEntry]]]:
-        """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives."""
-        return [(slab, slab.used_rows, list(slab.entries)) for slab in self.slabs if slab.entries]
+    def chunks(self, row_granule: int = 1) -> list[tuple[HostSlab, int, list[ColdEntry]]]:
+        """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives. The rows
+        are rounded up to a multiple of ``row_granule`` (within the slab), so that the chunks stay the same while
+        that many pages arrive (a CUDA graph copying them is captured again only then)."""
+        return [(slab, min(slab.pages.shape[0], -(-slab.used_rows // row_granule) * row_granule), list(slab.entries))
+                for slab in self.slabs if slab.entries]
 
     def slabs_within(self, share_bytes: int) -> int:
         """How many slabs ``share_bytes`` of the host budget pays for."""

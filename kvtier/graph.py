@@ -12,7 +12,9 @@ table, a reordered batch, a grown scratch buffer).
 
 Cold pages (``prefetch="all"``, streamed) are copied within the step: each layer's chunks go from their host slabs
 into the staging ring on the prefetcher's side stream, forked from the step's start and joined by the kernel that
-reads them, so the graph holds the copies too; it is captured again when a cold page arrives or leaves.
+reads them, so the graph holds the copies too. Chunks copy slab rows in multiples of 16 (rows not yet written hold
+zeros and are masked by position), so the graph is captured again only when a layer's 16th page since the last
+capture arrives, or a slab is added or dropped.
 
 Steps a graph cannot serve run the model's own forward: prefill chunks, caches holding disk pages (read back by a host
 thread), cold pages chosen on the host every step (``prefetch="topk"``, ``cold_attention="host"`` or "auto"),
@@ -108,7 +110,7 @@ class DecodeGraph:
         self.captured_buffers = None
         self.copies = (0, 0)  # bytes and chunks the captured step copies from the cold tier
         self.replays = self.captures = self.eager_steps = 0
-        self.capture_seconds = 0.0
+        self.capture_seconds = self.last_capture_seconds = 0.0
         self.eager_reason: str | None = None
 
     # ---------------------------------------------------------------- entry
@@ -227,7 +229,8 @@ class DecodeGraph:
             self.copies = prefetcher.moved_bytes - moved[0], prefetcher.moved_chunks - moved[1]
             prefetcher.moved_bytes, prefetcher.moved_chunks = moved
         self.captures += 1
-        self.capture_seconds += time.perf_counter() - started
+        self.last_capture_seconds = time.perf_counter() - started
+        self.capture_seconds += self.last_capture_seconds
 
     def finish(self) -> None:
         """After the step: refuse NaN or Inf (one host sync), then count the new token in every layer."""
@@ -253,11 +256,12 @@ class DecodeGraph:
                         layer.warm.base.data_ptr(), layer.warm.offsets.data_ptr(), layer.warm.positions.data_ptr())
                        for layer in self.cache.layers)
         scratch = tuple(buffer.data_ptr() for buffer in self.cache.workspace.buffers.values())
-        cold = tuple(layer.offloaded_version() for layer in self.cache.layers if layer.offloaded_pages())
+        prefetcher = self.cache.prefetcher
+        cold = tuple(prefetcher.static_plan(layer) for layer in self.cache.layers if layer.offloaded_pages())
         if cold:  # the staging ring, and which slabs' rows each layer's chunks copy
-            cold += (self.cache.prefetcher.ring.base.data_ptr(),)
+            cold += (prefetcher.ring.base.data_ptr(),)
         return layers, scratch, cold, self.step.input_ids.data_ptr()
 
     def stats(self) -> dict:
         return {"captured": self.captured, "replays": self.replays, "captures": self.captures,
-                "capture_s": self.capture_seconds, "eager_steps": self.eager_steps, "eager_reason": self.eager_reason}
+                "capture_s": self.capture_seconds, "last_capture_s": self.last_capture_seconds, "eager_steps": self.eager_steps, "eager_reason": self.eager_reason}

@@ -143,10 +143,10 @@ class WarmPages:
         self.free_page_ids: list[int] = []
         self.table: list[PageEntry] = []  # in position order
         self.starts: list[int] = []  # their first positions (what policies rank)
-        # the device table: row head + i describes table[i]; dropping the first row only moves head
+        # the device table: row i describes table[i]; a dropped row's successors shift up on the device, so the table
+        # stays where it is while pages come and go (a captured CUDA graph keeps reading it)
         self.table_offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) page distances from base
         self.table_positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) first token positions
-        self.head = 0
         self.base = _placeholder(device)  # the slab at the lowest address
         self.row_count = torch.zeros(1, dtype=torch.int32, device=device)  # rows, on the device (a CUDA graph reads it)
 
@@ -156,13 +156,13 @@ class WarmPages:
 
     @property
     def offsets(self) -> torch.Tensor:
-        """(capacity - head,) int64: each page's distance from ``base`` in ALIGNMENT units, table order."""
-        return self.table_offsets[self.head:]
+        """(capacity,) int64: each page's distance from ``base`` in ALIGNMENT units, table order."""
+        return self.table_offsets
 
     @property
     def positions(self) -> torch.Tensor:
-        """(capacity - head,) int32: each page's first token position, table order."""
-        return self.table_positions[self.head:]
+        """(capacity,) int32: each page's first token position, table order."""
+        return self.table_positions
 
     @property
     def rows(self) -> int:
@@ -192,8 +192,6 @@ class WarmPages:
         page_id = self.free_page_ids.pop()
         slab, slot = self._locate(page_id)
         slab[slot].copy_(page)
-        if self.head + len(self.table) == self.table_offsets.shape[0]:
-            self._compact()
         row = len(self.table)
         distance = slab[slot].data_ptr() - self.base.data_ptr()
         self.offsets[row].fill_(distance // ALIGNMENT)  # on the device: no host-to-device copy
@@ -216,11 +214,8 @@ class WarmPages:
     def drop(self, index: int) -> PageEntry:
         """Free the page at ``index`` in the block table (its tokens leave the cache); return its row."""
         count = len(self.table)
-        if index == 0:  # the oldest page, as sink+recent drops: the table starts one row later
-            self.head += 1
-        else:
-            for column in (self.offsets, self.positions):
-                column[index:count - 1] = column[index + 1:count].clone()
+        for column in (self.offsets, self.positions):
+            column[index:count - 1] = column[index + 1:count].clone()
         entry = self.table.pop(index)
         self.starts.pop(index)
         self.free_page_ids.append(entry.page_id)
@@ -231,7 +226,6 @@ class WarmPages:
         self.budget.release(self.allocated_bytes)
         self.slabs, self.slab_offsets, self.free_page_ids, self.table, self.starts = [], [], [], [], []
         self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
-        self.head = 0
         self.base = _placeholder(self.device)
         self.row_count.fill_(0)
 
@@ -281,7 +275,7 @@ class WarmPages:
 
     def table_bytes_for(self, pages: int) -> int:
         """Bytes of the new device table that ``pages`` pages need, or 0 if the current one has room. The table keeps
-        room for twice the pages, so that the head moved by dropped pages reaches its end rarely."""
+        room for twice the pages."""
         if 2 * pages <= self.table_offsets.shape[0]:
             return 0
         return _table_rows(pages, self.table_offsets.shape[0]) * TABLE_ROW_BYTES
@@ -347,7 +341,7 @@ class WarmPages:
         """Hold ``repack``'s filled slab and table, whose pages start at ``starts``; the old slabs and table go."""
         self.slabs, self.slab_offsets = ([repack.slab], [0]) if starts else ([], [])
         self.base = repack.slab
-        self.free_page_ids, self.head = [], 0
+        self.free_page_ids = []
         self.table_offsets, self.table_positions = repack.offsets, repack.positions
         self.table = [PageEntry(page_id, start) for page_id, start in enumerate(starts)]
         self.starts = list(starts)
@@ -359,13 +353,6 @@ class WarmPages:
         offsets = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         positions = torch.zeros(capacity, dtype=torch.int32, device=self.device)
         offsets[:count], positions[:count] = self.offsets[:count], self.positions[:count]
-        self.table_offsets, self.table_positions, self.head = offsets, positions, 0
+        self.table_offsets, self.table_positions = offsets, positions
         self.budget.release(old_bytes)
 
-    def _compact(self) -> None:
-        """Move the table's rows back to the start of the device table (after at least as many drops of its first
-        row as the table holds rows, so the copy costs O(1) a drop)."""
-        count = len(self.table)
-        for column in (self.table_offsets, self.table_positions):
-            column[:count] = column[self.head:self.head + count].clone()
-        self.head = 0

@@ -27,6 +27,10 @@ from .errors import KVTierError
 from .pages import ALIGNMENT, PageLayout
 
 
+STATIC_ROW_GRANULE = 16  # a fixed-shape step copies slab rows in multiples of this: a few more bytes a step, and a
+# new capture every 16 demotions a layer instead of every one
+
+
 class StagingRing:
     """``slots`` device slots of ``chunk_pages`` pages each, and each page's position."""
 
@@ -195,6 +199,8 @@ class Prefetcher:
         self.read_ahead_pages = 0  # pages that reached their slot through the reader (the rest were read in line)
         self.every_page = True  # the current step streams every cold page (prefill), whatever the prefetch mode
         self.planned_every_page: dict[int, bool] = {}  # layer index -> the every_page its plan was made for
+        self.row_granule = 1  # slab rows a chunk copies, rounded up to a multiple of this (STATIC_ROW_GRANULE in a
+        # fixed-shape step, so that its captured copies stay valid while pages arrive)
 
     # ---------------------------------------------------------------- what layers call
     def prefetch(self, layer) -> None:
@@ -211,7 +217,8 @@ class Prefetcher:
         of the cold pages the policy ranks highest, packed a slot at a time."""
         cold, config = layer.cold, layer.config
         if config.prefetch == "all" or self.every_page:
-            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks()] + self.plan_disk(layer)
+            return [Job.whole_slab(slab, rows, entries) for slab, rows, entries in cold.chunks(self.row_granule)
+                    ] + self.plan_disk(layer)
         count = math.ceil(len(cold.entries) * config.prefetch_share)  # at least one page of a non-empty tier
         chosen = [cold.entries[index] for index in layer.policy.pick_prefetches(cold.starts, count)]
         slot_pages = self.ring.pages.shape[1]
@@ -262,11 +269,18 @@ class Prefetcher:
             torch.cuda.current_stream(self.ring.pages.device).wait_stream(self.stream)
         self.slot_released = [None] * len(self.slot_released)
         self.host_written = None
+        self.row_granule = STATIC_ROW_GRANULE
+
+    def static_plan(self, layer) -> tuple:
+        """What a fixed-shape step copies for ``layer``: each chunk's slab and rows (a captured step must be captured
+        again when this changes)."""
+        return tuple((slab.pages.data_ptr(), rows) for slab, rows, _ in layer.cold.chunks(STATIC_ROW_GRANULE))
 
     def end_static_step(self) -> None:
         """After a fixed-shape step (or its replay), outside any capture: later copies into any slot wait for it, and
         no event recorded inside a capture is waited on outside it."""
         self.host_written = None
+        self.row_granule = 1
         if self.stream is not None:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.ring.pages.device))
