@@ -123,7 +123,7 @@ def memory(device: str) -> dict:
         sample.update(pinned_host_memory())
         sample["host_memory_stats"] = {key: value for key, value in torch.cuda.host_memory_stats().items()
                                        if key.endswith(".current")} if hasattr(torch.cuda, "host_memory_stats") else {}
-        empty_host_cache = getattr(torch.accelerator, "empty_host_cache", None) if hasattr(torch, "accelerator") else None
+        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
         if empty_host_cache is not None:  # shown, not judged: RSS once torch's pinned cache gave back what it keeps
             empty_host_cache()
             sample["rss_after_empty_host_cache_mib"] = psutil.Process().memory_info().rss / MIB

@@ -1,12 +1,12 @@
 """The attention function kvtier registers with transformers: it reads every tier in place.
 
-A first prefill chunk (an empty cache) attends only its own tokens, which the cache has not quantized: SDPA serves it,
-as it serves the dense cache. A decode step (one query row) goes to the paged decode kernel on CUDA (``decode_kernel="auto"``) and to
-its torch reference elsewhere; cold pages reach it through the staging ring (kvtier.prefetch). A prefill
-chunk attends the cached tiers through the reference, query tile by query tile, and its own tokens exactly;
-the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever built. States that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
+A first prefill chunk (an empty cache) attends only its own tokens, which the cache has not quantized: SDPA serves
+it, as it serves the dense cache. A decode step (one query row) goes to the paged decode kernel on CUDA
+(``decode_kernel="auto"``) and to its torch reference elsewhere; cold pages reach it through the staging ring
+(kvtier.prefetch). A later prefill chunk attends the cached tiers through the reference, query tile by query tile, and
+its own tokens exactly; the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever built. States
+that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
 """
-
 from __future__ import annotations
 
 import itertools

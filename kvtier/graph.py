@@ -264,4 +264,5 @@ class DecodeGraph:
 
     def stats(self) -> dict:
         return {"captured": self.captured, "replays": self.replays, "captures": self.captures,
-                "capture_s": self.capture_seconds, "last_capture_s": self.last_capture_seconds, "eager_steps": self.eager_steps, "eager_reason": self.eager_reason}
+                "capture_s": self.capture_seconds, "last_capture_s": self.last_capture_seconds,
+                "eager_steps": self.eager_steps, "eager_reason": self.eager_reason}
