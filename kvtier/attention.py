@@ -7,6 +7,7 @@ it, as it serves the dense cache. A decode step (one query row) goes to the page
 its own tokens exactly; the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever built. States
 that do not come from a TieredCache (a DynamicCache, say) go to SDPA.
 """
+
 from __future__ import annotations
 
 import itertools
