@@ -121,8 +121,6 @@ def memory(device: str) -> dict:
         torch.cuda.synchronize()
         sample["cuda_allocated_mib"] = torch.cuda.memory_allocated() / MIB
         sample.update(pinned_host_memory())
-        sample["host_memory_stats"] = {key: value for key, value in torch.cuda.host_memory_stats().items()
-                                       if key.endswith(".current")} if hasattr(torch.cuda, "host_memory_stats") else {}
         empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
         if empty_host_cache is not None:  # shown, not judged: RSS once torch's pinned cache gave back what it keeps
             empty_host_cache()
@@ -132,18 +130,20 @@ def memory(device: str) -> dict:
 
 def pinned_host_memory() -> dict:
     """MiB that torch's caching pinned host allocator holds from CUDA (in use and cached: part of RSS) and has handed
-    out (None where its statistics lack the keys below); nothing where this torch has no
-    torch.cuda.host_memory_stats. The keys changed between versions: older ones count held bytes as "reserved_bytes"
+    out (None where its statistics lack the keys below), and its raw ".current" statistics; nothing where this torch
+    has no torch.cuda.host_memory_stats. The keys changed between versions: older ones count held bytes as "reserved_bytes"
     and handed-out ones as "allocated_bytes", newer ones held as "allocated_bytes" and handed-out as "active_bytes"."""
     if not hasattr(torch.cuda, "host_memory_stats"):
         return {}
     stats = torch.cuda.host_memory_stats()  # {} before the first pinned block
+    current = {"host_memory_stats": {key: value for key, value in stats.items() if key.endswith(".current")}}  # raw
     newer = "active_bytes.current" in stats
     held_key, in_use_key = ("allocated_bytes.current", "active_bytes.current") if newer else \
         ("reserved_bytes.current", "allocated_bytes.current")
     if stats and held_key not in stats:
-        return {"pinned_held_mib": None, "pinned_in_use_mib": None}
-    return {"pinned_held_mib": stats.get(held_key, 0) / MIB, "pinned_in_use_mib": stats.get(in_use_key, 0) / MIB}
+        return {"pinned_held_mib": None, "pinned_in_use_mib": None, **current}
+    return {"pinned_held_mib": stats.get(held_key, 0) / MIB, "pinned_in_use_mib": stats.get(in_use_key, 0) / MIB,
+            **current}
 
 
 def run_call(model, handle, ids, mask, new_tokens: int, session_dir: Path | None) -> dict:

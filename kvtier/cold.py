@@ -109,10 +109,14 @@ class ColdPages:
         return entry
 
     def chunks(self, row_granule: int = 1) -> list[tuple[HostSlab, int, list[ColdEntry]]]:
-        """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives. The rows
-        are rounded up to a multiple of ``row_granule`` (within the slab), so that the chunks stay the same while
-        that many pages arrive (a CUDA graph copying them is captured again only then)."""
-        return [(slab, min(slab.pages.shape[0], -(-slab.used_rows // row_granule) * row_granule), list(slab.entries))
+        """Each slab that holds pages, as (slab, rows to move, its entries): what one staging chunk receives."""
+        return [(slab, rows, list(slab.entries)) for slab, rows in self.chunk_rows(row_granule)]
+
+    def chunk_rows(self, row_granule: int = 1) -> list[tuple[HostSlab, int]]:
+        """Each slab that holds pages, with the rows a chunk moves: rounded up to a multiple of ``row_granule`` (within
+        the slab), so that the chunks stay the same while that many pages arrive (a CUDA graph copying them is
+        captured again only then)."""
+        return [(slab, min(slab.pages.shape[0], -(-slab.used_rows // row_granule) * row_granule))
                 for slab in self.slabs if slab.entries]
 
     def slabs_within(self, share_bytes: int) -> int:

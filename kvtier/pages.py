@@ -145,24 +145,15 @@ class WarmPages:
         self.starts: list[int] = []  # their first positions (what policies rank)
         # the device table: row i describes table[i]; a dropped row's successors shift up on the device, so the table
         # stays where it is while pages come and go (a captured CUDA graph keeps reading it)
-        self.table_offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) page distances from base
-        self.table_positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) first token positions
+        self.offsets = torch.empty(0, dtype=torch.int64, device=device)  # (capacity,) page distances from base, in
+        # ALIGNMENT units, table order
+        self.positions = torch.empty(0, dtype=torch.int32, device=device)  # (capacity,) first token positions
         self.base = _placeholder(device)  # the slab at the lowest address
         self.row_count = torch.zeros(1, dtype=torch.int32, device=device)  # rows, on the device (a CUDA graph reads it)
 
     @property
     def page_bytes(self) -> int:
         return self.layout.page_bytes
-
-    @property
-    def offsets(self) -> torch.Tensor:
-        """(capacity,) int64: each page's distance from ``base`` in ALIGNMENT units, table order."""
-        return self.table_offsets
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """(capacity,) int32: each page's first token position, table order."""
-        return self.table_positions
 
     @property
     def rows(self) -> int:
@@ -180,7 +171,7 @@ class WarmPages:
 
     @property
     def table_bytes(self) -> int:
-        return self.table_offsets.nbytes + self.table_positions.nbytes
+        return self.offsets.nbytes + self.positions.nbytes
 
     def store(self, start: int, page: torch.Tensor) -> None:
         """Write one quantized block, packed as the layout lays it out ((page_bytes,) uint8, see PageLayout.pack), at
@@ -225,7 +216,7 @@ class WarmPages:
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)
         self.slabs, self.slab_offsets, self.free_page_ids, self.table, self.starts = [], [], [], [], []
-        self.table_offsets, self.table_positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()
+        self.offsets, self.positions = self.offsets[:0].clone(), self.positions[:0].clone()
         self.base = _placeholder(self.device)
         self.row_count.fill_(0)
 
@@ -276,9 +267,9 @@ class WarmPages:
     def table_bytes_for(self, pages: int) -> int:
         """Bytes of the new device table that ``pages`` pages need, or 0 if the current one has room. The table keeps
         room for twice the pages."""
-        if 2 * pages <= self.table_offsets.shape[0]:
+        if 2 * pages <= self.offsets.shape[0]:
             return 0
-        return _table_rows(pages, self.table_offsets.shape[0]) * TABLE_ROW_BYTES
+        return _table_rows(pages, self.offsets.shape[0]) * TABLE_ROW_BYTES
 
     def pages_within(self, share_bytes: int) -> int:
         """The most pages that :meth:`rebuild` can hold within ``share_bytes``: one slab of them and the table
@@ -310,7 +301,7 @@ class WarmPages:
         in: one slab of exactly that many and a device table with room for twice as many. Raises what the allocator
         raises (torch.OutOfMemoryError, or RuntimeError for host memory)."""
         if not pages:
-            offsets, positions = self.table_offsets[:0].clone(), self.table_positions[:0].clone()  # (0,) each
+            offsets, positions = self.offsets[:0].clone(), self.positions[:0].clone()  # (0,) each
             return Repack(0, _placeholder(self.device), offsets, positions)
         rows = _table_rows(pages)
         return Repack(pages, allocate_slab(pages, self.page_bytes, self.device),
@@ -342,7 +333,7 @@ class WarmPages:
         self.slabs, self.slab_offsets = ([repack.slab], [0]) if starts else ([], [])
         self.base = repack.slab
         self.free_page_ids = []
-        self.table_offsets, self.table_positions = repack.offsets, repack.positions
+        self.offsets, self.positions = repack.offsets, repack.positions
         self.table = [PageEntry(page_id, start) for page_id, start in enumerate(starts)]
         self.starts = list(starts)
         self.row_count.fill_(len(starts))
@@ -353,6 +344,6 @@ class WarmPages:
         offsets = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         positions = torch.zeros(capacity, dtype=torch.int32, device=self.device)
         offsets[:count], positions[:count] = self.offsets[:count], self.positions[:count]
-        self.table_offsets, self.table_positions = offsets, positions
+        self.offsets, self.positions = offsets, positions
         self.budget.release(old_bytes)
 

@@ -274,7 +274,7 @@ class Prefetcher:
     def static_plan(self, layer) -> tuple:
         """What a fixed-shape step copies for ``layer``: each chunk's slab and rows (a captured step must be captured
         again when this changes)."""
-        return tuple((slab.pages.data_ptr(), rows) for slab, rows, _ in layer.cold.chunks(STATIC_ROW_GRANULE))
+        return tuple((slab.pages.data_ptr(), rows) for slab, rows in layer.cold.chunk_rows(STATIC_ROW_GRANULE))
 
     def end_static_step(self) -> None:
         """After a fixed-shape step (or its replay), outside any capture: later copies into any slot wait for it, and

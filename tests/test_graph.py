@@ -6,12 +6,18 @@ tokens and logits (float32: to 1e-5). On a GPU the captured graph is replayed an
 the kernel on both sides), with recaptures forced by a slab per page.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvtier
 from kvtier.errors import NonFiniteStatesError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import soak  # noqa: E402
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GROWING_PROMPT = 1050  # ~63 warm pages a layer after the prefill; the 65th, 40 steps later, doubles the page table
@@ -113,7 +119,7 @@ def test_cold_pages_arriving_in_a_slab_keep_the_static_plan(monkeypatch):
     model = small_model()
     ids, mask = padded_prompt(length=200)
     config = dict(COLD, chunk_pages=64, staging_chunks=2)
-    config["budget_gb"] = budget_for_warm_pages(model, ids, mask, 2, **config)
+    config["budget_gb"] = budget_for_warm_pages(model, 2, **config)
     eager, _ = generate(model, ids, mask, "off", **config)
     static, _ = generate(model, ids, mask, "uncaptured", **config)
     assert 0 < cold_tokens[0] < cold_tokens[-1]  # cold pages from the prefill, and more arrived during the decode
@@ -177,7 +183,7 @@ def test_captured_graph_over_cold_pages_matches_eager_generate_on_cuda():
     more chunks than the ring holds; pages demoted during the decode fill new (one-page) slabs, so it captures again."""
     model = small_model("cuda", torch.bfloat16)
     ids, mask = padded_prompt("cuda", length=200)
-    config = dict(SMALL_RING, budget_gb=budget_for_warm_pages(model, ids, mask, 2, **SMALL_RING))
+    config = dict(SMALL_RING, budget_gb=budget_for_warm_pages(model, 2, **SMALL_RING))
     eager, eager_stats = generate(model, ids, mask, "off", **config)
     graphed, stats = generate(model, ids, mask, "auto", **config)
     graph = stats["graph"]
@@ -199,17 +205,12 @@ def assert_same_tokens_but_near_ties(eager, graphed, rtol: float = 1e-2) -> None
             return
 
 
-def budget_for_warm_pages(model, ids, mask, pages: int, **config) -> float:
-    """budget_gb that holds the cache's fixed bytes (hot tiers, scratch, staging ring) and ``pages`` warm pages a
-    layer, for this model and batch on its device."""
-    handle = kvtier.attach(model, **{**SMALL, **config, "budget_gb": 1.0})
-    try:
-        model.generate(ids[:, -8:], attention_mask=mask[:, -8:], max_new_tokens=1, do_sample=False, pad_token_id=0)
-        cache = handle.cache
-        warm = cache.layers[0].warm
-        return (cache.fixed_bytes + cache.num_layers * (pages * warm.page_bytes + warm.table_bytes_for(pages))) / 2**30
-    finally:
-        kvtier.detach(model)
+def budget_for_warm_pages(model, pages: int, **config) -> float:
+    """budget_gb for ``config`` (its own budget_gb aside) on this file's small pages: the cache's fixed bytes and
+    ``pages`` warm pages a layer, at batch 2 (soak.budget_for_warm_pages)."""
+    knobs = {name: value for name, value in {**SMALL, **config}.items() if name != "budget_gb"}
+    return soak.budget_for_warm_pages(model, pages, **knobs)
+
 
 
 def test_a_mask_with_a_hole_runs_eagerly():
