@@ -13,18 +13,20 @@ every --session-every calls the cache is saved, loaded back and continued for a 
 First come the warm-up calls (part of --calls): one of every kind of call the soak makes, at the longest prompt and
 the most new tokens (batch 1 and 2, each plain and with a save/load/continue round trip; batch 2 at that length sends
 pages to the cold tier), and a short batch-2 call (no cold pages), so that one-time costs (Triton compiling each
-path's kernels, the blocks torch's caching host allocator keeps once pinned slabs were freed, CUDA graph pools) land
-before the baseline. After each call (and a gc.collect()) it records the host RSS (psutil) and, on CUDA,
-torch.cuda.memory_allocated and the bytes torch's pinned host allocator holds (in use and cached) and has in use
-(torch.cuda.host_memory_stats, where torch has it), with the handle's latest cache dropped. The baseline is the value
+path's kernels, CUDA graph pools) land before the baseline. After each call (and a gc.collect()) it records the host
+RSS (psutil), what the C heap has handed out and holds free (glibc's mallinfo2) and how many Triton kernel variants
+are compiled, and, on CUDA, torch.cuda.memory_allocated and the bytes torch's pinned host allocator holds (in use and
+cached) and has in use (torch.cuda.host_memory_stats, where torch has it; kvtier's own pinned rows come from
+kvtier.pinned, not from it), with the handle's latest cache dropped. The baseline is the value
 after the warm-up; a call passes when its memory is within the tolerance of the baseline (RSS: --rss-tolerance-mb;
-CUDA allocated: exactly the baseline); the pinned bytes are shown, not judged (they are part of RSS). Writes
+CUDA allocated: exactly the baseline); the other columns are shown, not judged. Writes
 benchmarks/results/soak-<device>.json and .md; prints the table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import platform
@@ -116,7 +118,7 @@ def prompt(source: torch.Tensor, batch: int, length: int, pad_id: int, rng: rand
 
 def memory(device: str) -> dict:
     gc.collect()
-    sample = {"rss_mib": psutil.Process().memory_info().rss / MIB}
+    sample = {"rss_mib": psutil.Process().memory_info().rss / MIB, **heap_memory(), "kernels": compiled_kernels()}
     if device == "cuda":
         torch.cuda.synchronize()
         sample["cuda_allocated_mib"] = torch.cuda.memory_allocated() / MIB
@@ -126,6 +128,35 @@ def memory(device: str) -> dict:
             empty_host_cache()
             sample["rss_after_empty_host_cache_mib"] = psutil.Process().memory_info().rss / MIB
     return sample
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_memory() -> dict:
+    """MiB the C heap (glibc malloc: Python objects, pageable tensors) has handed out and holds free, from mallinfo2();
+    nothing where the C library has no mallinfo2. Shown, not judged: they tell a leak (in use grows) from memory the
+    heap keeps after frees (free grows)."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return {}
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return {"heap_in_use_mib": (info.uordblks + info.hblkhd) / MIB, "heap_free_mib": info.fordblks / MIB}
+
+
+def compiled_kernels() -> int | None:
+    """How many compiled variants kvtier's Triton kernels hold (each compile keeps its module in the process);
+    None where Triton or its cache layout differ."""
+    try:
+        from kvtier.kernels import decode_attention
+        functions = [value for value in vars(decode_attention).values() if hasattr(value, "device_caches")]
+        return sum(len(caches[0]) for function in functions for caches in function.device_caches.values())
+    except Exception:  # noqa: BLE001 -- a diagnostic column only
+        return None
 
 
 def pinned_host_memory() -> dict:
@@ -296,7 +327,8 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
              f"Warm-up: calls 0-{warmup - 1}, one of each kind at {settings['max_prompt']} tokens and "
              f"{settings['max_new']} new (batch 1 and 2, each plain and with a round trip) and a batch-2 call at "
              f"{settings['min_prompt']}. Baseline: after call {warmup - 1}; memory read after each call with the "
-             "handle's cache dropped." + (" Pinned: what torch's caching pinned host allocator holds (in use and "
+             "handle's cache dropped. Heap: what glibc's malloc has handed out / holds free (mallinfo2); kernels: "
+             "compiled variants of kvtier's Triton kernels." + (" Pinned: what torch's caching pinned host allocator holds (in use and "
                                          "cached; part of RSS) / has in use." if pinned else ""), ""]
     lines += table_head(cuda, pinned) + [table_row(row, summary) for row in rows]
     tolerance = f"RSS within {settings['rss_tolerance_mb']:g} MiB" + (
@@ -324,7 +356,8 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
 
 def table_head(cuda: bool, pinned: bool) -> list[str]:
     names = ["call", "warm-up", "batch", "prompt", "new", "session", "cold tokens", "seconds", "RSS MiB",
-             "RSS - baseline"] + ["CUDA alloc MiB"] * cuda + ["pinned MiB held / in use"] * pinned
+             "RSS - baseline", "heap MiB in use / free", "kernels"] + ["CUDA alloc MiB"] * cuda + \
+        ["pinned MiB held / in use"] * pinned
     aligns = ["---:", "---", "---:", "---:", "---:", "---"] + ["---:"] * (len(names) - 6)
     return ["| " + " | ".join(names) + " |", "|" + "|".join(aligns) + "|"]
 
@@ -332,7 +365,8 @@ def table_head(cuda: bool, pinned: bool) -> list[str]:
 def table_row(row: dict, summary: dict) -> str:
     line = (f"| {row['call']} | {'yes' if row['warmup'] else ''} | {row['batch']} | {row['prompt']} | "
             f"{row['new_tokens']} | {'yes' if row['session'] else ''} | {row['cold_tokens']} | {row['seconds']:.2f} | "
-            f"{row['rss_mib']:.1f} | {row['rss_mib'] - summary['baseline_rss_mib']:+.1f} |")
+            f"{row['rss_mib']:.1f} | {row['rss_mib'] - summary['baseline_rss_mib']:+.1f} | "
+            f"{_mib(row.get('heap_in_use_mib'))} / {_mib(row.get('heap_free_mib'))} | {row.get('kernels', '?')} |")
     if "cuda_allocated_mib" in row:
         line += f" {row['cuda_allocated_mib']:.1f} |"
     if "pinned_held_mib" in row:

@@ -6,10 +6,9 @@ run asynchronously), never one allocation per page, and is paid for out of the h
 slab's pages lies an int32 array of each row's first token position, ``FREE_POSITION`` for an empty row: a
 whole slab moves to the device in two copies, and attention masks its empty rows by position.
 
-Pinned slabs come from torch's caching host allocator: when a cache is dropped, its slabs go back to that allocator,
-which keeps them (in the process's RSS) for later pinned allocations instead of returning them to the system;
-torch.cuda.host_memory_stats() shows them, and torch.accelerator.empty_host_cache() (where torch has it) returns
-every unused cached block of the process. kvtier calls neither: emptying is the application's choice.
+Pinned slabs come from :mod:`kvtier.pinned`, not from torch's caching host allocator: each slab is one mapping of
+whole pages (its rows, then its positions) that the host budget pays for exactly, and that goes back to the system
+when the slab is freed.
 """
 
 from __future__ import annotations
@@ -21,22 +20,26 @@ import torch
 from .budget import ByteBudget
 from .errors import AllocationError
 from .pages import NoRoomForPage, PageLayout
+from .pinned import host_zeros, mapped_bytes
 
 FREE_POSITION = 1 << 30  # past every real position; a page's last token (+ block) still fits in int32
 
 
+def rows_bytes(rows: int, page_bytes: int) -> int:
+    """Bytes of ``rows`` host rows of ``page_bytes`` and their int32 positions."""
+    return rows * (page_bytes + 4)
+
+
 class HostSlab:
     def __init__(self, rows: int, page_bytes: int, pin: bool):
-        # (rows, page_bytes) zeroed: rows never written may be copied (and masked by position), and must hold no NaN
-        self.pages = torch.zeros(rows, page_bytes, dtype=torch.uint8, pin_memory=pin)
-        self.positions = torch.full((rows,), FREE_POSITION, dtype=torch.int32, pin_memory=pin)  # (rows,)
+        # one allocation: (rows, page_bytes) zeroed rows (rows never written may be copied, masked by position, and
+        # must hold no NaN), then (rows,) int32 positions
+        memory = host_zeros(rows_bytes(rows, page_bytes), pin)
+        self.pages = memory[:rows * page_bytes].view(rows, page_bytes)
+        self.positions = memory[rows * page_bytes:].view(torch.int32).fill_(FREE_POSITION)
         self.used_rows = 0  # rows below this were written at least once; a copy of the slab covers them
         self.free_rows: list[int] = []  # freed rows below used_rows
         self.entries: list[ColdEntry] = []  # the pages it holds
-
-    @property
-    def nbytes(self) -> int:
-        return self.pages.nbytes + self.positions.nbytes
 
     def take_row(self) -> int | None:
         if self.free_rows:
@@ -74,7 +77,7 @@ class ColdPages:
 
     @property
     def allocated_bytes(self) -> int:
-        return sum(slab.nbytes for slab in self.slabs)
+        return len(self.slabs) * self.slab_bytes
 
     @property
     def tokens(self) -> int:
@@ -125,7 +128,8 @@ class ColdPages:
 
     @property
     def slab_bytes(self) -> int:
-        return self.chunk_pages * (self.layout.page_bytes + 4)
+        """Host bytes a slab takes: its rows and positions, in whole pages when pinned."""
+        return mapped_bytes(rows_bytes(self.chunk_pages, self.layout.page_bytes), self.pin)
 
     def slabs_for(self, pages: int) -> int:
         """How many slabs ``pages`` pages fill."""

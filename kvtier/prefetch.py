@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .cold import ColdEntry, HostSlab
+from .cold import ColdEntry, HostSlab, rows_bytes
 from .disk import DiskEntry, DiskPages
 from .errors import KVTierError
 from .pages import ALIGNMENT, PageLayout
+from .pinned import host_zeros, mapped_bytes
 
 
 STATIC_ROW_GRANULE = 16  # a fixed-shape step copies slab rows in multiples of this: a few more bytes a step, and a
@@ -56,13 +57,16 @@ class GatherRows:
     gathered (one copy a slab) before one host-to-device copy, instead of one copy per run of neighbouring rows."""
 
     def __init__(self, slots: int, chunk_pages: int, page_bytes: int, pin: bool):
-        self.pages = torch.empty(slots, chunk_pages, page_bytes, dtype=torch.uint8, pin_memory=pin)
-        self.positions = torch.empty(slots, chunk_pages, dtype=torch.int32, pin_memory=pin)
+        rows = slots * chunk_pages
+        memory = host_zeros(rows_bytes(rows, page_bytes), pin)  # one allocation (kvtier.pinned)
+        self.pages = memory[:rows * page_bytes].view(slots, chunk_pages, page_bytes)
+        self.positions = memory[rows * page_bytes:].view(torch.int32).view(slots, chunk_pages)
         self.copied: list[object] = [None] * slots  # event after the latest copy out of each slot's rows
 
     @staticmethod
     def bytes_for(slots: int, chunk_pages: int, page_bytes: int) -> int:
-        return slots * chunk_pages * (page_bytes + 4)
+        """Host bytes the rows take, in whole pages as pinned rows take them (on the CPU too: a few bytes high)."""
+        return mapped_bytes(rows_bytes(slots * chunk_pages, page_bytes), pin=True)
 
 
 @dataclass(frozen=True)

@@ -72,11 +72,12 @@ def budget_gb(mode, warm_pages, device="cpu"):
     return (cache.fixed_bytes + cache.num_layers * share) / BYTES_PER_GB
 
 
-def host_budget_gb(mode, slabs):
+def host_budget_gb(mode, slabs, device="cpu"):
     """A host budget of ``slabs`` slabs of cold pages a layer (besides the disk tier's read rows); 0: a byte short of
     one slab."""
-    cache = probe(mode)
-    slab = CHUNK_PAGES * (cache.layers[0].warm.page_bytes + 4)
+    cache = probe(mode, device)
+    cold = cache.layers[0].cold  # its slabs: CHUNK_PAGES rows and positions, in whole pages when pinned (CUDA)
+    slab = cold.slab_bytes if cold is not None else CHUNK_PAGES * (cache.layers[0].warm.page_bytes + 4)
     per_layer = slabs * slab + FRAME_SLACK if slabs else slab - 1
     return (cache.host_reserved_bytes + cache.num_layers * per_layer) / BYTES_PER_GB
 
@@ -87,7 +88,7 @@ def disk_budget_gb(mode, pages):
 
 def filled(mode, tokens, warm_pages=3, host_slabs=3, disk_pages=20, device="cpu"):
     cache = make_cache(mode, budget_gb=budget_gb(mode, warm_pages, device),
-                       host_budget_gb=host_budget_gb(mode, host_slabs), disk_budget_gb=disk_budget_gb(mode, disk_pages))
+                       host_budget_gb=host_budget_gb(mode, host_slabs, device), disk_budget_gb=disk_budget_gb(mode, disk_pages))
     reference = make_cache("device-raise", budget_gb=0.5)
     keys, values = (states.to(device) for states in random_states(tokens + 40, seed=tokens))
     for cache_ in (cache, reference):
@@ -240,7 +241,7 @@ def test_a_smaller_host_budget_spills_the_oldest_cold_pages_and_frees_whole_slab
                                             device=device)
     slabs = [len(layer.cold.slabs) for layer in cache.layers]
     disk = cache.stats()["disk"]["tokens"]
-    cache.set_budgets(host_budget_gb=host_budget_gb("disk-evict", 1))
+    cache.set_budgets(host_budget_gb=host_budget_gb("disk-evict", 1, device))
     for layer, count in zip(cache.layers, slabs):
         assert count == 4 and len(layer.cold.slabs) == 1 and len(layer.cold.entries) <= CHUNK_PAGES
         assert max(layer.disk.starts) < min(layer.cold.starts)  # the oldest went to disk
@@ -260,7 +261,7 @@ def test_a_shrink_while_cold_pages_are_in_flight_waits_for_them_and_cancels_thei
     prefetcher = cache.prefetcher
     issued = [job for job in prefetcher.jobs[0] if job.slot is not None]  # layer 0's copies for the next step
     assert issued and all((job.ready is not None) == (device == "cuda") for job in issued)  # CUDA: on the side stream
-    cache.set_budgets(budget_gb=budget_gb("disk-evict", 1, device), host_budget_gb=host_budget_gb("disk-evict", 1))
+    cache.set_budgets(budget_gb=budget_gb("disk-evict", 1, device), host_budget_gb=host_budget_gb("disk-evict", 1, device))
     assert not prefetcher.jobs and sorted(prefetcher.free_slots) == list(range(len(prefetcher.slot_released)))
     assert all(len(layer.warm.table) == 1 and len(layer.cold.slabs) == 1 for layer in cache.layers)
     assert_kept_and_decodes(cache, reference, keys, values, 301)
@@ -271,9 +272,9 @@ def test_a_larger_budget_raises_the_limits_and_new_pages_use_the_room(device):
     """200 tokens: 11 pages a layer, 1 warm; 40 more tokens bring 3 pages, which the larger budget keeps warm."""
     cache, reference, keys, values = filled("host-evict", 200, warm_pages=1, host_slabs=6, device=device)
     cold = [list(layer.cold.starts) for layer in cache.layers]
-    cache.set_budgets(budget_gb=budget_gb("host-evict", 4, device), host_budget_gb=host_budget_gb("host-evict", 8))
+    cache.set_budgets(budget_gb=budget_gb("host-evict", 4, device), host_budget_gb=host_budget_gb("host-evict", 8, device))
     assert [list(layer.cold.starts) for layer in cache.layers] == cold  # nothing is promoted back
-    assert cache.host_budget.limit_bytes == int(host_budget_gb("host-evict", 8) * BYTES_PER_GB)
+    assert cache.host_budget.limit_bytes == int(host_budget_gb("host-evict", 8, device) * BYTES_PER_GB)
     for each in (cache, reference):
         step(each, keys[:, :, 200:239], values[:, :, 200:239])
     decode_and_check(cache, reference, keys, values, 239, query_for(1))
