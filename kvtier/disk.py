@@ -134,13 +134,13 @@ class DiskPages:
             positions[row] = entry.start
         self.read_pages += len(entries)
 
-    def read_rows(self, entries: list[DiskEntry]) -> torch.Tensor:
-        """``entries``' pages read and checked into new rows (n, page_bytes) uint8: what the reader thread runs (it
-        touches no shared state; a segment deleted meanwhile makes the read fail, and its plan is stale anyway)."""
-        rows = numpy.empty((len(entries), self.layout.page_bytes), dtype=numpy.uint8)
+    def read_rows(self, entries: list[DiskEntry], rows: torch.Tensor) -> torch.Tensor:
+        """``entries``' pages read and checked into ``rows`` (n, page_bytes) uint8 on the CPU, host rows the caller
+        paid for (kvtier.prefetch.ReadAheadRows), which it returns: what the reader thread runs (it touches no shared
+        state but ``rows``; a segment deleted meanwhile makes the read fail, and its plan is stale anyway)."""
         for row, entry in enumerate(entries):
-            rows[row] = numpy.frombuffer(self.read(entry), dtype=numpy.uint8)
-        return torch.from_numpy(rows)
+            rows[row].numpy()[:] = numpy.frombuffer(self.read(entry), dtype=numpy.uint8)
+        return rows
 
     def page(self, entry: DiskEntry) -> torch.Tensor:
         """One page's bytes (page_bytes,) uint8 on the CPU, checked against its CRC-32 (as ColdPages.page)."""

@@ -69,6 +69,42 @@ class GatherRows:
         return mapped_bytes(rows_bytes(slots * chunk_pages, page_bytes), pin=True)
 
 
+class ReadAheadRows:
+    """Host rows the reader thread reads disk pages into ahead of need, a slot's worth for each ring slot: the second
+    half of what :meth:`Prefetcher.read_rows_bytes` reserves, so the reader never holds a byte the host budget did not
+    pay for. A read takes one slot's rows when it is submitted and gives them back only once it can no longer write
+    into them: cancelled before it ran, or finished. A read that is already running when its plan is forgotten cannot
+    be cancelled; its rows stay taken ("retired") until it finishes, so no later read is given them meanwhile."""
+
+    def __init__(self, slots: int, chunk_pages: int, page_bytes: int):
+        self.pages = torch.empty(slots, chunk_pages, page_bytes, dtype=torch.uint8)  # (slots, chunk_pages, page_bytes)
+        self.free = deque(range(slots))
+        self.retired: list[tuple[Future, int]] = []  # (a forgotten read still running, the slot it writes into)
+
+    @property
+    def taken(self) -> int:
+        """Slots whose rows a read holds or writes into (retired ones included)."""
+        return self.pages.shape[0] - len(self.free)
+
+    def take(self) -> int | None:
+        """A free slot (once the retired reads that have finished give theirs back), or None if every slot is taken."""
+        self.reclaim()
+        return self.free.popleft() if self.free else None
+
+    def reclaim(self) -> None:
+        """The slots of retired reads that have finished are free again."""
+        for retired in [retired for retired in self.retired if retired[0].done()]:
+            self.retired.remove(retired)
+            self.free.append(retired[1])
+
+    def give_back(self, slot: int, read: Future) -> None:
+        """``read``, which writes into ``slot``'s rows, is no longer wanted: the rows are free now, unless it runs."""
+        if read.cancel() or read.done():
+            self.free.append(slot)
+        else:
+            self.retired.append((read, slot))
+
+
 @dataclass(frozen=True)
 class StagedEntry:
     """A staged cold page: the tokens starting at ``start`` sit in row ``row`` of the whole ring."""
@@ -149,6 +185,7 @@ class Job:
     ready: object = None  # CUDA event recorded after the copies, or None off CUDA
     disk: DiskPages | None = None  # the disk pages whose ``entries`` these are (read into pinned rows, then copied)
     read_ahead: Future | None = None  # their bytes, read and checked on the reader thread: (rows, page_bytes) uint8
+    read_slot: int | None = None  # the ReadAheadRows slot ``read_ahead`` writes into
     error: BaseException | None = None  # why its copy failed when it was issued ahead (retried when consumed)
 
     @property
@@ -188,6 +225,7 @@ class Prefetcher:
         self.layout = layout
         self.host_budget = host_budget  # pays for the gather rows, if topk asks for them
         self.gather: GatherRows | None = None  # allocated at the first job of scattered rows (topk)
+        self.read_rows: ReadAheadRows | None = None  # allocated with the gather rows, with the disk tier
         self.stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self.free_slots = deque(range(ring.pages.shape[0]))
         self.slot_released: list[object] = [None] * ring.pages.shape[0]  # event after the last read of each slot
@@ -199,7 +237,6 @@ class Prefetcher:
         self.replans = 0  # plans made stale by a demotion after them
         self.failed_copies = 0  # copies that failed when issued ahead; each is retried once when its chunk is needed
         self.reader: ThreadPoolExecutor | None = None  # reads disk pages ahead of need (with the disk tier)
-        self.read_ahead_jobs = 0  # disk jobs whose pages the reader holds or reads: at most the ring's slots
         self.read_ahead_pages = 0  # pages that reached their slot through the reader (the rest were read in line)
         self.every_page = True  # the current step streams every cold page (prefill), whatever the prefetch mode
         self.planned_every_page: dict[int, bool] = {}  # layer index -> the every_page its plan was made for
@@ -316,6 +353,7 @@ class Prefetcher:
             self.cancel(layer_index)
         if self.reader is not None:  # one thread, in order: reads submitted before are done once this one is
             self.reader.submit(lambda: None).result()
+            self.read_rows.reclaim()
         if self.stream is not None:
             self.stream.synchronize()
         self.wait_for_host_writes()
@@ -446,24 +484,31 @@ class Prefetcher:
             gather.copied[slot].record(self.stream)
         self.moved_bytes += pages.nbytes + positions.nbytes
 
+    @property
+    def read_ahead_jobs(self) -> int:
+        """Disk jobs whose pages the reader holds or reads (forgotten reads still running included): at most the
+        ring's slots, the read-ahead rows the host budget paid for."""
+        return 0 if self.read_rows is None else self.read_rows.taken
+
     def _read_ahead(self, jobs: list[Job]) -> None:
-        """Start reading the planned disk jobs' pages on the reader thread (into private rows, at most the ring's slots
-        worth of jobs at a time), while this thread goes on with the layers before."""
+        """Start reading the planned disk jobs' pages on the reader thread, each into a free slot of the read-ahead
+        rows (none free: the rest are read in line when needed), while this thread goes on with the layers before."""
         for job in jobs:
             if job.disk is None or job.read_ahead is not None:
                 continue
-            if self.read_ahead_jobs >= self.ring.pages.shape[0]:
+            slot = self.read_rows.take() if self.read_rows is not None else None
+            if slot is None:
                 return
             if self.reader is None:
                 self.reader = ThreadPoolExecutor(1, thread_name_prefix="kvtier-disk")
-            job.read_ahead = self.reader.submit(job.disk.read_rows, list(job.entries))
-            self.read_ahead_jobs += 1
+            rows = self.read_rows.pages[slot, :job.rows]  # (rows, page_bytes)
+            job.read_ahead, job.read_slot = self.reader.submit(job.disk.read_rows, list(job.entries), rows), slot
 
     def _forget_read_ahead(self, job: Job) -> None:
+        """The job's read ahead is no longer wanted: its rows go back once it cannot write into them any more."""
         if job.read_ahead is not None:
-            job.read_ahead.cancel()
-            job.read_ahead = None
-            self.read_ahead_jobs -= 1
+            self.read_rows.give_back(job.read_slot, job.read_ahead)
+            job.read_ahead, job.read_slot = None, None
 
     def _load_and_copy(self, job: Job, slot: int) -> None:
         """The job's disk pages (read ahead on the reader thread, or else read here), checked and decompressed, into the
@@ -474,7 +519,6 @@ class Prefetcher:
             gather.copied[slot].synchronize()
         future = job.read_ahead
         if future is not None:
-            self._forget_read_ahead(job)
             try:
                 gather.pages[slot, :count].copy_(future.result())  # (count, page_bytes): a reader error raises here
             except Exception:  # noqa: BLE001 -- read it again here: a bad page raises its DiskReadError from this thread
@@ -483,6 +527,7 @@ class Prefetcher:
                 gather.positions[slot, :count].copy_(torch.tensor([entry.start for entry in job.entries]))
                 self.read_ahead_pages += count
                 job.disk.read_pages += count
+            self._forget_read_ahead(job)  # the read is done (copied out, or failed): its rows are free again
         if future is None:
             job.disk.load_into(job.entries, gather.pages[slot, :count], gather.positions[slot, :count])
         self._send_gathered(slot, count)
@@ -490,7 +535,7 @@ class Prefetcher:
     @staticmethod
     def read_rows_bytes(slots: int, chunk_pages: int, page_bytes: int) -> int:
         """Host bytes the disk tier's reads take: the pinned rows a slot's pages land in before their copy, and as many
-        rows again that the reader thread fills ahead of need."""
+        rows again that the reader thread fills ahead of need (:class:`ReadAheadRows`)."""
         return 2 * GatherRows.bytes_for(slots, chunk_pages, page_bytes)
 
     def reserve_read_rows(self) -> bool:
@@ -501,6 +546,7 @@ class Prefetcher:
                                                                                              page_bytes)):
                 return False
             self.gather = GatherRows(slots, chunk_pages, page_bytes, pin=self.stream is not None)
+            self.read_rows = ReadAheadRows(slots, chunk_pages, page_bytes)
         return True
 
     def _release(self, job: Job) -> None:

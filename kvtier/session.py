@@ -1,15 +1,19 @@
 """Saving a whole tiered cache to a directory and loading it back, so that a long shared prefix is prefilled once.
 
-A session directory holds ``manifest.json`` and one ``layer-NNN.bin`` per decoder layer. A layer file is what
-:meth:`TieredLayer.pages_in_order` yields, byte runs back to back, in position order; the manifest lists each run's
-(tier, start position, bytes) and each file's size and SHA-256, and carries the token ids the cache holds (so that
-a continuation can be checked against them), the left-padding mask, the model's identity (its config, a hash of
-it, the dtype, a fingerprint of the first embedding rows), the TierConfig (the policy by name), the warm format's
+A session directory holds ``manifest.json``, one ``layer-NNN.bin`` per decoder layer and, for a policy that keeps
+state (attention_mass's per-page history), one ``policy-NNN.bin`` per layer. A layer file is what
+:meth:`TieredLayer.pages_in_order` yields, byte runs back to back, in position order; a policy file is the tensors
+:meth:`PagePolicy.state` returns, back to back. The manifest lists each run's (tier, start position, bytes), each
+policy tensor's (name, dtype, shape) and each file's size and SHA-256, and carries the token ids the cache holds (so
+that a continuation can be checked against them), the left-padding mask, the model's identity (its config, a hash
+of it, the dtype, a fingerprint of the first embedding rows), the TierConfig (the policy by name), the warm format's
 label and the file format's version. The manifest carries its own SHA-256 over the rest of it.
 
 Loading checks everything before it builds anything, builds the whole cache in memory, and either returns it or
 raises a :class:`~kvtier.errors.SessionError` (naming what differs, expected and found, and what to do) having
-released whatever it had reserved. Policy history (attention_mass's per-page mass) is not saved: it restarts.
+released whatever it had reserved. Each layer's policy takes back its saved state (``PagePolicy.load_state``), so
+the loaded cache demotes and evicts as the saved one would have; a cache loaded with another policy than it was
+saved with starts that policy afresh.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,9 +33,9 @@ from .cache import TieredCache
 from .config import TierConfig
 from .errors import KVTierError, SessionCorruptError, SessionMismatchError
 from .formats import make_format, make_low_format
-from .policies import POLICIES, policy_name
+from .policies import POLICIES, make_policy, policy_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer's policy state (policy-NNN.bin)
 MANIFEST = "manifest.json"
 # TierConfig fields that decide what a page, the hot buffer or a layer's tiers hold: a session saved with one value
 # cannot be read with another. The rest (budgets, policy, kernels, prefetch) may change between save and load.
@@ -92,17 +97,39 @@ def save_cache(cache: TieredCache, path, token_ids: torch.Tensor | None = None, 
 
 
 def _write_layer(layer, directory: Path) -> dict:
-    name = f"layer-{layer.layer_idx:03d}.bin"
-    digest, runs, size = hashlib.sha256(), [], 0
-    with open(directory / name, "wb") as file:
+    runs = []
+
+    def page_bytes():
         for tier, start, data in layer.pages_in_order():
             raw = data.numpy().tobytes()
-            file.write(raw)
-            digest.update(raw)
             runs.append([tier, start, len(raw)])
+            yield raw
+
+    written = _write_file(directory / f"layer-{layer.layer_idx:03d}.bin", page_bytes())
+    return {**written, "runs": runs, "evicted_tokens": layer.evicted_tokens,
+            "policy_state": _write_policy_state(layer, directory)}
+
+
+def _write_policy_state(layer, directory: Path) -> dict | None:
+    """The layer's policy state (PagePolicy.state: attention_mass folds its pending observations in first) as one file
+    of its tensors back to back; its manifest entry, or None for a policy that keeps no state."""
+    state = layer.policy.state()  # name -> tensor on the CPU
+    if not state:
+        return None
+    tensors = [[name, str(tensor.dtype).replace("torch.", ""), list(tensor.shape)] for name, tensor in state.items()]
+    raws = (tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes() for tensor in state.values())
+    return {**_write_file(directory / f"policy-{layer.layer_idx:03d}.bin", raws), "tensors": tensors}
+
+
+def _write_file(file: Path, chunks) -> dict:
+    """Write the byte strings ``chunks`` back to back to ``file``; its manifest entry (file name, bytes, SHA-256)."""
+    digest, size = hashlib.sha256(), 0
+    with open(file, "wb") as out:
+        for raw in chunks:
+            out.write(raw)
+            digest.update(raw)
             size += len(raw)
-    return {"file": name, "bytes": size, "sha256": digest.hexdigest(), "runs": runs,
-            "evicted_tokens": layer.evicted_tokens}
+    return {"file": file.name, "bytes": size, "sha256": digest.hexdigest()}
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -114,7 +141,8 @@ def load_cache(path, model, config: TierConfig | None = None) -> TieredCache:
     manifest = _read_manifest(path)
     dtype = _check_model(manifest["model"], model)
     config = _choose_config(manifest, model, config)
-    blobs = [_read_layer(path, entry) for entry in manifest["layers"]]  # every checksum before anything is built
+    blobs = [_read_file(path, entry) for entry in manifest["layers"]]  # every checksum before anything is built
+    states = _policy_states(path, manifest, config)
     shape = manifest["shape"]
     if len(blobs) != model.config.num_hidden_layers:
         raise SessionCorruptError(f"kvtier: {path} holds {len(blobs)} layers, the model has "
@@ -124,9 +152,11 @@ def load_cache(path, model, config: TierConfig | None = None) -> TieredCache:
     device = next(model.parameters()).device
     try:
         empty = torch.empty(shape["batch"], shape["kv_heads"], 0, shape["head_dim"], dtype=dtype, device=device)
-        for layer, blob, entry in zip(cache.layers, blobs, manifest["layers"]):
+        for layer, blob, entry, state in zip(cache.layers, blobs, manifest["layers"], states):
             layer.lazy_initialization(empty, empty)
             layer.restore_pages(_runs(blob, entry["runs"]))
+            if state is not None:
+                layer.policy.load_state(state)
             if layer.evicted_tokens != entry["evicted_tokens"]:  # a page missing from the runs would look evicted
                 raise SessionCorruptError(f"kvtier: layer {layer.layer_idx} of {path} restored "
                                           f"{layer.evicted_tokens} evicted tokens; its manifest says "
@@ -162,7 +192,9 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_layer(path: Path, entry: dict) -> bytes:
+def _read_file(path: Path, entry: dict) -> bytes:
+    """The bytes of the session file ``entry`` names (a layer's pages or its policy state), checked against the
+    size and SHA-256 the manifest gives it."""
     file = path / entry["file"]
     try:
         blob = file.read_bytes()
@@ -184,6 +216,42 @@ def _runs(blob: bytes, runs: list):
     for tier, start, size in runs:
         yield tier, start, data[offset:offset + size]
         offset += size
+
+
+def _policy_states(path: Path, manifest: dict, config: TierConfig) -> list[dict | None]:
+    """Each layer's saved policy state, name -> tensor on the CPU, read and checked; None for every layer when the
+    cache is loaded with another policy than it was saved with (that policy starts afresh), or for a layer saved
+    with none."""
+    saved, policy = manifest["tier_config"]["policy"], make_policy(config.policy)
+    if saved != policy_name(config.policy):
+        return [None] * len(manifest["layers"])
+    states = []
+    for index, entry in enumerate(manifest["layers"]):
+        files = entry.get("policy_state")
+        names = [] if files is None else [name for name, _, _ in files["tensors"]]
+        if sorted(names) != sorted(policy.state_names):
+            raise SessionMismatchError(f"kvtier: the session's {saved} state of layer {index} holds "
+                                       f"{sorted(names)}; this {saved} keeps {sorted(policy.state_names)}. Load it "
+                                       "with the version of the policy it was saved with, or with another policy "
+                                       "(which starts afresh).")
+        states.append(None if files is None else _tensors(path, files))
+    return states
+
+
+def _tensors(path: Path, entry: dict) -> dict[str, torch.Tensor]:
+    """The tensors a policy file holds back to back, as its manifest entry's (name, dtype, shape) describe them."""
+    blob = _read_file(path, entry)
+    specs = [(name, getattr(torch, dtype), shape) for name, dtype, shape in entry["tensors"]]
+    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in specs]
+    if sum(sizes) != len(blob):
+        raise SessionCorruptError(f"kvtier: {path / entry['file']} holds {len(blob):,} bytes; its tensors "
+                                  f"{entry['tensors']} take {sum(sizes):,}. The session is damaged: save it again.")
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else torch.empty(0, dtype=torch.uint8)
+    state, offset = {}, 0
+    for (name, dtype, shape), size in zip(specs, sizes):
+        state[name] = data[offset:offset + size].clone().view(dtype).view(shape)  # clone: aligned for its dtype
+        offset += size
+    return state
 
 
 def _release(cache: TieredCache) -> None:

@@ -8,7 +8,8 @@ never observed yet scores +inf: it stays until attention has seen it once. The m
 kernel's own per-page output (and the prefill's reference), never from a second attention pass.
 
 Observations wait in a short list and are folded into the sums together (the same arithmetic, in a few tensor
-operations instead of several per layer and step) when a decision needs the scores or the list grows long.
+operations instead of several per layer and step) when a decision needs the scores or the list grows long. A saved
+session keeps ``history`` (folded first), so a loaded cache ranks its pages as the saved one did.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class AttentionMass(PagePolicy):
     decay: float = 0.3  # per attention call: the last few calls decide (measured best of 0.1-0.95, benchmarks/policy_fidelity.py)
     recent_share: float = 0.0  # the newest share of the candidates kept by age, as H2O keeps a recent window
     wants_mass: ClassVar[bool] = True
+    state_names: ClassVar[tuple[str, ...]] = ("history",)
     block_size: int = field(default=0, repr=False)  # set per layer
     history: torch.Tensor | None = field(default=None, repr=False)  # (2, pages) by start // block_size: decayed
     # mass (row 0) and decayed observation count (row 1)
@@ -48,6 +50,10 @@ class AttentionMass(PagePolicy):
         self.pending_rows += starts.numel()
         if self.pending_rows >= PENDING_ROWS:
             self._fold()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        self._fold()  # the pending observations are part of the history
+        return super().state()
 
     def _fold(self) -> None:
         """Fold the pending observations in, oldest first: after k of them the sums have decayed by decay^k, and the

@@ -12,7 +12,8 @@ to fewer bits (the lowest scores, like demotions). A new policy is a subclass wh
 
 Every layer gets its own copy (``for_layer``), so a policy may keep per-layer state. A policy that sets
 ``wants_mass`` is fed, through ``observe``, the attention mass the decode kernel (and the prefill's reference)
-measured for each page it read.
+measured for each page it read. A policy whose state should survive a saved session (kvtier.session) names its
+tensor attributes in ``state_names``; ``state()`` and ``load_state()`` here carry them to the files and back.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 class PagePolicy:
     wants_mass: ClassVar[bool] = False  # True: attention computes per-page mass and calls observe()
+    state_names: ClassVar[tuple[str, ...]] = ()  # tensor attributes a saved session keeps (none: it restarts)
 
     def score(self, starts: torch.Tensor) -> torch.Tensor:
         """starts (n,) integer first positions of candidate pages -> (n,) float: higher is more worth keeping."""
@@ -38,6 +40,23 @@ class PagePolicy:
     def for_layer(self, block_size: int, device) -> "PagePolicy":
         """A fresh copy for one layer of a cache whose pages hold ``block_size`` tokens on ``device``."""
         return copy.deepcopy(self)
+
+    # ---------------------------------------------------------------- state, for saved sessions
+    def state(self) -> dict[str, torch.Tensor]:
+        """This layer's copy's state: each attribute ``state_names`` lists, as a tensor on the CPU ({} for a policy
+        that keeps none). A policy that defers work (observations not folded in yet) finishes it first."""
+        return {name: getattr(self, name).detach().cpu() for name in self.state_names}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what :meth:`state` returned, into a copy ``for_layer`` made: each tensor replaces its attribute,
+        copied to that attribute's device and dtype."""
+        if sorted(state) != sorted(self.state_names):
+            raise ValueError(f"{type(self).__name__} keeps the state {sorted(self.state_names)}; got "
+                             f"{sorted(state)}. Restore it from what state() of the same policy returned.")
+        for name in self.state_names:
+            current = getattr(self, name)
+            setattr(self, name, state[name].to(current.device, current.dtype, copy=True)
+                    if isinstance(current, torch.Tensor) else state[name].clone())
 
     # ---------------------------------------------------------------- decisions, from the scores
     def pick_demotion(self, starts: Sequence[int]) -> int:

@@ -6,9 +6,11 @@ References: the same cache with enough host memory that nothing spills, or a war
 the tiers (disk pages from their files) independently of attention and staging.
 """
 
+import collections
 import errno
 import gc
 import os
+import threading
 
 import pytest
 import torch
@@ -353,6 +355,54 @@ def test_a_prefetch_copy_that_keeps_failing_is_a_clear_error_and_the_next_step_w
         assert relative_error(attend_tiers(got, query_for(4), None, 0.25),
                               attend_tiers(expected, query_for(4), None, 0.25)) < FP32_RELATIVE
     decode_and_compare(cache, reference, keys, values, 221, 224, query_for(4))
+
+
+def test_a_read_ahead_running_when_its_plan_is_forgotten_is_counted_until_it_ends(monkeypatch):
+    """The reader thread reads disk pages ahead into host rows the host budget paid for, one ring slot's worth a
+    read. A read already running when its plan is forgotten (a replan) cannot be cancelled: it keeps its rows until it
+    ends, so the next plan never has more reads in flight than those rows (nor a read the prefetcher does not count),
+    and the steps after are exact."""
+    keys, values = random_states(240, seed=9)
+    cache, reference = spilling_cache(2, 1, 2), spilling_cache(2, 1, 2)
+    for each in (cache, reference):
+        step(each, keys[:, :, :220], values[:, :, :220])
+    prefetcher, layer = cache.prefetcher, cache.layers[1]
+    prefetcher.quiesce()
+    slots, slot_pages, _ = prefetcher.ring.pages.shape
+    assert prefetcher.reader is not None and len(layer.disk.entries) > slots * slot_pages  # more disk jobs than slots
+    started, release, submitted = threading.Event(), threading.Event(), []
+    read, submit = disk.DiskPages.read, prefetcher.reader.submit
+
+    def read_when_released(self, entry):  # the reader thread's reads wait for the test
+        if threading.current_thread().name.startswith("kvtier-disk"):
+            started.set()
+            assert release.wait(timeout=60)
+        return read(self, entry)
+
+    def recorded_submit(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    monkeypatch.setattr(disk.DiskPages, "read", read_when_released)
+    monkeypatch.setattr(prefetcher.reader, "submit", recorded_submit)
+    ring_slots, prefetcher.free_slots = prefetcher.free_slots, collections.deque()  # nothing copied: reads stay ahead
+    try:
+        prefetcher.prefetch(layer)  # reads ahead: the first read runs (and waits), the others queue
+        assert started.wait(timeout=60) and len(submitted) == slots
+        prefetcher.cancel(layer.layer_idx)  # a replan: the running read cannot be cancelled
+        prefetcher.prefetch(layer)
+        in_flight = [future for future in submitted if not future.done()]
+        assert submitted[0] in in_flight and len(in_flight) <= slots
+        assert prefetcher.read_ahead_jobs >= len(in_flight)  # every read in flight is counted in the paid-for rows
+    finally:
+        release.set()
+        prefetcher.free_slots = ring_slots
+    monkeypatch.undo()
+    prefetcher.quiesce()
+    assert prefetcher.read_ahead_jobs == 0
+    read_ahead = prefetcher.read_ahead_pages
+    decode_and_compare(cache, reference, keys, values, 220, 224, query_for(5))
+    assert prefetcher.read_ahead_pages > read_ahead and budgets(cache) == budgets(reference)
 
 
 def test_a_failed_host_allocation_while_demoting_is_a_clear_error_and_the_cache_goes_on(monkeypatch):

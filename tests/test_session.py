@@ -1,10 +1,11 @@
 """Session save and restore: a saved cache comes back page for page, continues generation token for token, and a
 session that does not fit the model, dtype, configuration or its own checksums is refused with nothing left loaded.
 
-References: the unsaved cache itself (its pages' bytes, its counters, its attention and its continuation) and
-float64 attention over every token read back from the restored tiers.
+References: the unsaved cache itself (its pages' bytes, its counters, its policy's state, its attention and its
+continuation), a run that never saved, and float64 attention over every token read back from the restored tiers.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -18,6 +19,7 @@ from kvtier import BudgetExceededError, KVTierError, SessionCorruptError, Sessio
 from kvtier import session
 from kvtier.attention import attend_tiers
 from kvtier.eval import reference_text
+from kvtier.policies import AttentionMass, PagePolicy
 from conftest import cuda_only
 from test_disk import host_budget_gb as disk_host_budget_gb
 from test_cold_tier import (FP32_RELATIVE, HEADS, HEAD_DIM, SMALL, budget_for_warm_pages, dense_decode,
@@ -153,9 +155,10 @@ def test_a_config_that_changes_the_pages_is_refused(saved, model, field, value):
 def test_another_format_version_is_refused(saved, model):
     path = saved[0]
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["format_version"] = 2
+    manifest["format_version"] = 1  # a session saved before policy state was
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SessionMismatchError, match=r"session format version 2; this kvtier reads version 1"):
+    with pytest.raises(SessionMismatchError, match=r"session format version 1; this kvtier reads version 2.*Save the "
+                                                   r"session again"):
         kvtier.load(path, model)
 
 
@@ -237,6 +240,91 @@ def test_continuation_after_a_load_matches_on_the_device(tmp_path, device):
     assert torch.equal(results[1].sequences, results[0].sequences)
     for got, expected in zip(results[1].logits, results[0].logits):
         assert relative_error(got, expected) < FP32_RELATIVE
+
+
+# ------------------------------------------------------------------------------------------------ policy state
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["attention_mass", AttentionMass(decay=0.9)])
+def test_continuation_after_a_load_evicts_as_a_run_that_never_saved(tmp_path, policy):
+    """attention_mass with 3 warm pages a layer and on_budget_full="evict": the recent buffer is one token short of
+    full at the save, so the first step after the load evicts the warm page its restored history scores lowest (a
+    fresh history would pick another: the continuation's logits differ by 140%, and its tokens too). The
+    continuation equals that of a run that never saved, token for token and logit for logit."""
+    budget = budget_for_warm_pages(3, on_budget_full="evict")
+    results = []
+    for save in (False, True):
+        torch.manual_seed(0)
+        model = kvtier_test_model()
+        ids = torch.randint(0, 128, (2, 200))
+        handle = kvtier.attach(model, **{**SMALL, "budget_gb": budget, "on_budget_full": "evict", "policy": policy})
+        try:
+            out = model.generate(ids, max_new_tokens=2, do_sample=False)
+            cache = handle.cache
+            assert all(layer.recent_count == layer.recent_keys.shape[2] - 1 for layer in cache.layers)
+            if save:
+                handle.save(tmp_path / "s")
+                cache = kvtier.load(tmp_path / "s", model)
+                for saved, loaded in zip(handle.cache.layers, cache.layers):
+                    assert torch.equal(loaded.policy.history, saved.policy.history)
+            evicted = cache.stats()["evicted_tokens"]
+            results.append(model.generate(out, past_key_values=cache, max_new_tokens=24, do_sample=False,
+                                          output_logits=True, return_dict_in_generate=True))
+            assert cache.stats()["evicted_tokens"] > evicted  # the policy chose pages to drop after the load
+        finally:
+            kvtier.detach(model)
+    unsaved, loaded = results
+    assert torch.equal(loaded.sequences, unsaved.sequences)
+    for got, expected in zip(loaded.logits, unsaved.logits):
+        assert relative_error(got, expected) < FP32_RELATIVE
+
+
+class NewestFirstCounting(PagePolicy):
+    """A policy of one's own that keeps state: how many page rows it has been shown, by page."""
+
+    wants_mass = True
+    state_names = ("shown",)
+
+    def for_layer(self, block_size, device):
+        policy = NewestFirstCounting()
+        policy.block_size, policy.shown = block_size, torch.zeros(64, dtype=torch.int64, device=device)  # (pages,)
+        return policy
+
+    def observe(self, starts, mass, ignore_from):
+        real = starts[starts < ignore_from].long() // self.block_size
+        self.shown.index_add_(0, real, torch.ones_like(real))
+
+    def score(self, starts):
+        return -starts.double()
+
+
+def test_a_policy_of_ones_own_gets_its_state_back_and_another_policy_starts_afresh(model, tmp_path):
+    cache = filled_cache(model, policy=NewestFirstCounting())
+    query = torch.randn(2, HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(3))
+    for view in step(cache, *random_states(1, seed=5)):  # a decode step: attention shows the policy its pages
+        attend_tiers(view, query, None, 0.25)
+    cache.token_ids = torch.randint(0, 128, (2, 301))
+    assert all(layer.policy.shown.sum() > 0 for layer in cache.layers)
+    cache.save(tmp_path / "s")
+    assert sorted(path.name for path in (tmp_path / "s").iterdir()) == [
+        "layer-000.bin", "layer-001.bin", "manifest.json", "policy-000.bin", "policy-001.bin"]
+    loaded = kvtier.load(tmp_path / "s", model, config=cache.config)
+    for saved, restored in zip(cache.layers, loaded.layers):
+        assert restored.policy.shown.dtype == torch.int64 and torch.equal(restored.policy.shown, saved.policy.shown)
+    other = TierConfig(**{**dataclasses.asdict(cache.config), "policy": "attention_mass"})
+    afresh = kvtier.load(tmp_path / "s", model, config=other)
+    assert all(not layer.policy.history.any() for layer in afresh.layers)
+
+
+def test_a_policy_state_of_other_tensors_is_refused_naming_them(model, tmp_path):
+    cache = filled_cache(model, policy=NewestFirstCounting())
+    cache.save(tmp_path / "s")
+    NewestFirstCounting.state_names = ("shown", "kept")
+    try:
+        with pytest.raises(SessionMismatchError, match=r"NewestFirstCounting state of layer 0 holds \['shown'\]; "
+                                                       r"this NewestFirstCounting keeps \['kept', 'shown'\]"):
+            kvtier.load(tmp_path / "s", model, config=cache.config)
+    finally:
+        NewestFirstCounting.state_names = ("shown",)
 
 
 # ------------------------------------------------------------------------------------------------ the real model
