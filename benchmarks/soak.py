@@ -178,10 +178,13 @@ def pinned_host_memory() -> dict:
 
 
 def run_call(model, handle, ids, mask, new_tokens: int, session_dir: Path | None) -> dict:
-    """One generate() call (and, with ``session_dir``, a save, a load and a continuation); returns what it did."""
+    """One generate() call (and, with ``session_dir``, a save, a load and a continuation); returns what it did.
+    Without a handle (``--control``), the model's own DynamicCache serves the call and there is no round trip."""
     started = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                          do_sample=False)
+    if handle is None:
+        return {"cold_tokens": 0, "seconds": round(time.perf_counter() - started, 3)}
     stats = handle.stats()
     record = {"cold_tokens": stats["cold"]["tokens"], "warm_tokens": stats["warm"]["tokens"],
               "budget_used": round(stats["budget_used"], 4)}
@@ -208,11 +211,12 @@ def run_plan(model, handle, calls: list[Call], prompt_for, device: str) -> list[
             for index, call in enumerate(calls):
                 ids, mask = prompt_for(call)
                 session = scratch / f"call-{index}" if call.session else None
-                record = run_call(model, handle, ids, mask, call.new_tokens, session)
-                handle.cache = None  # what the handle keeps between calls is one cache; drop it to see the floor
+                record = run_call(model, handle, ids, mask, call.new_tokens, session if handle else None)
+                if handle is not None:
+                    handle.cache = None  # what the handle keeps between calls is one cache; drop it to see the floor
                 del ids, mask
                 rows.append({"call": index, "warmup": call.warmup, "batch": call.batch, "prompt": call.length,
-                             "new_tokens": call.new_tokens, "session": call.session, **record, **memory(device)})
+                             "new_tokens": call.new_tokens, "session": call.session and handle is not None, **record, **memory(device)})
                 progress.update(1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--session-every", type=int, default=5, help="save/load/continue every n calls (0: never)")
     parser.add_argument("--rss-tolerance-mb", type=float, default=64.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", action="store_true", help="the same calls without kvtier (transformers' "
+                        "DynamicCache, no round trips): what the model and torch alone leave in memory")
     args = parser.parse_args(argv)
     warmup = warmup_calls(args)
     if args.calls <= len(warmup):
@@ -242,14 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     model, source, pad_id = load_model(args.device)
     knobs = {"recent_window": args.recent_window, "chunk_pages": args.chunk_pages}
     budget = budget_for_warm_pages(model, args.warm_pages, **knobs)
-    handle = kvtier.attach(model, budget_gb=budget, **knobs)
+    handle = None if args.control else kvtier.attach(model, budget_gb=budget, **knobs)
     device = next(model.parameters()).device
     started = time.perf_counter()
     try:
         rows = run_plan(model, handle, warmup + soak_calls(args, args.calls - len(warmup), rng),
                         lambda call: prompt(source, call.batch, call.length, pad_id, rng, device), args.device)
     finally:
-        kvtier.detach(model)
+        if handle is not None:
+            kvtier.detach(model)
 
     summary = summarize(rows, args)
     env = {"device": device_name(args.device), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -257,9 +264,10 @@ def main(argv: list[str] | None = None) -> None:
            "seconds": round(time.perf_counter() - started)}
     settings = {**vars(args), "budget_gb": budget, "warmup_calls": len(warmup),
                 "model": "SmolLM2-135M-Instruct (float32)" if args.device == "cpu"
-                else "random-weight Llama-3.1-8B shape (bf16)"}
+                else "random-weight Llama-3.1-8B shape (bf16)",
+                "cache": "transformers DynamicCache (control: kvtier not attached)" if args.control else "kvtier"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"soak-{args.device}"
+    name = f"soak-{args.device}" + ("-control" if args.control else "")
     (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "settings": settings, "summary": summary,
                                                       "calls": rows}, indent=1))
     table = markdown(rows, summary, settings, env)
@@ -280,6 +288,9 @@ def summarize(rows: list[dict], args) -> dict:
                "calls_with_cold_pages": sum(row["cold_tokens"] > 0 for row in rows),
                "warmup_calls_with_cold_pages": sum(row["cold_tokens"] > 0 for row in warmup),
                "session_round_trips": sum(row["session"] for row in rows), "failures": []}
+    if after[0].get("heap_in_use_mib") is not None:  # shown, not judged
+        summary["heap_in_use_slope_mib_per_call"] = round(
+            _slope([row["call"] for row in after], [row["heap_in_use_mib"] for row in after]), 3)
     summary["failures"] += [f"call {row['call']}: RSS +{row['rss_mib'] - baseline['rss_mib']:.1f} MiB" for row in after
                             if row["rss_mib"] - baseline["rss_mib"] > args.rss_tolerance_mb]
     if "cuda_allocated_mib" in baseline:
@@ -317,7 +328,7 @@ def device_name(device: str) -> str:
 def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
     cuda, pinned = "cuda_allocated_mib" in rows[0], "pinned_held_mib" in rows[0]
     warmup = settings["warmup_calls"]
-    lines = [f"# Soak: {len(rows)} generate() calls, {settings['model']}", "",
+    lines = [f"# Soak: {len(rows)} generate() calls, {settings['model']}, {settings['cache']}", "",
              f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}, python {env['python']}, "
              f"kvtier {env['kvtier']}; {env['seconds']} s.", "",
              f"budget_gb {settings['budget_gb']:.4f} ({settings['warm_pages']} warm pages a layer at batch 2), "
@@ -338,6 +349,8 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
               f"| max RSS over baseline MiB | {summary['max_rss_over_baseline_mib']} |",
               f"| last RSS over baseline MiB | {summary['last_rss_over_baseline_mib']} |",
               f"| RSS slope MiB/call (least squares) | {summary['rss_slope_mib_per_call']} |"]
+    if "heap_in_use_slope_mib_per_call" in summary:
+        lines += [f"| C heap in use, slope MiB/call (shown, not judged) | {summary['heap_in_use_slope_mib_per_call']} |"]
     if "baseline_cuda_allocated_mib" in summary:
         lines += [f"| baseline CUDA allocated MiB | {summary['baseline_cuda_allocated_mib']} |",
                   f"| max CUDA allocated over baseline MiB | {summary['max_cuda_allocated_over_baseline_mib']} |"]

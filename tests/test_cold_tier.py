@@ -45,11 +45,11 @@ def budget_for_warm_pages(pages_per_layer, device="cpu", **overrides):
     return (fixed + MODEL.num_hidden_layers * (pages_per_layer * warm.page_bytes + warm.table_bytes)) / BYTES_PER_GB
 
 
-def host_budget_for_slabs(slabs_per_layer, chunk_pages):
+def host_budget_for_slabs(slabs_per_layer, chunk_pages, device="cpu"):
     probe = make_cache(chunk_pages=chunk_pages)
-    step(probe, *random_states(40, seed=0))
-    page_bytes = probe.layers[0].warm.page_bytes
-    return MODEL.num_hidden_layers * slabs_per_layer * chunk_pages * (page_bytes + 4) / BYTES_PER_GB
+    step(probe, *(states.to(device) for states in random_states(40, seed=0)))
+    slab_bytes = probe.layers[0].cold.slab_bytes  # chunk_pages rows and positions; whole pages when pinned (CUDA)
+    return MODEL.num_hidden_layers * slabs_per_layer * slab_bytes / BYTES_PER_GB
 
 
 def random_states(length, seed, batch=2):

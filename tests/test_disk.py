@@ -30,11 +30,11 @@ from kvtier.prefetch import Prefetcher
 BLOCK = 16  # SMALL's block_size
 
 
-def host_budget_gb(slabs_per_layer, chunk_pages, staging_chunks=3):
+def host_budget_gb(slabs_per_layer, chunk_pages, staging_chunks=3, device="cpu"):
     """A host budget of ``slabs_per_layer`` cold slabs a layer, plus the rows disk pages are read into."""
     page_bytes = make_probe(chunk_pages).layers[0].warm.page_bytes
     rows = Prefetcher.read_rows_bytes(staging_chunks, chunk_pages, page_bytes) / BYTES_PER_GB
-    return host_budget_for_slabs(slabs_per_layer, chunk_pages) + rows
+    return host_budget_for_slabs(slabs_per_layer, chunk_pages, device) + rows
 
 
 def make_probe(chunk_pages):
@@ -46,7 +46,7 @@ def make_probe(chunk_pages):
 def spilling_cache(warm_pages=2, host_slabs=1, chunk_pages=2, device="cpu", **overrides):
     """``warm_pages`` warm pages and ``host_slabs`` slabs of ``chunk_pages`` cold pages a layer; the rest spills."""
     return offloading_cache(warm_pages, device, chunk_pages=chunk_pages, on_host_full="disk",
-                            host_budget_gb=host_budget_gb(host_slabs, chunk_pages), **overrides)
+                            host_budget_gb=host_budget_gb(host_slabs, chunk_pages, device=device), **overrides)
 
 
 def every_cached_token(layer):
@@ -486,7 +486,7 @@ def test_generate_with_most_of_the_context_on_disk_matches_the_warm_only_cache(d
     outputs = []
     for config in (dict(budget_gb=0.5, on_budget_full="raise"),
                    dict(budget_gb=budget_for_warm_pages(2, device, chunk_pages=2), chunk_pages=2, on_host_full="disk",
-                        host_budget_gb=host_budget_gb(1, 2))):
+                        host_budget_gb=host_budget_gb(1, 2, device=device))):
         handle = kvtier.attach(model, **{**SMALL, **config})
         try:
             outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
