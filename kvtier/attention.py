@@ -1,7 +1,9 @@
 """The attention function kvtier registers with transformers: it reads every tier in place.
 
 A first prefill chunk (an empty cache) attends only its own tokens, which the cache has not quantized: SDPA serves
-it, as it serves the dense cache. A decode step (one query row) goes to the paged decode kernel on CUDA
+it, as it serves the dense cache, but not through cuDNN's attention, which keeps an execution plan for every shape it
+sees (prompt lengths vary from call to call: on the H200 that held 1.2 MiB of host memory more per generate() call,
+benchmarks/results/soak-cuda*.md). A decode step (one query row) goes to the paged decode kernel on CUDA
 (``decode_kernel="auto"``) and to its torch reference elsewhere; cold pages reach it through the staging ring
 (kvtier.prefetch). A later prefill chunk attends the cached tiers through the reference, query tile by query tile, and
 its own tokens exactly; the pieces merge by log-sum-exp, so no dense copy of the whole cache is ever built. States
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvtier.kernels import decode_attention as paged_kernel
@@ -24,6 +27,7 @@ from .layer import TierView
 from .prefetch import JoinedPages
 
 ATTENTION_NAME = "kvtier"
+FIRST_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 def tiered_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -35,8 +39,9 @@ def tiered_attention_forward(module, query, key, value, attention_mask, scaling=
         raise NotImplementedError("kvtier's tiered cache is for inference: attention dropout is not supported.")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if key.past_length == 0 and key.step is None:  # a first chunk attends its own tokens only, in the model's dtype
-        return sdpa_attention_forward(module, query, key.new_keys, key.new_values, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        with sdpa_kernel(FIRST_CHUNK_BACKENDS):
+            return sdpa_attention_forward(module, query, key.new_keys, key.new_values, attention_mask,
+                                          scaling=scaling, dropout=dropout, **kwargs)
     return attend_tiers(key, query, attention_mask, scaling), None
 
 
