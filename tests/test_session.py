@@ -39,6 +39,13 @@ def filled_cache(model, tokens=300, **overrides):
     return cache
 
 
+def assert_same_generation(unsaved, loaded):
+    """Two generate() outputs (return_dict_in_generate, output_logits): the same tokens, logits within float32."""
+    assert torch.equal(loaded.sequences, unsaved.sequences)
+    for got, expected in zip(loaded.logits, unsaved.logits):
+        assert relative_error(got, expected) < FP32_RELATIVE
+
+
 def pages_of(cache):
     return [[(tier, start, data.clone()) for tier, start, data in layer.pages_in_order()] for layer in cache.layers]
 
@@ -272,10 +279,7 @@ def test_continuation_after_a_load_evicts_as_a_run_that_never_saved(tmp_path, po
             assert cache.stats()["evicted_tokens"] > evicted  # the policy chose pages to drop after the load
         finally:
             kvtier.detach(model)
-    unsaved, loaded = results
-    assert torch.equal(loaded.sequences, unsaved.sequences)
-    for got, expected in zip(loaded.logits, unsaved.logits):
-        assert relative_error(got, expected) < FP32_RELATIVE
+    assert_same_generation(*results)
 
 
 class NewestFirstCounting(PagePolicy):
@@ -353,10 +357,7 @@ def test_generation_continued_after_a_load_matches_the_unsaved_cache(smollm2, tm
                                           do_sample=False, output_logits=True, return_dict_in_generate=True))
     finally:
         kvtier.detach(model)
-    unsaved, loaded = results
-    assert torch.equal(loaded.sequences, unsaved.sequences)
-    for got, expected in zip(loaded.logits, unsaved.logits):
-        assert relative_error(got, expected) < FP32_RELATIVE
+    assert_same_generation(*results)
 
 
 def smollm2_budget_for_warm_pages(model, pages, batch):
