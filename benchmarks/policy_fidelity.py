@@ -3,15 +3,15 @@
     python benchmarks/policy_fidelity.py [--parts eviction topk precision passkey] [--windows 8] [--context 2048]
                                          [--between] [--pick 0 2 ...] [--steps 4] [--passkeys 12]
                                          [--prefill-chunk 256] [--high-pages 15] [--only NAME ...]
-                                         [--rotation-seed 0] [--name policy-fidelity-cpu]
+                                         [--low-key-bits 3] [--rotation-seed 0] [--name policy-fidelity-cpu]
 
 eviction   sink_recent vs attention_mass, both dropping pages (on_budget_full="evict") under one budget whose warm
            share holds --evict-pages pages a layer: worst decode-logit MSE and top-10 per pydoc window, and the
            difference.
-precision  every page INT4; every page TurboQuant 2-bit (the low format); and the precision rule (low_bits=2: the
-           pages the policy scores lowest drop to 2 bits), under a budget whose INT4 share holds --high-pages pages
-           a layer and whose low-precision share holds the rest of the context: gate MSE <= 0.25, top-10 >= 0.8 on
-           every step; warm bytes per token.
+precision  every page INT4; every page TurboQuant 2-bit; and the precision rule (low_bits=2, low_key_bits=
+           --low-key-bits: the pages the policy scores lowest drop to 2-bit values and 3-bit keys), under a budget
+           whose INT4 share holds --high-pages pages a layer and whose low-precision share holds the rest of the
+           context: gate MSE <= 0.25, top-10 >= 0.8 on every step; warm bytes per token.
 topk       sink_recent vs attention_mass with the pages past a budget of --evict-pages warm pages a layer demoted to
            the host tier, and prefetch="topk" streaming 25% of them back each decode step.
 passkey    passkey retrieval at about 3000 tokens with most of the context cold: prefetch="all" (exact) and
@@ -85,18 +85,20 @@ def topk_configs(model, pages: int) -> dict:
     return {policy: dict(base, budget_gb=budget, policy=policy) for policy in ("sink_recent", "attention_mass")}
 
 
-def precision_configs(model, high_pages: int, context: int) -> dict:
+def precision_configs(model, high_pages: int, context: int, low_key_bits: int | None = None) -> dict:
     """Every page INT4, every page 2-bit, and the precision rule holding the context (and 4 decode steps) at 4 and 2
-    bits."""
+    bits (its low pages' keys at ``low_key_bits``; None: 2, as benchmarks/quality.py's rule-low2 measures it)."""
     base = dict(recent_window=RECENT_WINDOW)
-    rule = TierConfig(**base, low_bits=2, on_budget_full="evict")
+    rule = TierConfig(**base, low_bits=2, low_key_bits=low_key_bits, on_budget_full="evict")
     warm_pages = (context + 4 - rule.sink_tokens - RECENT_WINDOW) // rule.block_size
     high, low = page_bytes(model, rule), page_bytes(model, rule, low=True)
     share = 2 * max(high_pages * high, (warm_pages - high_pages) * low)  # low_share 0.5
-    mixed = dict(base, low_bits=2, low_share=0.5, on_budget_full="evict", budget_gb=budget_gb(model, rule, share))
+    mixed = dict(base, low_bits=2, low_key_bits=low_key_bits, low_share=0.5, on_budget_full="evict",
+                 budget_gb=budget_gb(model, rule, share))
+    two_bits = dict(warm_format="turboquant", turboquant_bits=2, turboquant_qjl=False)
     return {
         "int4": (dict(base, budget_gb=1.0), high),
-        "tq2-all": (dict(base, budget_gb=1.0, warm_format="turboquant", turboquant_bits=2, turboquant_qjl=False), low),
+        "tq2-all": (dict(base, budget_gb=1.0, **two_bits), page_bytes(model, TierConfig(**two_bits))),
         "rule-attention_mass": (dict(mixed, policy="attention_mass"),
                                 (high_pages * high + (warm_pages - high_pages) * low) / warm_pages),
         "rule-sink_recent": (dict(mixed, policy="sink_recent"),
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=256)
     parser.add_argument("--evict-pages", type=int, default=16, help="warm pages a layer under eviction")
     parser.add_argument("--high-pages", type=int, default=15, help="INT4 pages a layer under the precision rule")
+    parser.add_argument("--low-key-bits", type=int, default=3, help="the precision rule's low pages' key bits")
     parser.add_argument("--name", default="policy-fidelity-cpu")
     args = parser.parse_args(argv)
 
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if "topk" in args.parts:
         configs["topk"] = {name: (config, None) for name, config in topk_configs(model, args.evict_pages).items()}
     if "precision" in args.parts:
-        configs["precision"] = precision_configs(model, args.high_pages, args.context)
+        configs["precision"] = precision_configs(model, args.high_pages, args.context, args.low_key_bits)
     for part, named in configs.items():
         configs[part] = {name: (dict(config, rotation_seed=args.rotation_seed), bytes_per_token)
                          for name, (config, bytes_per_token) in named.items() if not args.only or name in args.only}
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 "windows": f"{list(picked)} of {len(windows)} "
                            f"{'midway between ' if args.between else ''}{args.windows} evenly spaced",
                 "recent_window": RECENT_WINDOW, "prefill_chunk": args.prefill_chunk, "evict_pages": args.evict_pages,
-                "high_pages": args.high_pages,
+                "high_pages": args.high_pages, "low_key_bits": args.low_key_bits,
                 "configs": {part: {name: config for name, (config, _) in named.items()} for part, named in configs.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(

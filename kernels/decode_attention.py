@@ -199,16 +199,29 @@ def _page_constants(layout: PageLayout, warm_tile: int) -> dict:
     common = dict(BLOCK=layout.block_size, TILE_PAGES=max(1, warm_tile // layout.block_size))
     warm_format = layout.format
     if isinstance(warm_format, TurboQuantFormat):
-        return dict(common, TURBOQUANT=True, BITS=warm_format.bits, QJL=warm_format.qjl,
+        key_levels_at = 0 if warm_format.bits_of_keys == warm_format.bits else 2 ** warm_format.bits
+        return dict(common, TURBOQUANT=True, BITS=warm_format.bits, KEY_BITS=warm_format.bits_of_keys,
+                    KEY_LEVELS_AT=key_levels_at, QJL=warm_format.qjl,
                     KEY_GROUP=warm_format.key_group or layout.block_size, KEY_CENTERED=warm_format.key_group > 0,
                     KEY_PER_TOKEN=False, KEY_CODES_AT=at["key_planes"], VALUE_CODES_AT=at["value_planes"],
                     KEY_SCALE_AT=at["key_norm"], KEY_MIN_AT=at.get("key_mean", 0),
                     VALUE_SCALE_AT=at["value_norm"], VALUE_MIN_AT=0,
                     KEY_SIGNS_AT=at.get("key_signs", 0), KEY_RESIDUAL_AT=at.get("key_residual_norm", 0))
-    return dict(common, TURBOQUANT=False, BITS=4, QJL=False, KEY_GROUP=warm_format.key_group, KEY_CENTERED=False,
-                KEY_PER_TOKEN=not warm_format.key_per_channel, KEY_CODES_AT=at["key_codes"],
-                VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"], KEY_MIN_AT=at["key_min"],
-                VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"], KEY_SIGNS_AT=0, KEY_RESIDUAL_AT=0)
+    return dict(common, TURBOQUANT=False, BITS=4, KEY_BITS=4, KEY_LEVELS_AT=0, QJL=False,
+                KEY_GROUP=warm_format.key_group, KEY_CENTERED=False, KEY_PER_TOKEN=not warm_format.key_per_channel,
+                KEY_CODES_AT=at["key_codes"], VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"],
+                KEY_MIN_AT=at["key_min"], VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
+                KEY_SIGNS_AT=0, KEY_RESIDUAL_AT=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _turboquant_codebook(warm_format: TurboQuantFormat, head_dim: int, device: str) -> torch.Tensor:
+    """The value levels (2^BITS,), followed by the key levels (2^KEY_BITS,) at KEY_LEVELS_AT when keys have their own
+    bit width."""
+    values = turboquant_levels(warm_format.bits, head_dim, device)
+    if warm_format.bits_of_keys == warm_format.bits:
+        return values
+    return torch.cat([values, turboquant_levels(warm_format.bits_of_keys, head_dim, device)])
 
 
 def kernel_variant(constants: dict, device) -> dict:
@@ -287,7 +300,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     rotated = query.float() @ paged.rotation if paged.rotation is not None else query.float()
     constants = _page_constants(layout, WARM_TILE)
     if constants["TURBOQUANT"]:  # the codebook, and the rotated query through the QJL sketch, scaled
-        codebook = turboquant_levels(layout.format.bits, head_dim, str(query.device))
+        codebook = _turboquant_codebook(layout.format, head_dim, str(query.device))
         sketched = rotated @ paged.sketch.T * layout.format.qjl_scale(head_dim) if constants["QJL"] else rotated
     else:
         codebook, sketched = rotated, rotated  # not read
@@ -433,7 +446,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=["warm_pages", "hot_pages", "pages_per_split", "splits"])
     def _decode_pages_kernel(
         query_ptr, rotated_query_ptr,  # (B, H_q, D): model dtype, plain basis; float32, rotated basis
-        sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T qjl_scale; (2^BITS,) levels
+        sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T qjl_scale; value levels
+        # (2^BITS,), then key levels (2^KEY_BITS,) from KEY_LEVELS_AT when their bits differ
         page_base_ptr, warm_offset_ptr, warm_position_ptr, warm_pages,  # uint8 base; (n_warm,) int64 distances
         # of the pages from it, in ALIGNMENT bytes; (n_warm,) int32 positions
         warm_count_ptr,  # with COUNT_ON_DEVICE: (1,) int32 n_warm, read here instead of warm_pages
@@ -447,7 +461,8 @@ if triton is not None:
         KEY_CODES_AT: tl.constexpr, VALUE_CODES_AT: tl.constexpr, KEY_SCALE_AT: tl.constexpr,
         KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr, VALUE_MIN_AT: tl.constexpr,
         KEY_SIGNS_AT: tl.constexpr, KEY_RESIDUAL_AT: tl.constexpr,
-        TURBOQUANT: tl.constexpr, BITS: tl.constexpr, QJL: tl.constexpr, KEY_CENTERED: tl.constexpr,
+        TURBOQUANT: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr, KEY_LEVELS_AT: tl.constexpr,
+        QJL: tl.constexpr, KEY_CENTERED: tl.constexpr,
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
         HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
@@ -505,7 +520,8 @@ if triton is not None:
         rows = tl.arange(0, TILE)
         token = rows % BLOCK  # inside its page
         code_row = (page_rows * BLOCK + token) * HALF  # (T,)
-        plane_row = (page_rows * BLOCK + token) * (BITS * HEAD_DIM // 8)  # TurboQuant: (T,) first plane byte
+        plane_row = (page_rows * BLOCK + token) * (BITS * HEAD_DIM // 8)  # TurboQuant: (T,) first value plane byte
+        key_plane_row = (page_rows * BLOCK + token) * (KEY_BITS * HEAD_DIM // 8)  # and first key plane byte
         sign_row = (page_rows * BLOCK + token) * (HEAD_DIM // 8)
         token_param_at = page_rows * BLOCK + token  # per-token (scale, min) rows: values, and keys per token
         key_groups = tl.arange(0, TILE // KEY_GROUP)
@@ -526,10 +542,11 @@ if triton is not None:
             if TURBOQUANT:  # k = |k| levels[codes] (+ the group mean); the QJL term apart
                 key_norm = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                    mask=page_ok, other=0.0).to(tl.float32)
-                key_rows_ptr = row_ptr + KEY_CODES_AT + plane_row
-                low_keys = tl.load(codebook_ptr + _plane_codes(key_rows_ptr, half, page_ok, BITS, HEAD_DIM // 8))
-                high_keys = tl.load(codebook_ptr + _plane_codes(key_rows_ptr, half + HALF, page_ok, BITS,
-                                                                HEAD_DIM // 8))
+                key_rows_ptr = row_ptr + KEY_CODES_AT + key_plane_row
+                key_levels_ptr = codebook_ptr + KEY_LEVELS_AT
+                low_keys = tl.load(key_levels_ptr + _plane_codes(key_rows_ptr, half, page_ok, KEY_BITS, HEAD_DIM // 8))
+                high_keys = tl.load(key_levels_ptr + _plane_codes(key_rows_ptr, half + HALF, page_ok, KEY_BITS,
+                                                                  HEAD_DIM // 8))
                 low_keys = low_keys * key_norm[:, None]
                 high_keys = high_keys * key_norm[:, None]
                 if KEY_CENTERED:

@@ -37,6 +37,9 @@ class TierConfig:
     moves warm pages, chosen by ``policy``, byte for byte to the cold tier in pinned host memory (at most
     ``host_budget_gb``), from where every decode step streams them back through a device staging ring of
     ``staging_chunks`` chunks of ``chunk_pages`` pages, one layer ahead (``prefetch="all"``: exact).
+    With ``low_bits`` (the precision rule; ``on_budget_full`` "evict" or "raise"), the warm pages the policy scores
+    lowest are re-quantized to TurboQuant at ``low_bits`` (values) and ``low_key_bits`` (keys; None: ``low_bits``)
+    once full-precision pages fill ``1 - low_share`` of a layer's warm bytes.
     """
 
     budget_gb: float = 2.0
@@ -55,6 +58,8 @@ class TierConfig:
     rotation_seed: int = 0
     low_bits: int | None = None  # precision rule: the warm pages the policy scores lowest drop to TurboQuant at this
     # many bits (keys and values, no QJL bit) when the warm pages at full precision fill their share; None: off
+    low_key_bits: int | None = None  # with low_bits: the low pages' key codebook bits, when keys should keep more
+    # than values (decode error comes mostly from keys); None: low_bits
     low_share: float = 0.5  # with low_bits: the share of each layer's warm bytes that holds low-precision pages
     on_budget_full: str = "offload"  # move warm pages to the host tier; "raise"; or "evict": drop them (policy)
     host_budget_gb: float | None = None  # cold tier cap; None: the host's available memory less a safety margin
@@ -109,6 +114,9 @@ class TierConfig:
                f"key_group must be >= 1 and divide block_size ({self.block_size}), got {self.key_group}.")
         _check(self.low_bits is None or self.low_bits in TURBOQUANT_BITS,
                f"low_bits must be one of {TURBOQUANT_BITS} (or None), got {self.low_bits}.")
+        _check(self.low_key_bits is None or (self.low_bits is not None and self.low_key_bits in TURBOQUANT_BITS),
+               f"low_key_bits must be one of {TURBOQUANT_BITS} (or None), with low_bits set; got low_key_bits="
+               f"{self.low_key_bits}, low_bits={self.low_bits}.")
         _check(self.low_bits is None or self.rotate, "low_bits re-quantizes pages with TurboQuant, whose codebook "
                "assumes rotated vectors; keep rotate=True.")
         _check(self.low_bits is None or 0 < self.low_share < 1, f"low_share must be in (0, 1), got {self.low_share}.")

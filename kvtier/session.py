@@ -40,7 +40,8 @@ MANIFEST = "manifest.json"
 # TierConfig fields that decide what a page, the hot buffer or a layer's tiers hold: a session saved with one value
 # cannot be read with another. The rest (budgets, policy, kernels, prefetch) may change between save and load.
 PAGE_CONFIG_FIELDS = ("sink_tokens", "recent_window", "block_size", "warm_format", "turboquant_bits", "turboquant_qjl",
-                      "turboquant_center_keys", "key_axis", "key_group", "rotate", "rotation_seed", "low_bits")
+                      "turboquant_center_keys", "key_axis", "key_group", "rotate", "rotation_seed", "low_bits",
+                      "low_key_bits")
 # config entries that say how a model is run or named, not what it computes
 VOLATILE_MODEL_FIELDS = ("_name_or_path", "_attn_implementation", "_attn_implementation_autoset", "transformers_version",
                          "dtype", "torch_dtype", "architectures", "use_cache", "return_dict", "output_attentions",

@@ -48,6 +48,9 @@ def test_bad_configuration_is_refused(field, value, message):
     ({"low_bits": 2}, r"low_bits .* does not combine with the host tier yet: attach with on_budget_full='evict'"),
     ({"low_bits": 2, "on_budget_full": "evict", "rotate": False}, r"low_bits re-quantizes.*keep rotate=True"),
     ({"low_bits": 2, "on_budget_full": "evict", "low_share": 1.0}, r"low_share must be in \(0, 1\), got 1.0"),
+    ({"low_bits": 2, "on_budget_full": "evict", "low_key_bits": 5},
+     r"low_key_bits must be one of \(2, 3, 4\) \(or None\), with low_bits set; got low_key_bits=5, low_bits=2"),
+    ({"low_key_bits": 3}, r"low_key_bits must be .* with low_bits set; got low_key_bits=3, low_bits=None"),
 ])
 def test_conflicting_options_are_refused_with_advice(overrides, message):
     with pytest.raises(ValueError, match=message):

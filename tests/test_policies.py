@@ -189,17 +189,18 @@ def test_prefill_feeds_the_policy_mass_as_shares_of_the_whole_softmax():
 
 
 # ------------------------------------------------------------------------------------------------ precision rule
-def test_low_precision_pages_hold_the_lowest_scored_pages_and_attention_reads_them():
-    """With low_bits, a full warm share sends the policy's lowest page to TurboQuant at low_bits; attention over
-    warm, low-precision and hot pages equals float64 attention over the same dequantized tokens."""
+@pytest.mark.parametrize("low_key_bits, label", [(None, "turboquant-2bit"), (3, "turboquant-k3v2bit")])
+def test_low_precision_pages_hold_the_lowest_scored_pages_and_attention_reads_them(low_key_bits, label):
+    """With low_bits, a full warm share sends the policy's lowest page to TurboQuant at low_bits (keys at low_key_bits);
+    attention over warm, low-precision and hot pages equals float64 attention over the same dequantized tokens."""
     budget = budget_for_pages(4, on_budget_full="evict")
-    cache = cache_for(budget_gb=budget, low_bits=2, low_share=0.5, on_budget_full="evict")
+    cache = cache_for(budget_gb=budget, low_bits=2, low_key_bits=low_key_bits, low_share=0.5, on_budget_full="evict")
     keys, values = random_states(261, seed=5)
     step(cache, keys[:, :, :260], values[:, :, :260])
     views = step(cache, keys[:, :, 260:], values[:, :, 260:])
     query = torch.randn(2, 4, 1, HEAD_DIM, generator=torch.Generator().manual_seed(6))
     stats = cache.stats()
-    assert stats["low"]["tokens"] > 0 and stats["low"]["format"].startswith("turboquant-2bit")
+    assert stats["low"]["tokens"] > 0 and stats["low"]["format"].startswith(label)
     for view in views:
         layer = view.layer
         assert min(layer.warm.starts) > max(layer.low.starts)  # sink+recent: the oldest pages went low
@@ -209,6 +210,19 @@ def test_low_precision_pages_hold_the_lowest_scored_pages_and_attention_reads_th
         expected = dense_decode_with_low(query[:, :, 0], layer, 0.25)
         assert relative_error(got, expected) < FP32_RELATIVE
     assert cache.reserved_bytes <= cache.budget_bytes
+
+
+@pytest.mark.parametrize("low_key_bits", [None, 3, 4])
+def test_low_page_bytes_per_token_are_exactly_its_packed_fields(low_key_bits):
+    """Low pages' bytes per token (every layer) against a hand count of their fields per KV head: key codes at
+    low_key_bits (None: low_bits) and value codes at low_bits per channel, a float16 norm each, a float16 key mean per
+    key group."""
+    cache = cache_for(budget_gb=budget_for_pages(4, on_budget_full="evict"), low_bits=2, low_key_bits=low_key_bits,
+                      on_budget_full="evict")
+    step(cache, *random_states(40, seed=0))
+    key_bits = low_key_bits or 2
+    per_head = (key_bits + 2) * HEAD_DIM / 8 + 2 * 2 + 2 * HEAD_DIM / SMALL["key_group"]
+    assert cache.stats()["low"]["bytes_per_token"] == len(cache.layers) * KV_HEADS * per_head  # a sequence's token
 
 
 def every_cached_token_with_low(layer):
@@ -278,17 +292,18 @@ def test_generate_with_topk_prefetch_of_every_page_matches_prefetching_all(devic
 
 
 @torch.no_grad()
-def test_generate_with_low_precision_pages_matches_the_torch_reference():
+@pytest.mark.parametrize("low_key_bits", [None, 3])
+def test_generate_with_low_precision_pages_matches_the_torch_reference(low_key_bits):
     """The precision rule through generate(): the Triton kernel (compiled on CUDA, interpreted on the CPU) reads the
-    INT4 and TurboQuant 2-bit pages (two launches merged by log-sum-exp), against the torch reference reading the
-    same pages."""
+    INT4 and TurboQuant 2-bit pages (keys at low_key_bits: two codebooks; two launches merged by log-sum-exp),
+    against the torch reference reading the same pages."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = kvtier_test_model().to(device)
     ids = torch.randint(0, 128, (2, 200), device=device)
     mask = torch.ones_like(ids)
     config = dict(budget_gb=budget_for_warm_pages(4, device, on_budget_full="evict"), low_bits=2,
-                  on_budget_full="evict", policy="attention_mass")
+                  low_key_bits=low_key_bits, on_budget_full="evict", policy="attention_mass")
     kernel, stats = generate(model, ids, mask, 8, **config, decode_kernel="triton")
     reference, _ = generate(model, ids, mask, 8, **config, decode_kernel="torch")
     assert stats["low"]["tokens"] > 0 and stats["warm"]["tokens"] > 0
@@ -309,6 +324,6 @@ def test_describe_names_each_tier_its_precision_and_the_policy():
 def test_a_config_prints_every_field_and_a_policy_object_by_its_settings():
     printed = str(TierConfig(policy=AttentionMass(decay=0.5), low_bits=2, low_share=0.25, on_budget_full="evict"))
     assert printed.startswith("TierConfig(budget_gb=2.0, sink_tokens=4, recent_window=128, block_size=64, warm_format=int4")
-    assert "low_bits=2, low_share=0.25, on_budget_full=evict" in printed
+    assert "low_bits=2, low_key_bits=None, low_share=0.25, on_budget_full=evict" in printed
     assert "policy=AttentionMass(decay=0.5, recent_share=0.0)," in printed and "history" not in printed
     assert "policy='sink_recent'" in str(TierConfig())

@@ -228,3 +228,17 @@ def test_min_mse_estimator_is_labelled_and_checked():
         "turboquant-3bit+qjl+mean/32"
     with pytest.raises(ValueError, match=r"unknown turboquant_qjl_estimator 'biased'; choose one of"):
         TierConfig(turboquant_qjl_estimator="biased")
+
+
+def test_keys_at_their_own_bits_decode_as_that_width_and_values_as_theirs():
+    """key_bits apart from bits (the precision rule's low_key_bits): keys come back exactly as the key_bits format
+    gives them, values exactly as the bits format does."""
+    generator = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(1, 2, 64, 64, generator=generator), torch.randn(1, 2, 64, 64, generator=generator)
+    mixed = TurboQuantFormat(2, False, 32, key_bits=3)
+    got_keys, got_values = mixed.dequantize(mixed.quantize(keys, values))
+    three, two = (TurboQuantFormat(bits, False, 32) for bits in (3, 2))
+    assert torch.equal(got_keys, three.dequantize(three.quantize(keys, values))[0])
+    assert torch.equal(got_values, two.dequantize(two.quantize(keys, values))[1])
+    assert mixed.label == "turboquant-k3v2bit+mean/32"
+    assert mixed.fields(1, 2, 64, 64)["key_planes"][0] == (1, 2, 64, 3, 8)

@@ -47,13 +47,15 @@ def make_format(config) -> WarmFormat:
 
 def make_low_format(config) -> WarmFormat | None:
     """The format of low-precision warm pages (``low_bits``), or None when the precision rule is off."""
-    return None if config.low_bits is None else _turboquant(config, config.low_bits, qjl=False)
+    if config.low_bits is None:
+        return None
+    return _turboquant(config, config.low_bits, qjl=False, key_bits=config.low_key_bits or 0)
 
 
-def _turboquant(config, bits: int, qjl: bool) -> TurboQuantFormat:
-    """TurboQuant at ``bits``, keys centered per key group as the config says."""
+def _turboquant(config, bits: int, qjl: bool, key_bits: int = 0) -> TurboQuantFormat:
+    """TurboQuant at ``bits`` (keys at ``key_bits``, 0: ``bits``), keys centered per key group as the config says."""
     return TurboQuantFormat(bits, qjl, config.key_group_size if config.turboquant_center_keys else 0,
-                            config.turboquant_qjl_estimator)
+                            config.turboquant_qjl_estimator, key_bits)
 
 
 __all__ = ["FieldSpec", "Int4Format", "TurboQuantFormat", "WarmFormat", "make_format", "make_low_format"]

@@ -23,10 +23,10 @@ and only the differences are quantized. Keys share a large common component (per
 turning low-frequency rotary channels) that a per-vector norm would otherwise spread over every token's error;
 the mean is the part of the key that INT4's per-channel minimum captures.
 
-Fields: key_planes, value_planes (B, H, block, bits, D // 8) uint8, bit p of channel j in byte j // 8 of plane
-p at bit j % 8; key_signs (B, H, block, D // 8) uint8 (with the sketch) the residual's signs, packed alike;
-key_norm, value_norm, key_residual_norm (B, H, block, 1) float16; key_mean (B, H, block // key_group, D)
-float16 when keys are centered.
+Fields: key_planes (B, H, block, key_bits, D // 8) and value_planes (B, H, block, bits, D // 8) uint8 (key_bits:
+``bits`` unless the keys are given their own width), bit p of channel j in byte j // 8 of plane p at bit j % 8;
+key_signs (B, H, block, D // 8) uint8 (with the sketch) the residual's signs, packed alike; key_norm, value_norm,
+key_residual_norm (B, H, block, 1) float16; key_mean (B, H, block // key_group, D) float16 when keys are centered.
 """
 
 from __future__ import annotations
@@ -87,17 +87,23 @@ def unpack_planes(planes: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TurboQuantFormat:
-    bits: int = 3  # codebook bits per channel, keys and values
+    bits: int = 3  # codebook bits per channel, of values (and of keys unless key_bits is set)
     qjl: bool = True  # keys add a 1-bit sketch of their residual (scaled as qjl_estimator says)
     key_group: int = 0  # tokens sharing one stored key mean (keys quantized as differences from it); 0: none
     qjl_estimator: str = "min_mse"  # how the sketch term is scaled: "min_mse" or "unbiased" (see the module doc)
+    key_bits: int = 0  # codebook bits per key channel; 0: ``bits``
     name = "turboquant"
+
+    @property
+    def bits_of_keys(self) -> int:
+        return self.key_bits or self.bits
 
     @property
     def label(self) -> str:
         centered = f"+mean/{self.key_group}" if self.key_group else ""
         sketch = ("+qjl" + ("(min-mse)" if self.qjl_estimator == "min_mse" else "")) if self.qjl else ""
-        return f"turboquant-{self.bits}bit" + sketch + centered
+        bits = f"{self.bits}bit" if self.bits_of_keys == self.bits else f"k{self.bits_of_keys}v{self.bits}bit"
+        return f"turboquant-{bits}" + sketch + centered
 
     def qjl_scale(self, dim: int) -> float:
         """The factor of |r| (q S^T) . sign(S r) in a key's dot product: sqrt(pi / 2) / D, times the min-MSE lambda."""
@@ -105,8 +111,9 @@ class TurboQuantFormat:
         return unbiased if self.qjl_estimator == "unbiased" else unbiased / (math.pi / 2 + (dim - 1) / dim)
 
     def fields(self, batch: int, heads: int, block: int, dim: int):
-        planes, norms = (batch, heads, block, self.bits, dim // 8), (batch, heads, block, 1)
-        fields = {"key_planes": (planes, torch.uint8), "value_planes": (planes, torch.uint8)}
+        norms = (batch, heads, block, 1)
+        fields = {"key_planes": ((batch, heads, block, self.bits_of_keys, dim // 8), torch.uint8),
+                  "value_planes": ((batch, heads, block, self.bits, dim // 8), torch.uint8)}
         if self.qjl:
             fields["key_signs"] = ((batch, heads, block, dim // 8), torch.uint8)
             fields["key_residual_norm"] = (norms, PARAM_DTYPE)
@@ -116,13 +123,14 @@ class TurboQuantFormat:
             fields["key_mean"] = ((batch, heads, block // self.key_group, dim), PARAM_DTYPE)
         return fields
 
-    def encode(self, vectors: torch.Tensor):
-        """(..., D) float32 -> codes (..., D) int64, norms (..., 1) float32, unit residual (..., D) float32."""
-        dim, device = vectors.shape[-1], str(vectors.device)
+    def encode(self, vectors: torch.Tensor, bits: int | None = None):
+        """(..., D) float32 -> codes (..., D) int64, norms (..., 1) float32, unit residual (..., D) float32, on the
+        codebook of ``bits`` (None: ``self.bits``)."""
+        dim, device, bits = vectors.shape[-1], str(vectors.device), bits or self.bits
         norms = vectors.norm(dim=-1, keepdim=True)
         unit = vectors / norms.clamp_min(_TINY)
-        codes = torch.bucketize(unit, _boundaries(self.bits, dim, device))
-        return codes, norms, unit - levels(self.bits, dim, device)[codes]
+        codes = torch.bucketize(unit, _boundaries(bits, dim, device))
+        return codes, norms, unit - levels(bits, dim, device)[codes]
 
     def quantize(self, keys: torch.Tensor, values: torch.Tensor, valid=None, sketch: torch.Tensor | None = None):
         """keys, values (B, H, block, D) rotated; valid (B, block) bool or None (padding stays out of key means)."""
@@ -130,9 +138,10 @@ class TurboQuantFormat:
         if self.key_group:
             key_mean = self._key_means(keys, valid)  # (B, H, groups, D)
             keys = keys - key_mean.to(keys.dtype).repeat_interleave(self.key_group, dim=-2)
-        key_codes, key_norm, key_residual = self.encode(keys)
+        key_codes, key_norm, key_residual = self.encode(keys, self.bits_of_keys)
         value_codes, value_norm, _ = self.encode(values.float())
-        page = {"key_planes": pack_planes(key_codes, self.bits), "value_planes": pack_planes(value_codes, self.bits),
+        page = {"key_planes": pack_planes(key_codes, self.bits_of_keys),
+                "value_planes": pack_planes(value_codes, self.bits),
                 "key_norm": key_norm.to(PARAM_DTYPE), "value_norm": value_norm.to(PARAM_DTYPE)}
         if self.qjl:
             if sketch is None:
@@ -155,8 +164,7 @@ class TurboQuantFormat:
     def dequantize(self, fields: dict, dtype: torch.dtype = torch.float32, sketch: torch.Tensor | None = None):
         planes = fields["key_planes"]
         dim = planes.shape[-1] * 8
-        table = levels(self.bits, dim, str(planes.device)).to(dtype)
-        keys = table[unpack_planes(planes)]
+        keys = levels(self.bits_of_keys, dim, str(planes.device)).to(dtype)[unpack_planes(planes)]
         if self.qjl:
             signs = unpack_bits(fields["key_signs"]).to(dtype) * 2 - 1  # (..., D) of +-1
             residual_scale = self.qjl_scale(dim) * fields["key_residual_norm"].to(dtype)
@@ -164,5 +172,6 @@ class TurboQuantFormat:
         keys = keys * fields["key_norm"].to(dtype)
         if self.key_group:
             keys = keys + fields["key_mean"].to(dtype).repeat_interleave(self.key_group, dim=-2)
+        table = levels(self.bits, dim, str(planes.device)).to(dtype)
         values = table[unpack_planes(fields["value_planes"])] * fields["value_norm"].to(dtype)
         return keys, values
