@@ -216,7 +216,8 @@ def run_plan(model, handle, calls: list[Call], prompt_for, device: str) -> list[
                     handle.cache = None  # what the handle keeps between calls is one cache; drop it to see the floor
                 del ids, mask
                 rows.append({"call": index, "warmup": call.warmup, "batch": call.batch, "prompt": call.length,
-                             "new_tokens": call.new_tokens, "session": call.session and handle is not None, **record, **memory(device)})
+                             "new_tokens": call.new_tokens, "session": call.session and handle is not None, **record,
+                             **memory(device)})
                 progress.update(1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -339,7 +340,8 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
              f"{settings['max_new']} new (batch 1 and 2, each plain and with a round trip) and a batch-2 call at "
              f"{settings['min_prompt']}. Baseline: after call {warmup - 1}; memory read after each call with the "
              "handle's cache dropped. Heap: what glibc's malloc has handed out / holds free (mallinfo2); kernels: "
-             "compiled variants of kvtier's Triton kernels." + (" Pinned: what torch's caching pinned host allocator holds (in use and "
+             "compiled variants of kvtier's Triton kernels."
+             + (" Pinned: what torch's caching pinned host allocator holds (in use and "
                                          "cached; part of RSS) / has in use." if pinned else ""), ""]
     lines += table_head(cuda, pinned) + [table_row(row, summary) for row in rows]
     tolerance = f"RSS within {settings['rss_tolerance_mb']:g} MiB" + (
@@ -350,7 +352,8 @@ def markdown(rows: list[dict], summary: dict, settings: dict, env: dict) -> str:
               f"| last RSS over baseline MiB | {summary['last_rss_over_baseline_mib']} |",
               f"| RSS slope MiB/call (least squares) | {summary['rss_slope_mib_per_call']} |"]
     if "heap_in_use_slope_mib_per_call" in summary:
-        lines += [f"| C heap in use, slope MiB/call (shown, not judged) | {summary['heap_in_use_slope_mib_per_call']} |"]
+        slope = summary["heap_in_use_slope_mib_per_call"]
+        lines += [f"| C heap in use, slope MiB/call (shown, not judged) | {slope} |"]
     if "baseline_cuda_allocated_mib" in summary:
         lines += [f"| baseline CUDA allocated MiB | {summary['baseline_cuda_allocated_mib']} |",
                   f"| max CUDA allocated over baseline MiB | {summary['max_cuda_allocated_over_baseline_mib']} |"]

@@ -88,7 +88,8 @@ def disk_budget_gb(mode, pages):
 
 def filled(mode, tokens, warm_pages=3, host_slabs=3, disk_pages=20, device="cpu"):
     cache = make_cache(mode, budget_gb=budget_gb(mode, warm_pages, device),
-                       host_budget_gb=host_budget_gb(mode, host_slabs, device), disk_budget_gb=disk_budget_gb(mode, disk_pages))
+                       host_budget_gb=host_budget_gb(mode, host_slabs, device),
+                       disk_budget_gb=disk_budget_gb(mode, disk_pages))
     reference = make_cache("device-raise", budget_gb=0.5)
     keys, values = (states.to(device) for states in random_states(tokens + 40, seed=tokens))
     for cache_ in (cache, reference):
@@ -261,7 +262,8 @@ def test_a_shrink_while_cold_pages_are_in_flight_waits_for_them_and_cancels_thei
     prefetcher = cache.prefetcher
     issued = [job for job in prefetcher.jobs[0] if job.slot is not None]  # layer 0's copies for the next step
     assert issued and all((job.ready is not None) == (device == "cuda") for job in issued)  # CUDA: on the side stream
-    cache.set_budgets(budget_gb=budget_gb("disk-evict", 1, device), host_budget_gb=host_budget_gb("disk-evict", 1, device))
+    cache.set_budgets(budget_gb=budget_gb("disk-evict", 1, device),
+                      host_budget_gb=host_budget_gb("disk-evict", 1, device))
     assert not prefetcher.jobs and sorted(prefetcher.free_slots) == list(range(len(prefetcher.slot_released)))
     assert all(len(layer.warm.table) == 1 and len(layer.cold.slabs) == 1 for layer in cache.layers)
     assert_kept_and_decodes(cache, reference, keys, values, 301)
@@ -272,7 +274,8 @@ def test_a_larger_budget_raises_the_limits_and_new_pages_use_the_room(device):
     """200 tokens: 11 pages a layer, 1 warm; 40 more tokens bring 3 pages, which the larger budget keeps warm."""
     cache, reference, keys, values = filled("host-evict", 200, warm_pages=1, host_slabs=6, device=device)
     cold = [list(layer.cold.starts) for layer in cache.layers]
-    cache.set_budgets(budget_gb=budget_gb("host-evict", 4, device), host_budget_gb=host_budget_gb("host-evict", 8, device))
+    cache.set_budgets(budget_gb=budget_gb("host-evict", 4, device),
+                      host_budget_gb=host_budget_gb("host-evict", 8, device))
     assert [list(layer.cold.starts) for layer in cache.layers] == cold  # nothing is promoted back
     assert cache.host_budget.limit_bytes == int(host_budget_gb("host-evict", 8, device) * BYTES_PER_GB)
     for each in (cache, reference):

@@ -42,8 +42,10 @@ def runtime(monkeypatch):
     return fake
 
 
-@pytest.mark.parametrize("nbytes,expected", [(1, PAGE_BYTES), (PAGE_BYTES, PAGE_BYTES), (PAGE_BYTES + 1, 2 * PAGE_BYTES),
-                                             (3 * 151_552 + 12, -(-(3 * 151_552 + 12) // PAGE_BYTES) * PAGE_BYTES)])
+@pytest.mark.parametrize("nbytes,expected", [
+    (1, PAGE_BYTES), (PAGE_BYTES, PAGE_BYTES), (PAGE_BYTES + 1, 2 * PAGE_BYTES),
+    (3 * 151_552 + 12, -(-(3 * 151_552 + 12) // PAGE_BYTES) * PAGE_BYTES),
+])
 def test_pinned_rows_take_whole_pages_and_unpinned_ones_exact_bytes(nbytes, expected):
     assert mapped_bytes(nbytes, pin=True) == expected
     assert mapped_bytes(nbytes, pin=False) == nbytes
