@@ -10,9 +10,10 @@ the dense cache. Bytes per token (all layers, keys and values) come from kvtier'
 the precision rule's mix of INT4 and 2-bit pages), from quanto's packed tensors, and bf16 for the dense cache.
 
 Caches: dense DynamicCache; kvtier INT4 (the default), TurboQuant 3-bit and 4-bit (QJL keys, keys centered: the
-defaults), the precision rule (low_bits=2, attention_mass, a budget whose INT4 share holds half a context's warm pages); QuantizedCache with quanto
-at 4 and 2 bits (skipped, saying so, without optimum-quanto). Gate (the issue's target): decode-logit MSE <= 0.1 at
-every step of every window, and passkey parity with dense.
+defaults), the precision rule (low_bits=2, attention_mass, a budget whose INT4 share holds half a context's warm pages;
+its low pages' keys at 2 bits, and at 3 with low_key_bits=3); QuantizedCache with quanto at 4 and 2 bits (skipped,
+saying so, without optimum-quanto). Gate (the issue's target): decode-logit MSE <= 0.1 at every step of every window,
+and passkey parity with dense.
 
     python benchmarks/quality.py [--windows 2] [--context 1024] [--steps 4] [--passkeys 2] [--passkey-tokens 1000]
                                  [--caches ...] [--out DIR]
@@ -44,12 +45,16 @@ KVTIER = {  # TierConfig fields; "rule" also gets a budget sized for the context
     "kvtier-tq3": dict(budget_gb=1.0, warm_format="turboquant", turboquant_bits=3),
     "kvtier-tq4": dict(budget_gb=1.0, warm_format="turboquant", turboquant_bits=4),
     "kvtier-rule-low2": None,
+    "kvtier-rule-k3v2": None,
 }
 QUANTO_BITS = {"quanto-int4": 4, "quanto-int2": 2}
-CACHES = ("dense", "kvtier-int4", "quanto-int4", "kvtier-tq3", "kvtier-tq4", "kvtier-rule-low2", "quanto-int2")
+CACHES = ("dense", "kvtier-int4", "quanto-int4", "kvtier-tq3", "kvtier-tq4", "kvtier-rule-low2", "kvtier-rule-k3v2",
+          "quanto-int2")
+RULE_LOW_KEY_BITS = {"kvtier-rule-low2": None, "kvtier-rule-k3v2": 3}  # the precision rule's low pages' key bits
 LABELS = {"dense": "dense DynamicCache (bf16 equivalent)", "kvtier-int4": "kvtier INT4 (default)",
           "kvtier-tq3": "kvtier TurboQuant 3-bit +QJL", "kvtier-tq4": "kvtier TurboQuant 4-bit +QJL",
           "kvtier-rule-low2": "kvtier precision rule (INT4 + TurboQuant 2-bit, attention_mass)",
+          "kvtier-rule-k3v2": "kvtier precision rule (INT4 + TurboQuant 3-bit keys, 2-bit values, attention_mass)",
           "quanto-int4": "QuantizedCache quanto 4-bit", "quanto-int2": "QuantizedCache quanto 2-bit"}
 HIGH_SHARE = 0.5  # under the precision rule, this share of a context's warm pages stays INT4, the rest drops to 2 bits
 
@@ -61,11 +66,12 @@ class CacheMaker:
         self.name, self.model = name, model
 
     def kvtier_config(self, tokens: int) -> dict:
-        if self.name == "kvtier-rule-low2":
+        if self.name in RULE_LOW_KEY_BITS:
             defaults = kvtier.TierConfig()
             warm_pages = (tokens - defaults.sink_tokens - defaults.recent_window) // defaults.block_size
             high_pages = max(1, int(HIGH_SHARE * warm_pages))
-            config, _ = precision_configs(self.model, high_pages, tokens)["rule-attention_mass"]
+            configs = precision_configs(self.model, high_pages, tokens, RULE_LOW_KEY_BITS[self.name])
+            config, _ = configs["rule-attention_mass"]
             return config
         return KVTIER[self.name]
 
