@@ -30,13 +30,18 @@ def rows_bytes(rows: int, page_bytes: int) -> int:
     return rows * (page_bytes + 4)
 
 
+def host_rows(rows: int, page_bytes: int, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` zeroed host rows (rows, page_bytes) uint8 and their (rows,) int32 positions, in one allocation
+    (pinned by kvtier.pinned when ``pin``)."""
+    memory = host_zeros(rows_bytes(rows, page_bytes), pin)
+    return memory[:rows * page_bytes].view(rows, page_bytes), memory[rows * page_bytes:].view(torch.int32)
+
+
 class HostSlab:
     def __init__(self, rows: int, page_bytes: int, pin: bool):
-        # one allocation: (rows, page_bytes) zeroed rows (rows never written may be copied, masked by position, and
-        # must hold no NaN), then (rows,) int32 positions
-        memory = host_zeros(rows_bytes(rows, page_bytes), pin)
-        self.pages = memory[:rows * page_bytes].view(rows, page_bytes)
-        self.positions = memory[rows * page_bytes:].view(torch.int32).fill_(FREE_POSITION)
+        # zeroed rows: rows never written may be copied (masked by position) and must hold no NaN
+        self.pages, self.positions = host_rows(rows, page_bytes, pin)  # (rows, page_bytes), (rows,)
+        self.positions.fill_(FREE_POSITION)
         self.used_rows = 0  # rows below this were written at least once; a copy of the slab covers them
         self.free_rows: list[int] = []  # freed rows below used_rows
         self.entries: list[ColdEntry] = []  # the pages it holds

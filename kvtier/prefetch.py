@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .cold import ColdEntry, HostSlab, rows_bytes
+from .cold import ColdEntry, HostSlab, host_rows, rows_bytes
 from .disk import DiskEntry, DiskPages
 from .errors import KVTierError
 from .pages import ALIGNMENT, PageLayout
-from .pinned import host_zeros, mapped_bytes
+from .pinned import mapped_bytes
 
 
 STATIC_ROW_GRANULE = 16  # a fixed-shape step copies slab rows in multiples of this: a few more bytes a step, and a
@@ -57,10 +57,9 @@ class GatherRows:
     gathered (one copy a slab) before one host-to-device copy, instead of one copy per run of neighbouring rows."""
 
     def __init__(self, slots: int, chunk_pages: int, page_bytes: int, pin: bool):
-        rows = slots * chunk_pages
-        memory = host_zeros(rows_bytes(rows, page_bytes), pin)  # one allocation (kvtier.pinned)
-        self.pages = memory[:rows * page_bytes].view(slots, chunk_pages, page_bytes)
-        self.positions = memory[rows * page_bytes:].view(torch.int32).view(slots, chunk_pages)
+        pages, positions = host_rows(slots * chunk_pages, page_bytes, pin)
+        self.pages = pages.view(slots, chunk_pages, page_bytes)
+        self.positions = positions.view(slots, chunk_pages)
         self.copied: list[object] = [None] * slots  # event after the latest copy out of each slot's rows
 
     @staticmethod

@@ -76,8 +76,8 @@ def host_budget_gb(mode, slabs, device="cpu"):
     """A host budget of ``slabs`` slabs of cold pages a layer (besides the disk tier's read rows); 0: a byte short of
     one slab."""
     cache = probe(mode, device)
-    cold = cache.layers[0].cold  # its slabs: CHUNK_PAGES rows and positions, in whole pages when pinned (CUDA)
-    slab = cold.slab_bytes if cold is not None else CHUNK_PAGES * (cache.layers[0].warm.page_bytes + 4)
+    tier = cache.layers[0].cold  # its slabs: CHUNK_PAGES rows and positions, in whole pages when pinned (CUDA)
+    slab = tier.slab_bytes if tier is not None else cold.rows_bytes(CHUNK_PAGES, cache.layers[0].warm.page_bytes)
     per_layer = slabs * slab + FRAME_SLACK if slabs else slab - 1
     return (cache.host_reserved_bytes + cache.num_layers * per_layer) / BYTES_PER_GB
 
