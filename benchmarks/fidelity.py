@@ -3,9 +3,10 @@
     python benchmarks/fidelity.py [--formats int4 tq3+qjl tq4] [--windows 8] [--context 2048] [--steps 4]
                                   [--seeds 1] [--key-group 32] [--order 6 0 1 ...] [--name NAME]
 
-A format is ``int4`` or ``tq<bits>`` (TurboQuant: 2, 3 or 4 codebook bits per channel) with optional suffixes
-``+qjl`` (the keys' 1-bit residual sketch, unbiased), ``+qjlmin`` (the same bit at its min-MSE scale) and
-``-nomean`` (keys not centered on their key-group mean).
+A format is ``int4`` (keys per channel over key groups, KIVI-style), ``int4-token`` (keys per token) or
+``tq<bits>`` (TurboQuant: 2, 3 or 4 codebook bits per channel) with optional suffixes ``+qjl`` (the keys' 1-bit
+residual sketch, unbiased), ``+qjlmin`` (the same bit at its min-MSE scale) and ``-nomean`` (keys not centered on
+their key-group mean).
 For each format, each of ``--windows`` evenly spaced pydoc windows and each rotation seed: decode-logit MSE,
 top-10 overlap, argmax agreement and worst per-layer attention relative L2 over ``--steps`` decode steps,
 judged by the gate of the format's bit width. Writes benchmarks/results/<name>.json and .md (default name
@@ -40,19 +41,20 @@ GATES = {
     2: FidelityGate(max_logit_mse=0.25, min_top10_overlap=0.9, require_argmax=False),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMAT_PATTERN = re.compile(r"^(int4|tq([234])(\+qjl(min)?)?(-nomean)?)$")
+FORMAT_PATTERN = re.compile(r"^(int4(-token)?|tq([234])(\+qjl(min)?)?(-nomean)?)$")
 
 
 def format_settings(spec: str) -> dict:
     """A format name -> TierConfig fields."""
     match = FORMAT_PATTERN.match(spec)
     if match is None:
-        raise SystemExit(f"unknown format {spec!r}: use int4 or tq<2|3|4>[+qjl|+qjlmin][-nomean], e.g. tq3+qjl")
-    if spec == "int4":
-        return {"warm_format": "int4"}
-    return {"warm_format": "turboquant", "turboquant_bits": int(match.group(2)),
-            "turboquant_qjl": bool(match.group(3)), "turboquant_center_keys": not match.group(5),
-            "turboquant_qjl_estimator": "min_mse" if match.group(4) else "unbiased"}
+        raise SystemExit(f"unknown format {spec!r}: use int4, int4-token (keys per token) or "
+                         "tq<2|3|4>[+qjl|+qjlmin][-nomean], e.g. tq3+qjl")
+    if spec.startswith("int4"):
+        return {"warm_format": "int4", "key_axis": "token" if match.group(2) else "channel"}
+    return {"warm_format": "turboquant", "turboquant_bits": int(match.group(3)),
+            "turboquant_qjl": bool(match.group(4)), "turboquant_center_keys": not match.group(6),
+            "turboquant_qjl_estimator": "min_mse" if match.group(5) else "unbiased"}
 
 
 def gate_for(spec: str) -> FidelityGate:
@@ -92,7 +94,7 @@ def markdown(rows: list[dict], summaries: list[dict], settings: dict, env: dict,
               "| format | B/token/head | of bf16 | bits/channel | worst MSE | worst top-10 | argmax | runs passing |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for summary in summaries:
-        lines.append(f"| {summary['label']} | {summary['bytes_per_token_per_head']:.1f} | {summary['of_bf16']:.3f} | "
+        lines.append(f"| {summary['format']} | {summary['bytes_per_token_per_head']:.1f} | {summary['of_bf16']:.3f} | "
                      f"{summary['bits_per_channel']:.2f} | {summary['worst_mse']:.4f} | {summary['worst_top10']:.1f} | "
                      f"{summary['argmax_agreement']:.2f} | {summary['runs_passing']} of {summary['runs']} |")
     return "\n".join(lines) + "\n"
