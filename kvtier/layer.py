@@ -302,15 +302,15 @@ class TieredLayer(CacheLayerMixin):
 
     def store_blocks(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """Quantize whole blocks (B, H_kv, n * block, D) starting at position ``start`` into warm pages, at most
-        key_tile tokens per quantization (the scratch estimate's bound), and store them in order."""
+        key_tile tokens per quantization (the scratch estimate's bound), and store each quantization's pages in order,
+        at once where the share has room (:meth:`store_pages`)."""
         block = self.config.block_size
         run = max(block, self.config.key_tile // block * block)
         for first in range(0, keys.shape[2], run):
             chunk_keys, chunk_values = keys[:, :, first:first + run], values[:, :, first:first + run]
             pages = self.quantize_blocks(chunk_keys, chunk_values,
                                          self.cache.valid_tokens(start + first, chunk_keys.shape[2]))
-            for index in range(pages.shape[0]):
-                self.store_page(start + first + index * block, pages[index])
+            self.store_pages(start + first, pages)
 
     def flush_oldest_block(self) -> None:
         """Quantize the recent buffer's oldest block into a warm page and shift the buffer."""
@@ -375,6 +375,16 @@ class TieredLayer(CacheLayerMixin):
             keys, values = rotate(keys, self.rotation_signs), rotate(values, self.rotation_signs)
         fields = self.warm.layout.format.quantize(keys, values, valid, self.sketch)  # (n * B, ...) each
         return self.warm.layout.pack({name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()})
+
+    def store_pages(self, start: int, pages: torch.Tensor) -> None:
+        """Store new warm pages (n, page_bytes) of consecutive blocks from position ``start``: as many at once as the
+        layer's share has room for (WarmPages.store_many), then the rest one at a time through :meth:`store_page`,
+        which makes room for each as the policy chooses. The table and the budget end as n calls of store_page leave
+        them."""
+        block = self.config.block_size
+        stored = self.warm.store_many(range(start, start + pages.shape[0] * block, block), pages)
+        for index in range(stored, pages.shape[0]):
+            self.store_page(start + index * block, pages[index])
 
     def store_page(self, start: int, page: torch.Tensor) -> None:
         """Store a new warm page, making room first when the layer's share is full: the policy's choice drops to low

@@ -12,6 +12,9 @@ as device tensors that the decode kernel walks without any host-to-device copy: 
 distance from ``base`` (the slab at the lowest address, so offsets are never negative) in ALIGNMENT-byte
 units, which tells the kernel's compiler that every page start is aligned for wide loads; and
 ``positions``, each page's first token position.
+
+A run of new pages (a long prefill's) is stored at once (``store_many``): the same slots, slabs and table rows as
+storing them one by one, in a few copies rather than a few per page.
 """
 
 from __future__ import annotations
@@ -190,6 +193,63 @@ class WarmPages:
         self.table.append(PageEntry(page_id, start))
         self.starts.append(start)
         self.row_count.fill_(len(self.table))
+
+    def store_many(self, starts: range, pages: torch.Tensor) -> int:
+        """Write ``pages`` ((n, page_bytes) uint8, each packed as :meth:`store` takes one) at first positions ``starts``
+        (n, rising evenly) at the end of the table, as many as the budget has room for, exactly as n calls of
+        :meth:`store` would (the same slots, slabs, budget and table); return how many were stored (the first ones).
+        Slabs grow as store() grows them, but pages are copied and the device table written once a run of adjacent
+        slots, not once a page."""
+        assert len(starts) == pages.shape[0] and starts.step > 0, (starts, pages.shape)
+        if not starts:
+            return 0
+        if self.in_order and self.table and starts[0] <= self.table[-1].start:
+            raise AssertionError(f"warm pages out of order: {starts[0]} after {self.table[-1].start}")
+        page_ids = self._claim_page_ids(len(starts))
+        row, stride = len(self.table), self.page_bytes // ALIGNMENT
+        for first, slab, slot, count in self._slot_runs(page_ids):
+            slab[slot:slot + count].copy_(pages[first:first + count])  # (count, page_bytes)
+            distance = (slab[slot].data_ptr() - self.base.data_ptr()) // ALIGNMENT
+            rows = self.offsets[row + first:row + first + count]  # (count,) on the device: no host-to-device copy
+            torch.arange(distance, distance + count * stride, stride, out=rows)
+        stored = starts[:len(page_ids)]
+        positions = self.positions[row:row + len(stored)]  # (stored,)
+        torch.arange(stored.start, stored.stop, stored.step, out=positions)
+        self.table.extend(PageEntry(page_id, start) for page_id, start in zip(page_ids, stored))
+        self.starts.extend(stored)
+        self.row_count.fill_(len(self.table))
+        return len(stored)
+
+    def _claim_page_ids(self, count: int) -> list[int]:
+        """Take up to ``count`` free page ids in the order that ``count`` calls of :meth:`store` take them, growing a
+        slab whenever none is free; fewer once the budget has no room for another slab. If the allocator fails, the
+        ids taken are free again (in their order) before its error is raised."""
+        page_ids: list[int] = []
+        while len(page_ids) < count:
+            if not self.free_page_ids:
+                try:
+                    self._grow()
+                except NoRoomForPage:
+                    break
+                except BaseException:
+                    self.free_page_ids.extend(reversed(page_ids))
+                    raise
+            taken = self.free_page_ids[-(count - len(page_ids)):]  # store() pops from the end
+            del self.free_page_ids[-len(taken):]
+            page_ids.extend(reversed(taken))
+        return page_ids
+
+    def _slot_runs(self, page_ids: list[int]) -> list[tuple[int, torch.Tensor, int, int]]:
+        """``page_ids`` as runs of adjacent slots of one slab: (index of the run's first page id, slab, first slot,
+        page count) each."""
+        runs: list[list] = []
+        for index, page_id in enumerate(page_ids):
+            slab, slot = self._locate(page_id)
+            if runs and runs[-1][1] is slab and runs[-1][2] + runs[-1][3] == slot:
+                runs[-1][3] += 1
+            else:
+                runs.append([index, slab, slot, 1])
+        return [tuple(run) for run in runs]
 
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
         """Gather the pages of ``entries`` into field tensors with a leading page axis: (n, *field shape)."""
