@@ -218,6 +218,27 @@ def passkey_cases(tokenizer, count: int, target_tokens: int = 3000, seed: int = 
 
 
 @torch.no_grad()
+def prompt_prefix_states(model, case: PasskeyCase) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys and values (1, H_kv, L - 1, D) of a dense prefill of all but the prompt's last token.
+
+    Filled into several caches (:func:`fill_from_states`), they let each answer the passkey from one prefill, as
+    compare_decode's ``shared_prefill`` does: a first prefill chunk attends only its own tokens, exactly, in every
+    cache, so each would have computed these same states. generate() then feeds the last prompt token through the
+    cache under test and decodes.
+    """
+    dense = DynamicCache()
+    model(case.prompt_ids[:, :-1], past_key_values=dense, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in dense.layers]
+
+
+def fill_from_states(cache, states: list[tuple[torch.Tensor, torch.Tensor]]):
+    """``cache`` (empty) holding copies of ``states``, per layer (B, H_kv, L, D) keys and values; returns it."""
+    for index, (keys, values) in enumerate(states):
+        cache.update(keys.clone(), values.clone(), index)
+    return cache
+
+
+@torch.no_grad()
 def answer_passkey(model, tokenizer, case: PasskeyCase, cache=None, max_new_tokens: int = 8, **generate_kwargs) -> bool:
     """Greedy-decode after the prompt; True if the key is in the answer.
 

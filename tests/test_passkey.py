@@ -4,7 +4,7 @@ import pytest
 from transformers import DynamicCache
 
 import kvtier
-from kvtier.eval import answer_passkey, passkey_cases
+from kvtier.eval import answer_passkey, fill_from_states, passkey_cases, prompt_prefix_states
 
 CASES = 12
 PROMPT_TOKENS = 3000
@@ -23,14 +23,16 @@ def cases(smollm2):
 
 @pytest.fixture(scope="module")
 def answers(smollm2, cases):
-    """{case index: (dense answered, kvtier answered)} over the same prompts."""
+    """{case index: (dense answered, kvtier answered)} over the same prompts, both continuing one dense prefill of
+    all but each prompt's last token (kvtier quantizes its copy into its tiers, as its own first chunk would)."""
     model, tokenizer = smollm2
     results = {}
     for index, case in enumerate(cases):
-        dense = answer_passkey(model, tokenizer, case, DynamicCache())
+        prefix = prompt_prefix_states(model, case)
+        dense = answer_passkey(model, tokenizer, case, fill_from_states(DynamicCache(), prefix))
         handle = kvtier.attach(model, budget_gb=1.0)
         try:
-            tiered = answer_passkey(model, tokenizer, case)
+            tiered = answer_passkey(model, tokenizer, case, fill_from_states(handle.new_cache(), prefix))
             warm_tokens = handle.stats()["warm"]["tokens"]
         finally:
             kvtier.detach(model)
