@@ -102,9 +102,8 @@ def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_p
         reference = dense_reference(model, context, steps)
     elif reference.steps < steps or not torch.equal(reference.context, context):
         raise ValueError("compare_decode: the dense reference is for another context or has fewer steps.")
-    if shared_prefill:
-        for index, (keys, values) in enumerate(reference.prefill_states):  # copies: the reference may serve more
-            cache.layers[index].update(keys.clone(), values.clone())
+    if shared_prefill:  # copies: the reference may serve more caches
+        fill_from_states(cache, reference.prefill_states)
     else:
         chunk = prefill_chunk or context.shape[1]
         for first in range(0, context.shape[1], chunk):

@@ -178,28 +178,16 @@ class WarmPages:
 
     def store(self, start: int, page: torch.Tensor) -> None:
         """Write one quantized block, packed as the layout lays it out ((page_bytes,) uint8, see PageLayout.pack), at
-        the end of the table (with ``in_order``, after every page it holds: a policy may have dropped the last)."""
-        if self.in_order and self.table and start <= self.table[-1].start:
-            raise AssertionError(f"warm pages out of order: {start} after {self.table[-1].start}")
-        if not self.free_page_ids:
-            self._grow()
-        page_id = self.free_page_ids.pop()
-        slab, slot = self._locate(page_id)
-        slab[slot].copy_(page)
-        row = len(self.table)
-        distance = slab[slot].data_ptr() - self.base.data_ptr()
-        self.offsets[row].fill_(distance // ALIGNMENT)  # on the device: no host-to-device copy
-        self.positions[row].fill_(start)
-        self.table.append(PageEntry(page_id, start))
-        self.starts.append(start)
-        self.row_count.fill_(len(self.table))
+        the end of the table (with ``in_order``, after every page it holds: a policy may have dropped the last);
+        NoRoomForPage when the budget has no room for it."""
+        if not self.store_many(range(start, start + 1), page.unsqueeze(0)):
+            raise NoRoomForPage()
 
     def store_many(self, starts: range, pages: torch.Tensor) -> int:
         """Write ``pages`` ((n, page_bytes) uint8, each packed as :meth:`store` takes one) at first positions ``starts``
-        (n, rising evenly) at the end of the table, as many as the budget has room for, exactly as n calls of
-        :meth:`store` would (the same slots, slabs, budget and table); return how many were stored (the first ones).
-        Slabs grow as store() grows them, but pages are copied and the device table written once a run of adjacent
-        slots, not once a page."""
+        (n, rising evenly) at the end of the table, as many as the budget has room for; return how many were stored
+        (the first ones). A run takes the slots, slabs and budget that storing its pages one at a time would; its
+        pages are copied and the device table written once a run of adjacent slots, not once a page."""
         assert len(starts) == pages.shape[0] and starts.step > 0, (starts, pages.shape)
         if not starts:
             return 0
@@ -221,9 +209,9 @@ class WarmPages:
         return len(stored)
 
     def _claim_page_ids(self, count: int) -> list[int]:
-        """Take up to ``count`` free page ids in the order that ``count`` calls of :meth:`store` take them, growing a
-        slab whenever none is free; fewer once the budget has no room for another slab. If the allocator fails, the
-        ids taken are free again (in their order) before its error is raised."""
+        """Take up to ``count`` free page ids, the last freed first, growing a slab whenever none is free; fewer once
+        the budget has no room for another slab. If the allocator fails, the ids taken are free again (in their
+        order) before its error is raised."""
         page_ids: list[int] = []
         while len(page_ids) < count:
             if not self.free_page_ids:
@@ -234,7 +222,7 @@ class WarmPages:
                 except BaseException:
                     self.free_page_ids.extend(reversed(page_ids))
                     raise
-            taken = self.free_page_ids[-(count - len(page_ids)):]  # store() pops from the end
+            taken = self.free_page_ids[-(count - len(page_ids)):]  # from the end: the last freed first
             del self.free_page_ids[-len(taken):]
             page_ids.extend(reversed(taken))
         return page_ids

@@ -3,7 +3,8 @@ them one at a time (WarmPages.store through TieredLayer.store_page) does: the sa
 use, page bytes in every tier, stats, errors and decode outputs, also when the budget fills mid-chunk and the policy
 lowers, demotes, spills or evicts pages.
 
-The per-page reference is the cache filled with store_many storing nothing, so that every page goes the old way.
+The per-page reference is the cache filled with TieredLayer.store_pages storing each page through store_page, as
+store_blocks stored them before runs were stored at once.
 """
 
 import contextlib
@@ -16,6 +17,7 @@ from kvtier.attention import attend_tiers
 from kvtier.budget import ByteBudget
 from kvtier.config import BYTES_PER_GB
 from kvtier.formats import make_format
+from kvtier.layer import TieredLayer
 from kvtier.pages import ALIGNMENT, NoRoomForPage, PageLayout, WarmPages
 from test_cold_tier import HEADS, HEAD_DIM, MODEL, SMALL, decode_mask, random_states, step
 from test_session import pages_of
@@ -68,9 +70,13 @@ def make_cache(name, padded):
 
 @contextlib.contextmanager
 def page_by_page():
-    """store_many stores nothing: every page goes through TieredLayer.store_page and WarmPages.store."""
+    """Every page goes through TieredLayer.store_page and WarmPages.store, one at a time."""
+    def store_each(layer, start, pages):
+        for index in range(pages.shape[0]):
+            layer.store_page(start + index * layer.config.block_size, pages[index])
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(WarmPages, "store_many", lambda self, starts, pages: 0)
+        patch.setattr(TieredLayer, "store_pages", store_each)
         yield
 
 
@@ -192,7 +198,7 @@ def test_store_many_refuses_pages_out_of_order():
 
 
 def test_a_failed_slab_allocation_frees_the_slots_taken(monkeypatch):
-    """The allocator's error leaves the free slots as they were (store() would have taken them in that order)."""
+    """The allocator's error leaves the free slots as they were, in their order."""
     tier = warm_pages(40)
     pages = torch.zeros(5, tier.page_bytes, dtype=torch.uint8)
     tier.store_many(range(0, 80, 16), pages)
