@@ -55,6 +55,18 @@ class HostSlab:
         return None
 
 
+def _row_runs(rows: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(slab index, row) pairs as runs of adjacent rows of one slab: (index of the run's first pair, slab index,
+    first row, rows) each."""
+    runs: list[list[int]] = []
+    for index, (slab_index, row) in enumerate(rows):
+        if runs and runs[-1][1] == slab_index and runs[-1][2] + runs[-1][3] == row:
+            runs[-1][3] += 1
+        else:
+            runs.append([index, slab_index, row, 1])
+    return [tuple(run) for run in runs]
+
+
 @dataclass
 class ColdEntry:
     """One cold page: the tokens starting at ``start`` live in row ``row`` of slab ``slab``."""
@@ -91,15 +103,36 @@ class ColdPages:
     def store(self, start: int, page: torch.Tensor) -> None:
         """Copy one page's bytes (page_bytes,) uint8 from the device into a host row; raises NoRoomForPage when the
         host budget has no room for another slab. The copy is asynchronous from a CUDA device (pinned rows)."""
-        slab_index, row = self._free_row()
-        slab = self.slabs[slab_index]
-        slab.pages[row].copy_(page, non_blocking=self.pin)
-        slab.positions[row] = start
-        entry = ColdEntry(start, slab_index, row)
-        self.entries.append(entry)
-        self.starts.append(start)
-        slab.entries.append(entry)
-        self.version += 1
+        if not self.store_many([start], page.unsqueeze(0)):
+            raise NoRoomForPage()
+
+    def store_many(self, starts: list[int], pages: torch.Tensor) -> int:
+        """Copy ``pages`` ((n, page_bytes) uint8, on the device) into host rows for first positions ``starts``, as
+        many as the host budget has room for; return how many (the first ones). They take the rows and slabs that
+        storing them one at a time would, in one copy a run of adjacent rows. If allocating a slab fails, the rows
+        taken are free again and its error is raised."""
+        rows: list[tuple[int, int]] = []  # (slab index, row) of each page stored
+        try:
+            for _ in starts:
+                rows.append(self._free_row())
+        except NoRoomForPage:
+            pass
+        except BaseException:
+            for slab_index, row in rows:
+                self.slabs[slab_index].free_rows.append(row)
+            raise
+        for first, slab_index, row, count in _row_runs(rows):
+            slab = self.slabs[slab_index]
+            slab.pages[row:row + count].copy_(pages[first:first + count], non_blocking=self.pin)
+            slab.positions[row:row + count] = torch.tensor(starts[first:first + count], dtype=torch.int32)
+        for start, (slab_index, row) in zip(starts, rows):
+            entry = ColdEntry(start, slab_index, row)
+            self.entries.append(entry)
+            self.starts.append(start)
+            self.slabs[slab_index].entries.append(entry)
+        if rows:
+            self.version += 1
+        return len(rows)
 
     def page(self, entry: ColdEntry) -> torch.Tensor:
         """The bytes of one cold page: (page_bytes,) uint8, a view into its host slab."""

@@ -377,15 +377,43 @@ class TieredLayer(CacheLayerMixin):
         return self.warm.layout.pack({name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()})
 
     def store_pages(self, start: int, pages: torch.Tensor) -> None:
-        """Store new warm pages (n, page_bytes) of consecutive blocks from position ``start``: as many at once as the
-        layer's share has room for (WarmPages.store_many), then the rest one at a time through :meth:`store_page`,
-        which makes room for each as the policy chooses. The table and the budget end as n calls of store_page leave
-        them."""
-        block = self.config.block_size
-        stored = self.warm.store_many(range(start, start + pages.shape[0] * block, block), pages)
-        for index in range(stored, pages.shape[0]):
-            self.store_page(start + index * block, pages[index])
+        """Store new warm pages (n, page_bytes) of consecutive blocks from position ``start`` as n calls of
+        :meth:`store_page` would, in runs: as many at once as the layer's share has room for (WarmPages.store_many);
+        when it is full and pages go cold or leave the cache, the pages the policy would pick for the next new pages
+        move at once (:meth:`make_room`) and those new pages are stored at once again. A page for which no such run
+        exists (the policy would move a new page, or pages drop to fewer bits, or the budget error is due) goes
+        through store_page."""
+        block, count = self.config.block_size, pages.shape[0]
+        stored = 0
+        while stored < count:
+            stored += self.warm.store_many(range(start + stored * block, start + count * block, block), pages[stored:])
+            if stored == count:
+                return
+            try:
+                freed = self.make_room(range(start + stored * block, start + count * block, block))
+            except BudgetExceededError:  # the slots freed before the error take their new pages, as one by one
+                self.warm.store_many(range(start + stored * block, start + count * block, block), pages[stored:])
+                raise
+            if not freed:
+                self.store_page(start + stored * block, pages[stored])
+                stored += 1
 
+    def make_room(self, arriving: range) -> int:
+        """Free warm slots at once for new pages at first positions ``arriving`` (the share being full): the pages
+        the policy picks for them (PagePolicy.pick_demotions) move to the cold tier, or leave the cache when there is
+        none. Returns how many slots were freed; 0 where only store_page can make room (pages drop to fewer bits, the
+        budget error is due, or the policy picks a new page first)."""
+        if self.low is not None or self.config.on_budget_full == "raise" or not self.warm.table:
+            return 0
+        if self.cold is None:
+            picks = self.policy.pick_evictions(self.warm.starts, arriving)
+            self.warm.drop_many(picks)
+            self.evicted_tokens += len(picks) * self.config.block_size
+            return len(picks)
+        picks = self.policy.pick_demotions(self.warm.starts, arriving)
+        if picks:
+            self.demote_many(picks)
+        return len(picks)
     def store_page(self, start: int, page: torch.Tensor) -> None:
         """Store a new warm page, making room first when the layer's share is full: the policy's choice drops to low
         precision (with ``low_bits``), moves to the cold tier (``on_budget_full="offload"``) or leaves the cache."""
@@ -434,17 +462,29 @@ class TieredLayer(CacheLayerMixin):
         return self.low.layout.pack({name: field.unsqueeze(0) for name, field in fields.items()})[0]
 
     def demote(self, index: int) -> None:
-        """Move the warm page at ``index`` of the block table to the cold tier, making room in the host budget
-        first if ``on_host_full`` allows it ("evict": drop a cold page; "disk": spill one). The warm page leaves
-        only once its copy is stored."""
-        entry = self.warm.table[index]
-        if self.disk is not None:
-            self.store_cold_spilling(entry.start, self.warm.page(entry))
-        else:
-            self.store_evicting(self.cold, entry.start, self.warm.page(entry), self.config.on_host_full == "evict",
-                                lambda: self.cache.host_budget_message(self.total_tokens))
-        self.cache.prefetcher.host_write_done()  # copies out of host memory wait for this one
-        self.warm.drop(index)
+        """Move the warm page at ``index`` of the block table to the cold tier (:meth:`demote_many`)."""
+        self.demote_many([index])
+
+    def demote_many(self, indices: list[int]) -> None:
+        """Move the warm pages at ``indices`` of the block table to the cold tier, in that order: as many at once as
+        the host share has room for, then each of the rest making room in the host budget first if ``on_host_full``
+        allows it ("evict": drop a cold page; "disk": spill one). A warm page leaves only once its copy is stored."""
+        entries = [self.warm.table[index] for index in indices]
+        moved = self.cold.store_many([entry.start for entry in entries], self.warm.gather(entries))
+        try:
+            if moved:
+                self.cache.prefetcher.host_write_done()  # copies out of host memory wait for these
+            for entry in entries[moved:]:
+                if self.disk is not None:
+                    self.store_cold_spilling(entry.start, self.warm.page(entry))
+                else:
+                    self.store_evicting(self.cold, entry.start, self.warm.page(entry),
+                                        self.config.on_host_full == "evict",
+                                        lambda: self.cache.host_budget_message(self.total_tokens))
+                self.cache.prefetcher.host_write_done()
+                moved += 1
+        finally:
+            self.warm.drop_many(indices[:moved])
 
     def store_cold_spilling(self, start: int, page: torch.Tensor) -> None:
         """Store ``page`` among the cold pages; while they have no room, spill the cold page the policy picks to

@@ -101,6 +101,17 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``indices`` as runs of consecutive ones: [first, end) each."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1][1] += 1
+        else:
+            runs.append([index, index + 1])
+    return [tuple(run) for run in runs]
+
+
 def _table_rows(pages: int, current_rows: int = 0) -> int:
     """Rows of a device table grown (doubling, from at least 16 rows) to twice ``pages``."""
     rows = max(current_rows, 16)
@@ -241,9 +252,11 @@ class WarmPages:
 
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
         """Gather the pages of ``entries`` into field tensors with a leading page axis: (n, *field shape)."""
-        rows = [self._locate(entry.page_id) for entry in entries]
-        gathered = torch.stack([slab[slot] for slab, slot in rows])  # (n, page_bytes)
-        return self.layout.views(gathered)
+        return self.layout.views(self.gather(entries))
+
+    def gather(self, entries: list[PageEntry]) -> torch.Tensor:
+        """The bytes of ``entries``' pages, copied together: (n, page_bytes) uint8 on the device."""
+        return torch.stack([self.page(entry) for entry in entries])
 
     def page(self, entry: PageEntry) -> torch.Tensor:
         """The bytes of one stored page: (page_bytes,) uint8, a view into its slab."""
@@ -252,14 +265,24 @@ class WarmPages:
 
     def drop(self, index: int) -> PageEntry:
         """Free the page at ``index`` in the block table (its tokens leave the cache); return its row."""
+        return self.drop_many([index])[0]
+
+    def drop_many(self, indices: list[int]) -> list[PageEntry]:
+        """Free the pages at ``indices`` (distinct) of the block table and return their rows, in that order. Their
+        slots are taken again first to last, as if each page dropped in turn had made room for one new page: the
+        first page's slot is the first the next store takes. The device table's later rows shift up,
+        one copy a column for each run of adjacent dropped rows."""
         count = len(self.table)
-        for column in (self.offsets, self.positions):
-            column[index:count - 1] = column[index + 1:count].clone()
-        entry = self.table.pop(index)
-        self.starts.pop(index)
-        self.free_page_ids.append(entry.page_id)
+        for first, end in reversed(_runs(sorted(indices))):  # from the last run: earlier rows keep their index
+            for column in (self.offsets, self.positions):
+                column[first:count - (end - first)] = column[end:count].clone()
+            count -= end - first
+        entries = [self.table[index] for index in indices]
+        for index in sorted(indices, reverse=True):
+            del self.table[index], self.starts[index]
+        self.free_page_ids.extend(entry.page_id for entry in reversed(entries))  # taken from the end
         self.row_count.fill_(len(self.table))
-        return entry
+        return entries
 
     def release_all(self) -> None:
         self.budget.release(self.allocated_bytes)

@@ -1,9 +1,10 @@
 """The protocol every page policy follows, and the base class that owns its plumbing.
 
 A policy scores pages; the base class turns scores into the cache's decisions: which warm page leaves the GPU
-(``pick_demotion``), which page leaves the cache when every budget is full (``pick_eviction``), which cold pages
-a ``prefetch="topk"`` step streams back (``pick_prefetches``) and, under a precision rule, which warm pages drop
-to fewer bits (the lowest scores, like demotions). A new policy is a subclass whose body is one ``score()``:
+(``pick_demotion``; ``pick_demotions`` for a run of new pages), which page leaves the cache when every budget is full
+(``pick_eviction``, ``pick_evictions``), which cold pages a ``prefetch="topk"`` step streams back
+(``pick_prefetches``) and, under a precision rule, which warm pages drop to fewer bits (the lowest scores, like
+demotions). A new policy is a subclass whose body is one ``score()``:
 
     @dataclass
     class NewestFirst(PagePolicy):
@@ -19,6 +20,7 @@ tensor attributes in ``state_names``; ``state()`` and ``load_state()`` here carr
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import ClassVar, Sequence
 
 import torch
@@ -67,6 +69,18 @@ class PagePolicy:
         """Index into ``starts`` (warm or cold pages) of the page to drop from the cache first."""
         return self._lowest(starts)
 
+    def pick_demotions(self, starts: Sequence[int], arriving: Sequence[int]) -> list[int]:
+        """Indices into ``starts`` (the warm pages) of pages to move off the GPU at once to make room for the new
+        pages at ``arriving``, the first to leave first: the ones that storing the new pages one by one, each after
+        a :meth:`pick_demotion`, would move, up to the first of those calls that would pick a new page (none, if
+        the first would; the cache then stores that page alone)."""
+        return self._picks_before_arrivals(starts, arriving, PagePolicy.pick_demotion, "pick_demotion")
+
+    def pick_evictions(self, starts: Sequence[int], arriving: Sequence[int]) -> list[int]:
+        """Indices into ``starts`` of pages to drop from the cache at once for the new pages at ``arriving``, as
+        :meth:`pick_demotions` picks with :meth:`pick_eviction`."""
+        return self._picks_before_arrivals(starts, arriving, PagePolicy.pick_eviction, "pick_eviction")
+
     def pick_prefetches(self, starts: Sequence[int], count: int) -> list[int]:
         """Indices into ``starts`` (the cold pages) of the ``count`` pages worth streaming back, in index order."""
         if count >= len(starts):
@@ -78,6 +92,17 @@ class PagePolicy:
         if not starts:
             raise ValueError("no page to choose from")
         return int(self.score(torch.tensor(starts)).argmin())
+
+    def _picks_before_arrivals(self, starts: Sequence[int], arriving: Sequence[int], one_pick, name: str) -> list[int]:
+        """The lowest scores of ``starts`` and ``arriving`` scored together (equal scores in index order, as argmin
+        breaks ties), lowest first, up to the first that is an arriving page, at most ``len(arriving)``. While the
+        pages leave one by one and the new ones come in, each one-at-a-time pick is then the next of these, for a
+        score that does not depend on the other candidates. A subclass that decides one pick its own way (overrides
+        ``name`` alone) gets none: its pages are stored one by one."""
+        if getattr(type(self), name) is not one_pick:
+            return []
+        order = torch.sort(self.score(torch.tensor([*starts, *arriving])), stable=True).indices[:len(arriving)]
+        return list(itertools.takewhile(lambda index: index < len(starts), order.tolist()))
 
 
 __all__ = ["PagePolicy"]

@@ -20,6 +20,7 @@ from kvtier.formats import make_format
 from kvtier.layer import TieredLayer
 from kvtier.pages import ALIGNMENT, NoRoomForPage, PageLayout, WarmPages
 from test_cold_tier import HEADS, HEAD_DIM, MODEL, SMALL, decode_mask, random_states, step
+from test_policies import NewestFirst
 from test_session import pages_of
 
 BULK = {**SMALL, "key_tile": 64, "pages_per_slab": 3, "chunk_pages": 2}  # 4 pages a quantization, 3 a slab
@@ -34,7 +35,12 @@ CONFIGS = {  # TierConfig fields, and the warm pages a layer's device budget hol
     "host-evict": (dict(on_budget_full="offload", on_host_full="evict", host_slabs=3), 4),
     "disk": (dict(on_budget_full="offload", on_host_full="disk", host_slabs=3, disk_budget_gb=1.0), 4),
     "raise-when-full": (dict(on_budget_full="raise"), 9),
+    "host-full": (dict(on_budget_full="offload", host_slabs=2), 4),  # the host budget error, mid-run
+    "mass-host": (dict(on_budget_full="offload", policy="attention_mass"), 5),  # decode steps rank the pages
+    "mass-evict": (dict(on_budget_full="evict", policy="attention_mass"), 5),
+    "newest-first": (dict(on_budget_full="offload", policy=NewestFirst()), 5),  # would move a new page: one by one
 }
+RUNS_OUT = ("raise-when-full", "host-full")  # the fill ends in BudgetExceededError
 
 
 def budget_gb(settings, warm_pages):
@@ -80,13 +86,19 @@ def page_by_page():
         yield
 
 
-def fill(cache, keys, values):
-    """Every chunk of CHUNKS into every layer; the BudgetExceededError's message if the budget ran out."""
+def fill(cache, keys, values, kv_start=None):
+    """Every chunk of CHUNKS into every layer; the BudgetExceededError's message if the budget ran out. With
+    ``kv_start`` (B,), each one-token chunk is a decode step: attention reads every layer (and an attention-mass
+    policy observes what each page drew), so that the pages that leave after it are ranked by mass."""
     first = 0
     try:
         for length in CHUNKS:
-            step(cache, keys[:, :, first:first + length], values[:, :, first:first + length])
+            views = step(cache, keys[:, :, first:first + length], values[:, :, first:first + length])
             first += length
+            if kv_start is not None and length == 1:
+                query = torch.randn(2, HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(first))
+                for view in views:
+                    attend_tiers(view, query, decode_mask(kv_start, first), 0.25)
     except BudgetExceededError as error:
         return str(error)
     return None
@@ -128,12 +140,14 @@ def assert_same_pages(pages, reference):
 def test_storing_pages_at_once_leaves_the_cache_as_storing_them_one_by_one(name, padded):
     keys, values = random_states(sum(CHUNKS) + 1, seed=len(name))
     bulk, single = make_cache(name, padded), make_cache(name, padded)
-    error = fill(bulk, keys, values)
+    kv_start = torch.tensor([0, 45 if padded else 0])
+    attending = kv_start if name.startswith("mass") else None
+    error = fill(bulk, keys, values, attending)
     with page_by_page():
-        assert fill(single, keys, values) == error
-    assert (error is not None) == (name == "raise-when-full")
+        assert fill(single, keys, values, attending) == error
+    assert (error is not None) == (name in RUNS_OUT)
     stats = bulk.stats()
-    if name.endswith(("host", "evict", "disk", "bits")):  # the budget filled mid-chunk
+    if name.endswith(("host", "evict", "disk", "bits")) or name == "host-full":  # the budget filled mid-chunk
         assert stats["cold"]["tokens"] + stats["evicted_tokens"] + stats["low"]["tokens"] > 0
     (pages, layers, budgets, stats), (pages_single, layers_single, budgets_single, stats_single) = (
         cache_state(bulk), cache_state(single))
@@ -143,7 +157,6 @@ def test_storing_pages_at_once_leaves_the_cache_as_storing_them_one_by_one(name,
         return
     query = torch.randn(2, HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(5))
     total = sum(CHUNKS) + 1
-    kv_start = torch.tensor([0, 45 if padded else 0])
     outputs = []
     for cache in (bulk, single):
         views = step(cache, keys[:, :, total - 1:total], values[:, :, total - 1:total])
