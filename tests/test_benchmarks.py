@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import capacity  # noqa: E402
+import capacity_probe  # noqa: E402
 import common  # noqa: E402
 import decode  # noqa: E402
 import fidelity  # noqa: E402
@@ -117,6 +118,20 @@ def test_capacity_smoke_writes_sane_results(tmp_path):
     assert "| transformers DynamicCache |" in table and "| kvtier INT4, warm only |" in table
     if common.pyplot() is not None:
         assert (tmp_path / "capacity-cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("budget_gb, fits", [(0.5, True), (0.0005, False)])
+def test_capacity_probes_record_each_outcome_and_why_not(tmp_path, budget_gb, fits):
+    result = capacity_probe.main(["--device", "cpu", "--tiny", "--probe", "dense", "300", "--probe", "kvtier-int4",
+                                  "600", "--budget-gb", str(budget_gb), "--kvtier", "query_tile=16", "--decode", "2",
+                                  "--out", str(tmp_path)])
+    dense, tiered = result["rows"]
+    assert dense["fit"] and len(dense["steps_ms"]) == 2 and "error" not in dense
+    assert tiered["fit"] == fits and result["settings"]["kvtier"] == {"query_tile": 16}
+    if not fits:  # the budget cannot hold the hot window: kvtier says so, and the row keeps it
+        assert tiered["error"].startswith("BudgetTooSmallError: kvtier: budget_gb=0.0005")
+    table = (tmp_path / "capacity-probe-cpu.md").read_text()
+    assert "| kvtier INT4, warm only | 600 | 2.00x | " + ("fits" if fits else "does not fit (BudgetTooSmallError") in table
 
 
 def test_decode_smoke_writes_sane_results(tmp_path):
