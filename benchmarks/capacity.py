@@ -22,6 +22,7 @@ CPU), its host tier 4 times that; any other cache fits when the bytes it holds a
 checks the search and that every configuration's probe runs end to end, not GPU capacity.
 
     python benchmarks/capacity.py                      # GPU: cap = weights + 8 GB; 35 s a cache (~4 min, not timed on a GPU yet)
+    python benchmarks/capacity.py --caches dense kvtier-int4 --margin-gb 0.1 --kvtier query_tile=16 --expandable-segments
     python benchmarks/capacity.py --device cpu --tiny  # the CPU smoke run
 """
 
@@ -76,7 +77,8 @@ class Prober:
         self.name, self.model, self.args = name, model, args
         self.budget_gb, self.host_gb, self.cpu_cap_bytes = budget_gb, host_gb, cpu_cap_bytes
         if cpu_cap_bytes is not None and name.startswith("kvtier"):  # the byte cap counts what holds tokens
-            self.budget_gb += common.kvtier_overhead_bytes(name, model, args.batch, args.device, **CPU_KVTIER) / common.GB
+            self.budget_gb += common.kvtier_overhead_bytes(name, model, args.batch, args.device,
+                                                          **{**CPU_KVTIER, **args.kvtier_overrides}) / common.GB
         self.ends_at = float("inf")
         self.last: dict = {}  # what the last fitting probe measured
 
@@ -103,7 +105,8 @@ class Prober:
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         try:
-            extra = CPU_KVTIER if self.cpu_cap_bytes is not None and self.name.startswith("kvtier") else {}
+            extra = {**(CPU_KVTIER if self.cpu_cap_bytes is not None else {}), **args.kvtier_overrides} \
+                if self.name.startswith("kvtier") else {}
             cache = common.new_cache(self.name, self.model, self.budget_gb, self.host_gb, **extra)
             common.fill_chunked(cache, config, args.batch, tokens, args.chunk, args.device, Deadline(self.ends_at))
             steps_ms = common.decode_steps_ms(self.model, cache, args.batch, args.decode, warmup=0)
@@ -181,7 +184,10 @@ def markdown(result: dict) -> str:
              + (f", triton {env['triton']}" if "triton" in env else "")
              + (f", optimum-quanto {env['optimum-quanto']}" if "optimum-quanto" in env else "") + f"; {settings['model']}.",
              "", f"Cap: {settings['cap']}; kvtier budget_gb {settings['kvtier_budget_gb']:.3g}, host_budget_gb "
-             f"{settings['host_gb']:.3g}; batch {settings['batch']}; fill in chunks of {settings['chunk']:,} random "
+             f"{settings['host_gb']:.3g}"
+             + (f", TierConfig {settings['kvtier_overrides']}" if settings.get("kvtier_overrides") else "")
+             + ("; allocator: expandable segments" if settings.get("expandable_segments") else "")
+             + f"; batch {settings['batch']}; fill in chunks of {settings['chunk']:,} random "
              f"states, then {settings['decode']} decode steps; doubling from {settings['start']:,}, bisection to "
              f"{settings['resolution']:.0%}; at most {settings['max_tokens']:,} tokens and {settings['time_limit_s']:g} s "
              "a cache.", "",
@@ -241,9 +247,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, help="fill chunk (default 16384; tiny: 512)")
     parser.add_argument("--decode", type=int, default=16, help="decode steps after the fill")
     parser.add_argument("--time-limit", type=float, default=35.0, help="seconds of search per cache")
+    common.add_memory_options(parser)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", help="results file stem (default capacity-<device>)")
     args = parser.parse_args(argv)
+    args.kvtier_overrides = common.apply_memory_options(args)
     tiny = args.tiny
     args.start = args.start or (256 if tiny else 8192)
     args.max_tokens = args.max_tokens or (65536 if tiny else 2 * 1024 * 1024)
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"model": model_text, "cap": cap, "kvtier_budget_gb": budget_gb, "host_gb": args.host_gb,
                            "batch": args.batch, "chunk": args.chunk, "decode": args.decode, "start": args.start,
                            "max_tokens": args.max_tokens, "resolution": args.resolution, "granule": args.granule,
-                           "time_limit_s": args.time_limit, "kvtier_configs": common.KVTIER_CONFIGS},
+                           "time_limit_s": args.time_limit, "kvtier_configs": common.KVTIER_CONFIGS,
+                           "kvtier_overrides": args.kvtier_overrides, "expandable_segments": args.expandable_segments},
               "rows": []}
     print(f"{model_text}; cap {cap}; kvtier budget {budget_gb:.3g} GB, host {args.host_gb:.3g} GB", flush=True)
     bar = common.progress_bar(len(args.caches), "caches", "cache")

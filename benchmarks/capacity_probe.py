@@ -15,7 +15,6 @@ attention scratch sized for 16-row prefill tiles instead of 256; decode needs on
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,8 @@ def probe(name: str, tokens: int, model, args, overrides: dict) -> dict:
     try:
         cache = common.new_cache(name, model, args.budget_gb, args.host_gb, **overrides)
         common.fill_chunked(cache, model.config, 1, tokens, args.chunk, args.device)
+        if hasattr(cache, "scratch_bytes"):  # kvtier: its attention scratch (query_tile sizes it)
+            row["scratch_gb"] = cache.scratch_bytes / common.GB
         row["steps_ms"] = common.decode_steps_ms(model, cache, 1, args.decode, warmup=0)
         row["fit"] = True
     except Exception as error:  # what does not fit, and why: OOM under the cap, or kvtier's own budget
@@ -77,8 +78,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--extra-gb", type=float, default=8.0, help="GPU cap = model weights + this")
     parser.add_argument("--budget-gb", type=float, default=6.5, help="kvtier's budget_gb")
     parser.add_argument("--host-gb", type=float, default=60.0, help="kvtier's host budget (host-tier caches)")
-    parser.add_argument("--kvtier", nargs="*", default=[], metavar="FIELD=INT", help="TierConfig fields (integers)")
-    parser.add_argument("--expandable-segments", action="store_true")
+    common.add_memory_options(parser)
     parser.add_argument("--chunk", type=int, default=common.FILL_CHUNK)
     parser.add_argument("--decode", type=int, default=4)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
@@ -92,9 +92,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    if args.expandable_segments:  # read when the CUDA allocator starts, which is below
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    overrides = {field: int(value) for field, value in (item.split("=") for item in args.kvtier)}
+    overrides = common.apply_memory_options(args)
     model = common.random_model(common.tiny_shape() if args.tiny else common.llama_8b_shape(), args.device)
     cap = f"weights {common.weight_bytes(model) / common.GB:.1f} GB + {args.extra_gb:g} GB"
     if args.device.startswith("cuda"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -252,6 +253,21 @@ def new_cache(name: str, model, budget_gb: float, host_budget_gb: float | None, 
     if settings["on_budget_full"] == "offload":
         settings["host_budget_gb"] = host_budget_gb
     return kvtier.attach(model, budget_gb=budget_gb, **settings).new_cache()
+
+
+def add_memory_options(parser) -> None:
+    """The options capacity.py and capacity_probe.py share: TierConfig overrides and the allocator's mode."""
+    parser.add_argument("--kvtier", nargs="*", default=[], metavar="FIELD=INT",
+                        help="TierConfig fields (integers) for every kvtier cache, e.g. query_tile=16")
+    parser.add_argument("--expandable-segments", action="store_true",
+                        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before CUDA starts)")
+
+
+def apply_memory_options(args) -> dict:
+    """Before anything touches CUDA: set the allocator's mode; return the TierConfig overrides."""
+    if args.expandable_segments:  # read when the CUDA allocator starts
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return {field: int(value) for field, value in (item.split("=") for item in args.kvtier)}
 
 
 def kvtier_overhead_bytes(name: str, model, batch: int, device: str, with_hot: bool = False,

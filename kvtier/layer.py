@@ -414,6 +414,7 @@ class TieredLayer(CacheLayerMixin):
         if picks:
             self.demote_many(picks)
         return len(picks)
+
     def store_page(self, start: int, page: torch.Tensor) -> None:
         """Store a new warm page, making room first when the layer's share is full: the policy's choice drops to low
         precision (with ``low_bits``), moves to the cold tier (``on_budget_full="offload"``) or leaves the cache."""

@@ -106,7 +106,8 @@ def test_a_probe_cut_short_by_the_time_limit_detaches_kvtier(tiny_model):
 def test_capacity_smoke_writes_sane_results(tmp_path):
     result = capacity.main(["--device", "cpu", "--tiny", "--caches", "dense", "kvtier-int4", "--decode", "1",
                             "--cpu-cache-mb", "0.5", "--start", "256", "--granule", "64", "--resolution", "0.25",
-                            "--out", str(tmp_path)])
+                            "--kvtier", "query_tile=16", "--out", str(tmp_path)])
+    assert result["settings"]["kvtier_overrides"] == {"query_tile": 16}
     rows = {row["cache"]: row for row in result["rows"]}
     # dense holds 1 KB a token (2 layers, 2 KV heads, head dim 64, bf16): (n + 1 decoded) KB within 0.5 MB
     assert 384 <= rows["dense"]["max_tokens"] < 512 and rows["dense"]["status"] == "bisected"
@@ -116,6 +117,7 @@ def test_capacity_smoke_writes_sane_results(tmp_path):
     assert saved["rows"][0]["max_tokens"] == rows["dense"]["max_tokens"]
     table = (tmp_path / "capacity-cpu.md").read_text()
     assert "| transformers DynamicCache |" in table and "| kvtier INT4, warm only |" in table
+    assert "TierConfig {'query_tile': 16}" in table
     if common.pyplot() is not None:
         assert (tmp_path / "capacity-cpu.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -132,6 +134,10 @@ def test_capacity_probes_record_each_outcome_and_why_not(tmp_path, budget_gb, fi
         assert tiered["error"].startswith("BudgetTooSmallError: kvtier: budget_gb=0.0005")
     table = (tmp_path / "capacity-probe-cpu.md").read_text()
     assert "| kvtier INT4, warm only | 600 | 2.00x | " + ("fits" if fits else "does not fit (BudgetTooSmallError") in table
+    if fits:  # the override reached the cache: scratch for 16-row query tiles, not 256
+        default = capacity_probe.main(["--device", "cpu", "--tiny", "--probe", "kvtier-int4", "600", "--decode", "1",
+                                       "--budget-gb", "0.5", "--out", str(tmp_path)])
+        assert tiered["scratch_gb"] < default["rows"][0]["scratch_gb"] / 2
 
 
 def test_decode_smoke_writes_sane_results(tmp_path):
