@@ -99,11 +99,19 @@ class Prober:
         return fitted
 
     def run(self, tokens: int) -> tuple[bool, dict]:
+        """Whether ``tokens`` fit, and what the probe measured: on a failure, why (``error``) and the peak so far."""
         config, args = self.model.config, self.args
         started = time.monotonic()
         cache = None
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+
+        def memory() -> dict:
+            measured = {"seconds": time.monotonic() - started}
+            if args.device.startswith("cuda"):
+                measured["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / common.GB
+            return measured
+
         try:
             extra = {**(CPU_KVTIER if self.cpu_cap_bytes is not None else {}), **args.kvtier_overrides} \
                 if self.name.startswith("kvtier") else {}
@@ -113,21 +121,19 @@ class Prober:
             held = held_bytes(cache)
             tiered = isinstance(cache, kvtier.TieredCache)  # kvtier's own budget is its cap
             if self.cpu_cap_bytes is not None and not tiered and held > self.cpu_cap_bytes:
-                return False, {}
+                return False, {"error": f"holds {held:,} bytes, over the {self.cpu_cap_bytes:,}-byte cap", **memory()}
             measured = {"tokens": tokens, "held_gb": held / common.GB, "median_step_ms": common.median(steps_ms),
-                        "seconds": time.monotonic() - started}
-            if args.device.startswith("cuda"):
-                measured["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / common.GB
+                        "steps_ms": steps_ms, **memory()}
             if tiered:
                 stats = cache.stats()
                 measured.update(warm_tokens=stats["warm"]["tokens"], cold_tokens=stats["cold"]["tokens"],
-                                host_gb=stats["cold"]["bytes"] / common.GB)
+                                host_gb=stats["cold"]["bytes"] / common.GB, scratch_gb=cache.scratch_bytes / common.GB)
             return True, measured
-        except DOES_NOT_FIT:
-            return False, {}
+        except DOES_NOT_FIT as error:
+            return False, {"error": f"{type(error).__name__}: {str(error)[:160]}", **memory()}
         except RuntimeError as error:  # cuBLAS or a kernel launch that could not allocate under the cap
             if common.is_out_of_memory(error):
-                return False, {}
+                return False, {"error": f"{type(error).__name__}: {str(error)[:160]}", **memory()}
             raise
         finally:
             del cache

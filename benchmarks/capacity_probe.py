@@ -1,7 +1,7 @@
 """Capacity probes: whether given contexts fit, each in a fresh cache, under capacity.py's GPU memory cap, and why not.
 
 capacity.py searches (doubling, then bisection to 5%) in one process, so a probe runs after the allocations of the ones
-before it, and only says fit or not. This script probes chosen contexts of chosen caches, prints and records each
+before it, and keeps only whether each fitted. This script probes chosen contexts of chosen caches, prints and records each
 one's outcome (the error's type and first words when it does not fit) and its peak GPU memory, optionally with the
 caching allocator's expandable segments (``--expandable-segments``: memory the fill left reserved but unused can be
 reused for the next allocation of another size) and kvtier TierConfig fields (``--kvtier query_tile=16``: the
@@ -16,40 +16,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-from capacity import cap_memory  # noqa: E402
+from capacity import Prober, cap_memory  # noqa: E402
 
 
-def probe(name: str, tokens: int, model, args, overrides: dict) -> dict:
-    """Fill a fresh cache ``name`` with ``tokens`` and decode ``args.decode`` steps: the outcome, as a row."""
-    row = {"cache": name, "tokens": tokens}
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    started = time.monotonic()
-    cache = None
+def probe(name: str, tokens: int, model, args) -> dict:
+    """Fill a fresh cache ``name`` with ``tokens`` and decode ``args.decode`` steps (capacity.Prober.run, under no
+    byte cap): the outcome, as a row."""
+    prober = Prober(name, model, args, args.budget_gb, args.host_gb, None)
     try:
-        cache = common.new_cache(name, model, args.budget_gb, args.host_gb, **overrides)
-        common.fill_chunked(cache, model.config, 1, tokens, args.chunk, args.device)
-        if hasattr(cache, "scratch_bytes"):  # kvtier: its attention scratch (query_tile sizes it)
-            row["scratch_gb"] = cache.scratch_bytes / common.GB
-        row["steps_ms"] = common.decode_steps_ms(model, cache, 1, args.decode, warmup=0)
-        row["fit"] = True
-    except Exception as error:  # what does not fit, and why: OOM under the cap, or kvtier's own budget
-        row.update(fit=False, error=f"{type(error).__name__}: {str(error)[:160]}")
-    finally:
-        del cache
+        fitted, measured = prober.run(tokens)
+    finally:  # detach kvtier, give back the freed memory
         common.release(model)
-    row["seconds"] = time.monotonic() - started
-    if args.device.startswith("cuda"):
-        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / common.GB
-    return row
+    return {**measured, "cache": name, "tokens": tokens, "fit": fitted}
 
 
 def markdown(result: dict) -> str:
@@ -84,6 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", help="results file stem (default capacity-probe-<device>)")
     args = parser.parse_args(argv)
+    args.batch, args.kvtier_overrides = 1, common.apply_memory_options(args)
     for cache, *contexts in args.probe:
         if cache not in common.CACHES or not contexts:
             parser.error(f"--probe takes one of {', '.join(common.CACHES)} and at least one context, got {cache}")
@@ -92,19 +76,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    overrides = common.apply_memory_options(args)
     model = common.random_model(common.tiny_shape() if args.tiny else common.llama_8b_shape(), args.device)
     cap = f"weights {common.weight_bytes(model) / common.GB:.1f} GB + {args.extra_gb:g} GB"
     if args.device.startswith("cuda"):
         cap += f" = {cap_memory(model, args.extra_gb):.1f} GB"
     result = {"environment": common.environment(args.device),
-              "settings": {"cap": cap, "budget_gb": args.budget_gb, "kvtier": overrides, "decode": args.decode,
+              "settings": {"cap": cap, "budget_gb": args.budget_gb, "kvtier": args.kvtier_overrides, "decode": args.decode,
                            "expandable_segments": args.expandable_segments, "chunk": args.chunk},
               "rows": []}
     name = args.name or f"capacity-probe-{common.device_tag(args.device)}"
     for cache, *contexts in args.probe:
         for tokens in map(int, contexts):
-            row = probe(cache, tokens, model, args, overrides if cache.startswith("kvtier") else {})
+            row = probe(cache, tokens, model, args)
             print(f"{cache} {tokens:,}: {'fits' if row['fit'] else row['error']}", flush=True)
             result["rows"].append(row)
             common.write_results(result, markdown(result), args.out, name)

@@ -19,7 +19,7 @@ import torch
 
 from .budget import ByteBudget
 from .errors import AllocationError
-from .pages import NoRoomForPage, PageLayout
+from .pages import NoRoomForPage, PageLayout, adjacent_runs
 from .pinned import host_zeros, mapped_bytes
 
 FREE_POSITION = 1 << 30  # past every real position; a page's last token (+ block) still fits in int32
@@ -53,18 +53,6 @@ class HostSlab:
             self.used_rows += 1
             return self.used_rows - 1
         return None
-
-
-def _row_runs(rows: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
-    """(slab index, row) pairs as runs of adjacent rows of one slab: (index of the run's first pair, slab index,
-    first row, rows) each."""
-    runs: list[list[int]] = []
-    for index, (slab_index, row) in enumerate(rows):
-        if runs and runs[-1][1] == slab_index and runs[-1][2] + runs[-1][3] == row:
-            runs[-1][3] += 1
-        else:
-            runs.append([index, slab_index, row, 1])
-    return [tuple(run) for run in runs]
 
 
 @dataclass
@@ -121,7 +109,7 @@ class ColdPages:
             for slab_index, row in rows:
                 self.slabs[slab_index].free_rows.append(row)
             raise
-        for first, slab_index, row, count in _row_runs(rows):
+        for first, slab_index, row, count in adjacent_runs(rows):
             slab = self.slabs[slab_index]
             slab.pages[row:row + count].copy_(pages[first:first + count], non_blocking=self.pin)
             slab.positions[row:row + count] = torch.tensor(starts[first:first + count], dtype=torch.int32)

@@ -383,19 +383,19 @@ class TieredLayer(CacheLayerMixin):
         move at once (:meth:`make_room`) and those new pages are stored at once again. A page for which no such run
         exists (the policy would move a new page, or pages drop to fewer bits, or the budget error is due) goes
         through store_page."""
-        block, count = self.config.block_size, pages.shape[0]
+        starts = range(start, start + pages.shape[0] * self.config.block_size, self.config.block_size)
         stored = 0
-        while stored < count:
-            stored += self.warm.store_many(range(start + stored * block, start + count * block, block), pages[stored:])
-            if stored == count:
+        while stored < len(starts):
+            stored += self.warm.store_many(starts[stored:], pages[stored:])
+            if stored == len(starts):
                 return
             try:
-                freed = self.make_room(range(start + stored * block, start + count * block, block))
+                freed = self.make_room(starts[stored:])
             except BudgetExceededError:  # the slots freed before the error take their new pages, as one by one
-                self.warm.store_many(range(start + stored * block, start + count * block, block), pages[stored:])
+                self.warm.store_many(starts[stored:], pages[stored:])
                 raise
             if not freed:
-                self.store_page(start + stored * block, pages[stored])
+                self.store_page(starts[stored], pages[stored])
                 stored += 1
 
     def make_room(self, arriving: range) -> int:

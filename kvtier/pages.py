@@ -101,14 +101,15 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Sorted distinct ``indices`` as runs of consecutive ones: [first, end) each."""
+def adjacent_runs(places: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """(slab, position) pairs, in the order given, as runs of consecutive positions in one slab: (index of the run's
+    first pair, slab, first position, length) each. Copies and table shifts go once a run, not once a page."""
     runs: list[list[int]] = []
-    for index in indices:
-        if runs and runs[-1][1] == index:
-            runs[-1][1] += 1
+    for index, (slab, position) in enumerate(places):
+        if runs and runs[-1][1] == slab and runs[-1][2] + runs[-1][3] == position:
+            runs[-1][3] += 1
         else:
-            runs.append([index, index + 1])
+            runs.append([index, slab, position, 1])
     return [tuple(run) for run in runs]
 
 
@@ -206,7 +207,8 @@ class WarmPages:
             raise AssertionError(f"warm pages out of order: {starts[0]} after {self.table[-1].start}")
         page_ids = self._claim_page_ids(len(starts))
         row, stride = len(self.table), self.page_bytes // ALIGNMENT
-        for first, slab, slot, count in self._slot_runs(page_ids):
+        for first, slab_index, slot, count in adjacent_runs([self._slab_slot(page_id) for page_id in page_ids]):
+            slab = self.slabs[slab_index]
             slab[slot:slot + count].copy_(pages[first:first + count])  # (count, page_bytes)
             distance = (slab[slot].data_ptr() - self.base.data_ptr()) // ALIGNMENT
             rows = self.offsets[row + first:row + first + count]  # (count,) on the device: no host-to-device copy
@@ -238,18 +240,6 @@ class WarmPages:
             page_ids.extend(reversed(taken))
         return page_ids
 
-    def _slot_runs(self, page_ids: list[int]) -> list[tuple[int, torch.Tensor, int, int]]:
-        """``page_ids`` as runs of adjacent slots of one slab: (index of the run's first page id, slab, first slot,
-        page count) each."""
-        runs: list[list] = []
-        for index, page_id in enumerate(page_ids):
-            slab, slot = self._locate(page_id)
-            if runs and runs[-1][1] is slab and runs[-1][2] + runs[-1][3] == slot:
-                runs[-1][3] += 1
-            else:
-                runs.append([index, slab, slot, 1])
-        return [tuple(run) for run in runs]
-
     def read(self, entries: list[PageEntry]) -> dict[str, torch.Tensor]:
         """Gather the pages of ``entries`` into field tensors with a leading page axis: (n, *field shape)."""
         return self.layout.views(self.gather(entries))
@@ -273,10 +263,11 @@ class WarmPages:
         first page's slot is the first the next store takes. The device table's later rows shift up,
         one copy a column for each run of adjacent dropped rows."""
         count = len(self.table)
-        for first, end in reversed(_runs(sorted(indices))):  # from the last run: earlier rows keep their index
+        runs = adjacent_runs([(0, index) for index in sorted(indices)])
+        for _, _, first, length in reversed(runs):  # from the last run: earlier rows keep their index
             for column in (self.offsets, self.positions):
-                column[first:count - (end - first)] = column[end:count].clone()
-            count -= end - first
+                column[first:count - length] = column[first + length:count].clone()
+            count -= length
         entries = [self.table[index] for index in indices]
         for index in sorted(indices, reverse=True):
             del self.table[index], self.starts[index]
@@ -303,10 +294,14 @@ class WarmPages:
                 view.copy_(fn(view.transpose(0, 1)).transpose(0, 1))
 
     def _locate(self, page_id: int) -> tuple[torch.Tensor, int]:
+        index, slot = self._slab_slot(page_id)
+        return self.slabs[index], slot
+
+    def _slab_slot(self, page_id: int) -> tuple[int, int]:
         index = bisect.bisect_right(self.slab_offsets, page_id) - 1  # slabs sit in page-id order
         if index < 0 or page_id >= self.capacity:
             raise KeyError(page_id)
-        return self.slabs[index], page_id - self.slab_offsets[index]
+        return index, page_id - self.slab_offsets[index]
 
     def _grow(self) -> None:
         """Allocate a slab of as many pages (up to pages_per_slab) as the budget allows, and room in the table.

@@ -24,7 +24,7 @@ import torch
 from .cold import ColdEntry, HostSlab, host_rows, rows_bytes
 from .disk import DiskEntry, DiskPages
 from .errors import KVTierError
-from .pages import ALIGNMENT, PageLayout
+from .pages import ALIGNMENT, PageLayout, adjacent_runs
 from .pinned import mapped_bytes
 
 
@@ -207,13 +207,8 @@ class Job:
     def chosen(cls, slabs: list[HostSlab], entries: list[ColdEntry]) -> "Job":
         """The rows of ``entries`` only, in runs of neighbouring rows, packed at the start of the slot."""
         entries = sorted(entries, key=lambda entry: (entry.slab, entry.row))
-        runs = []
-        for entry in entries:
-            if runs and runs[-1][0] is slabs[entry.slab] and runs[-1][1] + runs[-1][2] == entry.row:
-                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-            else:
-                runs.append((slabs[entry.slab], entry.row, 1))
-        return cls(runs, entries, list(range(len(entries))))
+        runs = adjacent_runs([(entry.slab, entry.row) for entry in entries])
+        return cls([(slabs[slab], row, count) for _, slab, row, count in runs], entries, list(range(len(entries))))
 
 
 class Prefetcher:
