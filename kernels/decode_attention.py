@@ -430,16 +430,46 @@ if triton is not None:
         return tl.reshape(expanded, (TILE, WIDTH))
 
     @triton.jit
-    def _plane_codes(rows_ptr, channels, row_ok, BITS: tl.constexpr, PLANE_BYTES: tl.constexpr):
-        """Codes of ``channels`` (C,) from bit planes: rows_ptr (T,) points at each token's first plane, where
-        bit p of channel j sits at bit j % 8 of byte j // 8 of plane p. Returns (T, C) int32."""
-        byte_at = (channels // 8)[None, :]
-        shift = (channels % 8)[None, :]
-        codes = tl.zeros([rows_ptr.shape[0], channels.shape[0]], tl.int32)
-        for plane in tl.static_range(BITS):
-            plane_bytes = tl.load(rows_ptr[:, None] + plane * PLANE_BYTES + byte_at, mask=row_ok[:, None], other=0)
-            codes = codes | (((plane_bytes.to(tl.int32) >> shift) & 1) << plane)
-        return codes
+    def _plane_bits(plane_ptr, row_ok, WIDTH: tl.constexpr):
+        """One bit plane of WIDTH channels: plane_ptr (T,) points at each token's first byte of them, channel j at
+        bit j % 8 of byte j // 8. Returns (T, WIDTH) bool. The bytes are read as one contiguous row a token and
+        spread to channels in registers."""
+        packed = tl.load(plane_ptr[:, None] + tl.arange(0, WIDTH // 8)[None, :], mask=row_ok[:, None], other=0)
+        spread = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # (T, WIDTH // 8, 8)
+        return tl.reshape(spread, (plane_ptr.shape[0], WIDTH)) != 0
+
+    @triton.jit
+    def _select_levels(levels_ptr, bit0, bit1, bit2, BITS: tl.constexpr):
+        """levels[c] for c = bit0 + 2 bit1 + 4 bit2 (< 2^BITS; the bits past BITS are not read), by a tree of
+        selects between the codebook's levels, loaded once as scalars: no gathered load per element."""
+        chosen = tl.where(bit0, tl.load(levels_ptr + 1), tl.load(levels_ptr))
+        if BITS >= 2:
+            upper = tl.where(bit0, tl.load(levels_ptr + 3), tl.load(levels_ptr + 2))
+            chosen = tl.where(bit1, upper, chosen)
+        if BITS >= 3:
+            upper = tl.where(bit1, tl.where(bit0, tl.load(levels_ptr + 7), tl.load(levels_ptr + 6)),
+                             tl.where(bit0, tl.load(levels_ptr + 5), tl.load(levels_ptr + 4)))
+            chosen = tl.where(bit2, upper, chosen)
+        return chosen
+
+    @triton.jit
+    def _codebook_values(rows_ptr, first_byte, row_ok, levels_ptr, BITS: tl.constexpr, PLANE_BYTES: tl.constexpr,
+                         WIDTH: tl.constexpr):
+        """(T, WIDTH) float16 codebook levels of the codes in BITS bit planes (1-4) of PLANE_BYTES bytes each:
+        rows_ptr (T,) points at each token's first plane, ``first_byte`` at the channels' first byte in a plane."""
+        start = rows_ptr + first_byte
+        bit0 = _plane_bits(start, row_ok, WIDTH)
+        bit1 = bit0  # not read below 2 bits
+        bit2 = bit0
+        if BITS >= 2:
+            bit1 = _plane_bits(start + PLANE_BYTES, row_ok, WIDTH)
+        if BITS >= 3:
+            bit2 = _plane_bits(start + 2 * PLANE_BYTES, row_ok, WIDTH)
+        chosen = _select_levels(levels_ptr, bit0, bit1, bit2, BITS)
+        if BITS == 4:  # levels 8-15 when the top bit is set
+            upper = _select_levels(levels_ptr + 8, bit0, bit1, bit2, 3)
+            chosen = tl.where(_plane_bits(start + 3 * PLANE_BYTES, row_ok, WIDTH), upper, chosen)
+        return chosen.to(tl.float16)
 
     # page and split counts change from call to call: left unspecialized, they cost no recompile (one kernel per
     # format and variant, not one per divisibility of each count)
@@ -539,32 +569,33 @@ if triton is not None:
                 group_ok = group_page < warm_last
                 group_ptr = page_base_ptr + tl.load(warm_offset_ptr + group_page, mask=group_ok, other=0) * ALIGNMENT
                 group_at = (page_rows * (BLOCK // KEY_GROUP) + (key_groups * KEY_GROUP % BLOCK) // KEY_GROUP) * HEAD_DIM
-            if TURBOQUANT:  # k = |k| levels[codes] (+ the group mean); the QJL term apart
+            if TURBOQUANT:  # q . k = |k| (q . levels[codes]) + q . (the group mean) + the QJL term
                 key_norm = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                    mask=page_ok, other=0.0).to(tl.float32)
                 key_rows_ptr = row_ptr + KEY_CODES_AT + key_plane_row
                 key_levels_ptr = codebook_ptr + KEY_LEVELS_AT
-                low_keys = tl.load(key_levels_ptr + _plane_codes(key_rows_ptr, half, page_ok, KEY_BITS, HEAD_DIM // 8))
-                high_keys = tl.load(key_levels_ptr + _plane_codes(key_rows_ptr, half + HALF, page_ok, KEY_BITS,
-                                                                  HEAD_DIM // 8))
-                low_keys = low_keys * key_norm[:, None]
-                high_keys = high_keys * key_norm[:, None]
-                if KEY_CENTERED:
+                low_keys = _codebook_values(key_rows_ptr, 0, page_ok, key_levels_ptr, KEY_BITS, HEAD_DIM // 8, HALF)
+                high_keys = _codebook_values(key_rows_ptr, HALF // 8, page_ok, key_levels_ptr, KEY_BITS,
+                                             HEAD_DIM // 8, HALF)  # (T, D/2) float16 each
+                scores = tl.dot(query_low16, tl.trans(low_keys))
+                scores = tl.dot(query_high16, tl.trans(high_keys), scores) * key_norm[None, :]  # (G, T)
+                if KEY_CENTERED:  # q . m_g once per key group, broadcast to the group's tokens
                     mean_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                    low_keys += _per_token(tl.load(mean_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                                           KEY_GROUP, TILE, HALF)
-                    high_keys += _per_token(tl.load(mean_ptr + HALF + half[None, :], mask=group_ok[:, None],
-                                                    other=0.0), KEY_GROUP, TILE, HALF)
-                scores = tl.dot(query_low16, tl.trans(low_keys.to(tl.float16)))
-                scores = tl.dot(query_high16, tl.trans(high_keys.to(tl.float16)), scores)
+                    low_mean = tl.load(mean_ptr + half[None, :], mask=group_ok[:, None], other=0.0)  # (NG, D/2)
+                    high_mean = tl.load(mean_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0)
+                    mean_scores = (tl.sum(query_low[:, None, :] * low_mean.to(tl.float32)[None, :, :], 2)
+                                   + tl.sum(query_high[:, None, :] * high_mean.to(tl.float32)[None, :, :], 2))  # (G, NG)
+                    scores += tl.reshape(tl.broadcast_to(mean_scores[:, :, None],
+                                                         (GROUP_PAD, TILE // KEY_GROUP, KEY_GROUP)), (GROUP_PAD, TILE))
                 if QJL:  # + |k| |r| qjl_scale (q R S^T) . signs
                     residual = tl.load((row_ptr + KEY_RESIDUAL_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                        mask=page_ok, other=0.0).to(tl.float32)
                     sign_rows_ptr = row_ptr + KEY_SIGNS_AT + sign_row
-                    low_signs = _plane_codes(sign_rows_ptr, half, page_ok, 1, 0) * 2 - 1
-                    high_signs = _plane_codes(sign_rows_ptr, half + HALF, page_ok, 1, 0) * 2 - 1
-                    sketch_dots = tl.dot(sketched_low16, tl.trans(low_signs.to(tl.float16)))
-                    sketch_dots = tl.dot(sketched_high16, tl.trans(high_signs.to(tl.float16)), sketch_dots)
+                    low_signs = tl.where(_plane_bits(sign_rows_ptr, page_ok, HALF), 1.0, -1.0).to(tl.float16)
+                    high_signs = tl.where(_plane_bits(sign_rows_ptr + HALF // 8, page_ok, HALF), 1.0,
+                                          -1.0).to(tl.float16)
+                    sketch_dots = tl.dot(sketched_low16, tl.trans(low_signs))
+                    sketch_dots = tl.dot(sketched_high16, tl.trans(high_signs), sketch_dots)
                     scores += sketch_dots * (key_norm * residual)[None, :]
             else:
                 key_codes = tl.load(row_ptr[:, None] + KEY_CODES_AT + code_row[:, None] + half[None, :],
@@ -634,11 +665,11 @@ if triton is not None:
                                      mask=page_ok, other=0.0)
                 scaled_weights = (weights * value_norm.to(tl.float32)[None, :]).to(tl.float16)
                 value_rows_ptr = row_ptr + VALUE_CODES_AT + plane_row
-                low_values = tl.load(codebook_ptr + _plane_codes(value_rows_ptr, half, page_ok, BITS, HEAD_DIM // 8))
-                high_values = tl.load(codebook_ptr + _plane_codes(value_rows_ptr, half + HALF, page_ok, BITS,
-                                                                  HEAD_DIM // 8))
-                low_acc = tl.dot(scaled_weights, low_values.to(tl.float16), low_acc * decay[:, None])
-                high_acc = tl.dot(scaled_weights, high_values.to(tl.float16), high_acc * decay[:, None])
+                low_values = _codebook_values(value_rows_ptr, 0, page_ok, codebook_ptr, BITS, HEAD_DIM // 8, HALF)
+                high_values = _codebook_values(value_rows_ptr, HALF // 8, page_ok, codebook_ptr, BITS, HEAD_DIM // 8,
+                                               HALF)
+                low_acc = tl.dot(scaled_weights, low_values, low_acc * decay[:, None])
+                high_acc = tl.dot(scaled_weights, high_values, high_acc * decay[:, None])
             else:
                 value_codes = tl.load(row_ptr[:, None] + VALUE_CODES_AT + code_row[:, None] + half[None, :],
                                       mask=page_ok[:, None], other=0)
