@@ -14,15 +14,18 @@ Caches: transformers DynamicCache; DynamicCache(offloading=True) (its host copy 
 whose dense bytes exceed ``--host-gb`` is counted as not fitting without running, so the process is not killed);
 QuantizedCache (quanto, 4-bit; "not installed" when optimum-quanto is missing; see common.quanto_unpack); kvtier
 warm-only INT4 (on_budget_full="raise"), INT4 + host tier and TurboQuant 3-bit + host tier, with budget_gb = extra -
-margin and host_budget_gb = --host-gb.
+margin (0.25 GB by default) and host_budget_gb = --host-gb. Memory settings (shared with capacity_probe.py): every
+cache runs with the caching allocator's expandable segments (``--default-allocator``: without), and kvtier with
+query_tile=16, its attention scratch sized for 16-row prefill tiles (``--kvtier FIELD=INT ...`` replaces that;
+``--kvtier`` alone keeps TierConfig's defaults).
 
 On the CPU (``--device cpu --tiny``: a 2-layer model of small shape) there is no memory fraction: the cap is a byte
 count, ``--cpu-cache-mb``: kvtier's budget is that plus its attention scratch and staging ring (4-page chunks on the
 CPU), its host tier 4 times that; any other cache fits when the bytes it holds after the probe are within it. This
 checks the search and that every configuration's probe runs end to end, not GPU capacity.
 
-    python benchmarks/capacity.py                      # GPU: cap = weights + 8 GB; 35 s a cache (~4 min, not timed on a GPU yet)
-    python benchmarks/capacity.py --caches dense kvtier-int4 --margin-gb 0.1 --kvtier query_tile=16 --expandable-segments
+    python benchmarks/capacity.py                      # GPU: cap = weights + 8 GB; 35 s of search a cache
+    python benchmarks/capacity.py --caches dense kvtier-int4 --resolution 0.01 --time-limit 300
     python benchmarks/capacity.py --device cpu --tiny  # the CPU smoke run
 """
 
@@ -192,7 +195,7 @@ def markdown(result: dict) -> str:
              "", f"Cap: {settings['cap']}; kvtier budget_gb {settings['kvtier_budget_gb']:.3g}, host_budget_gb "
              f"{settings['host_gb']:.3g}"
              + (f", TierConfig {settings['kvtier_overrides']}" if settings.get("kvtier_overrides") else "")
-             + ("; allocator: expandable segments" if settings.get("expandable_segments") else "")
+             + (f"; PYTORCH_CUDA_ALLOC_CONF: {settings['allocator']}" if settings.get("allocator", "n/a") != "n/a" else "")
              + f"; batch {settings['batch']}; fill in chunks of {settings['chunk']:,} random "
              f"states, then {settings['decode']} decode steps; doubling from {settings['start']:,}, bisection to "
              f"{settings['resolution']:.0%}; at most {settings['max_tokens']:,} tokens and {settings['time_limit_s']:g} s "
@@ -240,7 +243,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, help="shorten the 8B-shaped model to this many layers")
     parser.add_argument("--caches", nargs="+", default=list(common.CACHES), choices=common.CACHES)
     parser.add_argument("--extra-gb", type=float, default=8.0, help="GPU cap = model weights + this")
-    parser.add_argument("--margin-gb", type=float, default=1.5,
+    parser.add_argument("--margin-gb", type=float, default=0.25,
                         help="of the extra, left for activations: kvtier's budget_gb = extra - margin")
     parser.add_argument("--host-gb", type=float, help="host budget (kvtier's host tier, the offloaded cache's "
                         "limit); default 60%% of the available host memory")
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "batch": args.batch, "chunk": args.chunk, "decode": args.decode, "start": args.start,
                            "max_tokens": args.max_tokens, "resolution": args.resolution, "granule": args.granule,
                            "time_limit_s": args.time_limit, "kvtier_configs": common.KVTIER_CONFIGS,
-                           "kvtier_overrides": args.kvtier_overrides, "expandable_segments": args.expandable_segments},
+                           "kvtier_overrides": args.kvtier_overrides, "allocator": args.allocator},
               "rows": []}
     print(f"{model_text}; cap {cap}; kvtier budget {budget_gb:.3g} GB, host {args.host_gb:.3g} GB", flush=True)
     bar = common.progress_bar(len(args.caches), "caches", "cache")

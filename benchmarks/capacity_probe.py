@@ -1,14 +1,12 @@
 """Capacity probes: whether given contexts fit, each in a fresh cache, under capacity.py's GPU memory cap, and why not.
 
-capacity.py searches (doubling, then bisection to 5%) in one process, so a probe runs after the allocations of the ones
-before it, and keeps only whether each fitted. This script probes chosen contexts of chosen caches, prints and records each
-one's outcome (the error's type and first words when it does not fit) and its peak GPU memory, optionally with the
-caching allocator's expandable segments (``--expandable-segments``: memory the fill left reserved but unused can be
-reused for the next allocation of another size) and kvtier TierConfig fields (``--kvtier query_tile=16``: the
-attention scratch sized for 16-row prefill tiles instead of 256; decode needs one row).
+capacity.py searches (doubling, then bisection) in one process and keeps only whether each probe fitted. This script
+probes chosen contexts of chosen caches, prints and records each one's outcome (the error's type and first words when it
+does not fit) and its peak GPU memory. It shares capacity.py's memory settings: the caching allocator's expandable
+segments (``--default-allocator`` turns them off) and TierConfig fields for kvtier (``--kvtier``; by default
+query_tile=16, the attention scratch sized for 16-row prefill tiles instead of 256; decode needs one row).
 
-    python benchmarks/capacity_probe.py --probe dense 61440 63488 65536 --probe kvtier-int4 215040 222208 \\
-        --budget-gb 7.9 --kvtier query_tile=16 --expandable-segments
+    python benchmarks/capacity_probe.py --probe dense 61440 63488 65536 --probe kvtier-int4 215040 222208 --budget-gb 7.9
     python benchmarks/capacity_probe.py --device cpu --tiny --probe dense 512 --probe kvtier-int4 512   # CPU smoke
 """
 
@@ -40,7 +38,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Capacity probes under one GPU memory cap ({result['environment']['device']})", "",
              ", ".join(f"{key} {value}" for key, value in result["environment"].items() if key != "device") + ".", "",
              f"Cap: {settings['cap']}; kvtier budget_gb {settings['budget_gb']}, TierConfig {settings['kvtier']}; "
-             f"allocator expandable segments: {settings['expandable_segments']}; each probe a fresh cache, then "
+             f"PYTORCH_CUDA_ALLOC_CONF: {settings['allocator']}; each probe a fresh cache, then "
              f"{settings['decode']} decode steps.", "",
              "| cache | tokens | x first dense | outcome | peak GPU GB |", "|---|---:|---:|---|---:|"]
     dense = next((row["tokens"] for row in result["rows"] if row["cache"] == "dense"), None)
@@ -59,7 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer small model (CPU smoke run)")
     parser.add_argument("--extra-gb", type=float, default=8.0, help="GPU cap = model weights + this")
-    parser.add_argument("--budget-gb", type=float, default=6.5, help="kvtier's budget_gb")
+    parser.add_argument("--budget-gb", type=float, default=7.75, help="kvtier's budget_gb (capacity.py's: "
+                        "the extra less its 0.25 GB margin)")
     parser.add_argument("--host-gb", type=float, default=60.0, help="kvtier's host budget (host-tier caches)")
     common.add_memory_options(parser)
     parser.add_argument("--chunk", type=int, default=common.FILL_CHUNK)
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         cap += f" = {cap_memory(model, args.extra_gb):.1f} GB"
     result = {"environment": common.environment(args.device),
               "settings": {"cap": cap, "budget_gb": args.budget_gb, "kvtier": args.kvtier_overrides, "decode": args.decode,
-                           "expandable_segments": args.expandable_segments, "chunk": args.chunk},
+                           "allocator": args.allocator, "chunk": args.chunk},
               "rows": []}
     name = args.name or f"capacity-probe-{common.device_tag(args.device)}"
     for cache, *contexts in args.probe:

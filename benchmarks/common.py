@@ -255,18 +255,29 @@ def new_cache(name: str, model, budget_gb: float, host_budget_gb: float | None, 
     return kvtier.attach(model, budget_gb=budget_gb, **settings).new_cache()
 
 
+# What the capacity scripts give every kvtier cache unless --kvtier says otherwise: their fills write pages without
+# running attention and decode attends one query row, so the attention scratch is sized for 16-row prefill tiles
+# (0.05 GB on the 8B shape) instead of TierConfig's 256 (0.23 GB); a chunked prefill still runs under it, 16 rows a tile
+CAPACITY_TIER_FIELDS = ("query_tile=16",)
+
+
 def add_memory_options(parser) -> None:
     """The options capacity.py and capacity_probe.py share: TierConfig overrides and the allocator's mode."""
-    parser.add_argument("--kvtier", nargs="*", default=[], metavar="FIELD=INT",
-                        help="TierConfig fields (integers) for every kvtier cache, e.g. query_tile=16")
-    parser.add_argument("--expandable-segments", action="store_true",
-                        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (set before CUDA starts)")
+    parser.add_argument("--kvtier", nargs="*", default=list(CAPACITY_TIER_FIELDS), metavar="FIELD=INT",
+                        help="TierConfig fields (integers) for every kvtier cache (default: "
+                             f"{' '.join(CAPACITY_TIER_FIELDS)}; --kvtier alone: TierConfig's own defaults)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep the CUDA caching allocator's default mode; otherwise every cache runs with "
+                             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (unless that variable is set already)")
 
 
 def apply_memory_options(args) -> dict:
-    """Before anything touches CUDA: set the allocator's mode; return the TierConfig overrides."""
-    if args.expandable_segments:  # read when the CUDA allocator starts
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    """Before anything touches CUDA: set the allocator's mode (``args.allocator`` records it); return the TierConfig
+    overrides. Expandable segments by default: memory a fill left reserved but unused in blocks of one size is reused
+    for allocations of another, where the default mode can run out of memory with 0.4 GB free (capacity-probe-h200)."""
+    if args.device.startswith("cuda") and not args.default_allocator:  # read when the CUDA allocator starts
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    args.allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default") if args.device.startswith("cuda") else "n/a"
     return {field: int(value) for field, value in (item.split("=") for item in args.kvtier)}
 
 

@@ -136,7 +136,7 @@ def test_capacity_probes_record_each_outcome_and_why_not(tmp_path, budget_gb, fi
     assert "| kvtier INT4, warm only | 600 | 2.00x | " + ("fits" if fits else "does not fit (BudgetTooSmallError") in table
     if fits:  # the override reached the cache: scratch for 16-row query tiles, not 256
         default = capacity_probe.main(["--device", "cpu", "--tiny", "--probe", "kvtier-int4", "600", "--decode", "1",
-                                       "--budget-gb", "0.5", "--out", str(tmp_path)])
+                                       "--budget-gb", "0.5", "--kvtier", "--out", str(tmp_path)])  # TierConfig's own
         assert tiered["scratch_gb"] < default["rows"][0]["scratch_gb"] / 2
 
 
