@@ -11,6 +11,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from .attention import ATTENTION_NAME, tiered_attention_forward
 from .cache import TieredCache
+from .compat import CACHE_KEYWORD
 from .config import TierConfig
 from .errors import KVTierError, UnsupportedModelError
 from .graph import DecodeGraph
@@ -39,7 +40,7 @@ class KVTier:
         input_ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         passed = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 also names it cache=
         if passed is None:
-            passed = kwargs["past_key_values"] = self.new_cache(kwargs.get("attention_mask"))
+            passed = kwargs[CACHE_KEYWORD] = self.new_cache(kwargs.get("attention_mask"))
         elif isinstance(passed, TieredCache):
             self.cache = passed
             check_continuation(self.cache, input_ids)

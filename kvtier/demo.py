@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 import kvtier
+from kvtier.compat import with_cache
 from kvtier.eval import reference_text
 from kvtier.models import load_smollm2
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
     answers, seconds = {}, {}
     dense = DynamicCache()
-    generate("dense", past_key_values=dense)
+    generate("dense", **with_cache(dense))
     handle = kvtier.attach(model, budget_gb=args.budget_gb, policy=args.policy)
     generate("kvtier")  # generate() now builds a TieredCache
     stats = handle.stats()

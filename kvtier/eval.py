@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from .compat import with_cache
+
 
 @dataclass
 class StepFidelity:
@@ -73,13 +75,13 @@ class DenseReference:
 def dense_reference(model, context: torch.Tensor, steps: int = 4) -> DenseReference:
     """Prefill ``context`` (1, L) into a DynamicCache and decode ``steps`` greedy tokens, recording each step."""
     dense = DynamicCache()
-    logits = model(context, past_key_values=dense, use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(context, **with_cache(dense), use_cache=True, logits_to_keep=1).logits[:, -1]
     # DynamicCache appends by concatenation, so these tensors stay the prefill's as decoding goes on
     reference = DenseReference(context, [(layer.keys, layer.values) for layer in dense.layers])
     for _ in range(steps):
         token = logits.argmax(dim=-1, keepdim=True)  # (1, 1): both caches see the dense model's choice
         with _AttentionOutputs(model) as attention:
-            logits = model(token, past_key_values=dense, use_cache=True).logits[:, -1]
+            logits = model(token, **with_cache(dense), use_cache=True).logits[:, -1]
         reference.tokens.append(token)
         reference.logits.append(logits)
         reference.attention.append(attention.outputs)
@@ -107,11 +109,11 @@ def compare_decode(model, context: torch.Tensor, cache, steps: int = 4, shared_p
     else:
         chunk = prefill_chunk or context.shape[1]
         for first in range(0, context.shape[1], chunk):
-            model(context[:, first:first + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(context[:, first:first + chunk], **with_cache(cache), use_cache=True, logits_to_keep=1)
     report = FidelityReport()
     for step in range(steps):
         with _AttentionOutputs(model) as tested_attention:
-            tested_logits = model(reference.tokens[step], past_key_values=cache, use_cache=True).logits[:, -1]
+            tested_logits = model(reference.tokens[step], **with_cache(cache), use_cache=True).logits[:, -1]
         report.steps.append(_step_fidelity(reference.logits[step], tested_logits, reference.attention[step],
                                            tested_attention.outputs))
     return report
@@ -159,7 +161,7 @@ def chunked_perplexity(model, ids: torch.Tensor, cache, chunk: int = 128, skip: 
     total, count = 0.0, 0
     for first in range(0, ids.shape[1] - 1, chunk):
         inputs = ids[:, first:first + chunk]  # (1, C)
-        logits = model(inputs, past_key_values=cache, use_cache=True).logits[0].double()  # (C, V)
+        logits = model(inputs, **with_cache(cache), use_cache=True).logits[0].double()  # (C, V)
         targets = ids[0, first + 1:first + 1 + chunk]  # the next token of each position, (C') with C' <= C
         positions = torch.arange(first, first + len(targets))
         keep = positions >= skip
@@ -226,7 +228,7 @@ def prompt_prefix_states(model, case: PasskeyCase) -> list[tuple[torch.Tensor, t
     cache under test and decodes.
     """
     dense = DynamicCache()
-    model(case.prompt_ids[:, :-1], past_key_values=dense, use_cache=True, logits_to_keep=1)
+    model(case.prompt_ids[:, :-1], **with_cache(dense), use_cache=True, logits_to_keep=1)
     return [(layer.keys, layer.values) for layer in dense.layers]
 
 
@@ -244,7 +246,7 @@ def answer_passkey(model, tokenizer, case: PasskeyCase, cache=None, max_new_toke
     ``cache`` None lets ``generate`` pick its cache (a TieredCache when kvtier is attached, else dynamic);
     ``generate_kwargs`` go to ``generate`` (``prefill_chunk_size=256``, say).
     """
-    extra = {} if cache is None else {"past_key_values": cache}
+    extra = {} if cache is None else with_cache(cache)
     output = model.generate(case.prompt_ids, max_new_tokens=max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.eos_token_id, **extra, **generate_kwargs)
     return case.passkey in tokenizer.decode(output[0, case.prompt_ids.shape[1]:])

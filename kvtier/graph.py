@@ -32,6 +32,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .attention import use_kernel
+from .compat import with_cache
 from .errors import NonFiniteStatesError
 
 PASSED_THROUGH = ("logits_to_keep", "use_cache", "return_dict")  # forward arguments the static step keeps (and
@@ -138,7 +139,7 @@ class DecodeGraph:
                 self.cache.prefetcher.moved_chunks += self.copies[1]
             logits = self.logits
         self.finish()
-        return CausalLMOutputWithPast(logits=logits.clone(), past_key_values=self.cache)
+        return CausalLMOutputWithPast(logits=logits.clone(), **with_cache(self.cache))
 
     def why_eager(self, input_ids, past_key_values, kwargs) -> str | None:
         """Why this forward call cannot be the static step, or None when it can."""
