@@ -142,6 +142,29 @@ def check_kernel_against_reference(case, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("low_key_bits", [None, 3])
+def test_kernel_reads_the_precision_rules_low_pages(low_key_bits, device):
+    """The precision rule's TurboQuant pages (2-bit values; keys at 2 bits, or at 3 with their levels after the value
+    levels in the kernel's codebook) through the kernel, against the float64 reference over the same pages."""
+    rule = dict(low_bits=2, low_key_bits=low_key_bits, low_share=0.5, on_budget_full="evict", block_size=16)
+    probe = filled_layer("cpu", 2, 8, 2, 64, 40, torch.float32, seed=0, **rule)
+    fixed = probe.cache.hot_bytes + probe.cache.scratch_bytes + probe.cache.staging_bytes
+    budget_gb = (fixed + 8 * probe.warm.page_bytes + probe.warm.table_bytes) / 1024**3  # 8 INT4 pages' bytes
+    layer = filled_layer(device, 2, 8, 2, 64, 300, torch.float32, seed=1, budget_gb=budget_gb, **rule)
+    low = layer.low_pages()
+    assert low is not None and low.layout.format.bits_of_keys == (low_key_bits or 2) and low.layout.format.bits == 2
+    paged = layer.paged(low, with_hot=False)
+    query = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(2)).to(device)
+    kv_start = torch.tensor([0, 9], dtype=torch.int32, device=device)
+    kv_end = torch.full_like(kv_start, 300)
+    out, mass = decode_attention(query, paged, kv_start, kv_end, 0.125, with_mass=True)
+    queries = (query.double() * 0.125).view(2, 2, 4, 1, 64)
+    expected, _, expected_mass = paged_attention_reference(queries, paged, kv_start, kv_end, with_mass=True)
+    assert (out.double() - expected.view(2, 8, 64)).norm() / expected.norm() < BF16_RELATIVE
+    torch.testing.assert_close(mass.double(), expected_mass, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_split_and_single_split(device):
     """A row whose window misses whole splits, and a forced single split, still give the reference's answer."""
     layer = filled_layer(device, 2, 4, 2, 64, 180, torch.float32, seed=3)
