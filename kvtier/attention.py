@@ -27,6 +27,9 @@ from .layer import TierView
 from .prefetch import JoinedPages
 
 ATTENTION_NAME = "kvtier"
+# prefill: query rows (heads x positions) of a KV head in one decode-kernel launch; the 16 rows a decode launch already
+# pads its query heads to (the tensor cores' smallest tile), so that prefill launches compile to the decode's shapes
+KERNEL_QUERY_ROWS = 16
 FIRST_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
@@ -200,6 +203,9 @@ def _prefill(view: TierView, query, attention_mask, scaling: float) -> torch.Ten
     kv_end = torch.full_like(kv_start, view.past_length)
     layer = view.layer
     with_mass = layer.policy.wants_mass
+    by_kernel = not with_mass and use_kernel(layer.config.decode_kernel, query.is_cuda, layer.warm.layout,
+                                             layer.low_pages())
+    workspace = paged_kernel.DecodeWorkspace() if by_kernel else None
     for first in range(0, query_length, tile):
         rows = slice(first, min(first + tile, query_length))
         count = rows.stop - rows.start
@@ -209,7 +215,12 @@ def _prefill(view: TierView, query, attention_mask, scaling: float) -> torch.Ten
         pieces = []  # (mass, log-sum-exp once added) of each past piece, when the policy wants mass
         if view.past_length:
             tile_allowed = None if allowed is None else allowed[:, 0, rows]
+            ranges = _past_ranges(tile_allowed, batch, count, view.past_length, query.device) if by_kernel else None
             for pages, with_hot in _past_pages(layer):
+                if ranges is not None:  # the past through the decode kernel, a tile of query rows per launch
+                    accumulator.add(*_past_by_kernel(query[:, :, rows], layer.paged(pages, with_hot), *ranges,
+                                                     scaling, workspace))
+                    continue
                 past, lse, mass = paged_kernel.paged_attention_reference(
                     queries, layer.paged(pages, with_hot), kv_start, kv_end, tile_allowed,
                     key_tile=layer.config.key_tile, with_mass=with_mass, other_lse=accumulator.lse)
@@ -220,6 +231,42 @@ def _prefill(view: TierView, query, attention_mask, scaling: float) -> torch.Ten
             _observe(layer, mass, starts, lse, accumulator.lse, view.past_length)
         out[:, rows] = accumulator.out.reshape(batch, query_heads, count, head_dim).transpose(1, 2)
     return out
+
+
+def _past_ranges(tile_allowed, batch: int, count: int, past_length: int, device):
+    """(kv_start, kv_end), (B,) int32 each, when every query row of a prefill tile may attend exactly the past
+    positions kv_start[b] <= p < past_length (a causal chunk, left padding); else None. tile_allowed: (B or 1, Q, K)
+    bool, or None for causal."""
+    kv_end = torch.full((batch,), past_length, dtype=torch.int32, device=device)
+    if tile_allowed is None:
+        return torch.zeros_like(kv_end), kv_end
+    past = tile_allowed[:, :, :past_length].expand(batch, count, past_length)  # (B, Q, P)
+    kv_start = past[:, 0].int().argmax(-1).int()  # the first row's first allowed position
+    from_start = torch.arange(past_length, device=device)[None, None, :] >= kv_start[:, None, None]
+    if not bool((past == from_start).all()):  # one host sync per tile
+        return None
+    return kv_start, kv_end
+
+
+def _past_by_kernel(query, paged, kv_start, kv_end, scaling: float, workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill tile's attention over past pages through the decode kernel. Every row of a KV head attends the same
+    positions, so its G query heads x Q positions are the "query heads" of one launch, KERNEL_QUERY_ROWS at a time.
+    query: (B, H_q, Q, D) model dtype; returns out (B, H_kv, G, Q, D) float32 and lse (B, H_kv, G, Q)."""
+    batch, query_heads, count, head_dim = query.shape
+    kv_heads = paged.hot_keys.shape[1]
+    groups = query_heads // kv_heads
+    rows = query.reshape(batch, kv_heads, groups * count, head_dim)  # row g * Q + q of each KV head
+    outs, lses = [], []
+    for first in range(0, groups * count, KERNEL_QUERY_ROWS):
+        part = rows[:, :, first:first + KERNEL_QUERY_ROWS]
+        width = part.shape[2]
+        lse = torch.empty(batch, kv_heads * width, device=query.device)
+        out, _ = paged_kernel.decode_attention(part.reshape(batch, kv_heads * width, head_dim), paged, kv_start,
+                                               kv_end, scaling, workspace=workspace, lse=lse)
+        outs.append(out.view(batch, kv_heads, width, head_dim))
+        lses.append(lse.view(batch, kv_heads, width))
+    return (torch.cat(outs, 2).float().view(batch, kv_heads, groups, count, head_dim),
+            torch.cat(lses, 2).view(batch, kv_heads, groups, count))
 
 
 def _past_pages(layer):

@@ -212,6 +212,51 @@ def test_generate_through_kernel_matches_torch_path(warm_format, device):
         assert (kernel - reference).norm() / reference.norm() < BF16_RELATIVE
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_chunked_prefill_attends_the_past_through_the_kernel(padded, device, monkeypatch):
+    """Prefill chunks after the first attend the past pages through the decode kernel, a KV head's query heads x
+    positions as the rows of one launch (every row sees the same past, from each sequence's first unpadded token):
+    the same tokens and logits as the torch path, which launches nothing."""
+    import kvtier
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                         hidden_size=256, intermediate_size=512, vocab_size=500)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).eval()
+    ids = torch.randint(1, 500, (2, 150), device=device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :13] = 0
+    launched_rows = []
+    launch = kernel_module.decode_attention
+
+    def counted(query, *args, **kwargs):
+        launched_rows.append(query.shape[1])
+        return launch(query, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "decode_attention", counted)
+    runs = {}
+    for kernel in ("torch", "triton"):
+        launched_rows.clear()
+        kvtier.attach(model, budget_gb=0.5, decode_kernel=kernel, recent_window=32, block_size=16, key_group=16,
+                      cuda_graph="off")
+        try:
+            runs[kernel] = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                          prefill_chunk_size=48, output_logits=True, return_dict_in_generate=True)
+        finally:
+            kvtier.detach(model)
+        prefill_rows = [rows for rows in launched_rows if rows > 8]  # decode launches take the 8 query heads
+        # chunks of 48, 48, 48 and 6 tokens; after the first, 4 query heads x 48 positions are 12 launches of 16 rows
+        # per KV head, 4 x 6 are 16 + 8; in each of the 2 layers
+        assert prefill_rows == ([] if kernel == "torch" else [2 * 16] * (2 * 2 * 12) + [2 * 16, 2 * 8] * 2)
+    assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
+    for reference, kernel in zip(runs["torch"].logits, runs["triton"].logits):
+        assert (kernel - reference).norm() / reference.norm() < BF16_RELATIVE
+
+
 @torch.no_grad()
 def test_forcing_the_kernel_on_pages_it_cannot_read_says_why():
     import kvtier
