@@ -178,21 +178,41 @@ def test_fully_masked_split_and_single_split(device):
         assert (out.double() - expected).norm() / expected.norm() < BF16_RELATIVE
 
 
+def small_llama(device):
+    """A 2-layer random-weight Llama (8 query heads, 2 KV heads, head dim 64) for generate() through kvtier."""
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                         hidden_size=256, intermediate_size=512, vocab_size=500)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device).eval()
+
+
+def two_prompts(device, tokens: int, padded: bool):
+    """(2, tokens) random ids and their attention mask; ``padded``: the second row left-padded by 13 tokens."""
+    ids = torch.randint(1, 500, (2, tokens), device=device)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :13] = 0
+    return ids, mask
+
+
+def assert_same_generation(reference, kernel):
+    """The same greedy tokens, and every step's logits within the kernel's float16 operands' tolerance."""
+    assert torch.equal(reference.sequences, kernel.sequences)
+    for expected, got in zip(reference.logits, kernel.logits):
+        assert (got - expected).norm() / expected.norm() < BF16_RELATIVE
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("warm_format", ["int4", "turboquant"])
 @torch.no_grad()
 def test_generate_through_kernel_matches_torch_path(warm_format, device):
     """Greedy generate() of a small random Llama with padding: the kernel path and the reference path agree."""
     import kvtier
-    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                         hidden_size=256, intermediate_size=512, vocab_size=500)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device).eval()
-    ids = torch.randint(1, 500, (2, 90), device=device)
-    mask = torch.ones_like(ids)
-    mask[1, :13] = 0  # left padding
+    model = small_llama(device)
+    ids, mask = two_prompts(device, 90, padded=True)
     runs = {}
     for kernel in ("torch", "triton"):
         handle = kvtier.attach(model, budget_gb=0.5, decode_kernel=kernel, recent_window=32, block_size=16,
@@ -207,9 +227,7 @@ def test_generate_through_kernel_matches_torch_path(warm_format, device):
         assert handle.cache.decode_ranges is not None or replayed  # the padded decode steps took the paged decode path
         assert handle.stats()["warm"]["pages"] > 0
         runs[kernel] = result
-    assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
-    for reference, kernel in zip(runs["torch"].logits, runs["triton"].logits):
-        assert (kernel - reference).norm() / reference.norm() < BF16_RELATIVE
+    assert_same_generation(runs["torch"], runs["triton"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -220,16 +238,9 @@ def test_chunked_prefill_attends_the_past_through_the_kernel(padded, device, mon
     positions as the rows of one launch (every row sees the same past, from each sequence's first unpadded token):
     the same tokens and logits as the torch path, which launches nothing."""
     import kvtier
-    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                         hidden_size=256, intermediate_size=512, vocab_size=500)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device).eval()
-    ids = torch.randint(1, 500, (2, 150), device=device)
-    mask = torch.ones_like(ids)
-    if padded:
-        mask[1, :13] = 0
+    model = small_llama(device)
+    ids, mask = two_prompts(device, 150, padded)
     launched_rows = []
     launch = kernel_module.decode_attention
 
@@ -252,9 +263,7 @@ def test_chunked_prefill_attends_the_past_through_the_kernel(padded, device, mon
         # chunks of 48, 48, 48 and 6 tokens; after the first, 4 query heads x 48 positions are 12 launches of 16 rows
         # per KV head, 4 x 6 are 16 + 8; in each of the 2 layers
         assert prefill_rows == ([] if kernel == "torch" else [2 * 16] * (2 * 2 * 12) + [2 * 16, 2 * 8] * 2)
-    assert torch.equal(runs["torch"].sequences, runs["triton"].sequences)
-    for reference, kernel in zip(runs["torch"].logits, runs["triton"].logits):
-        assert (kernel - reference).norm() / reference.norm() < BF16_RELATIVE
+    assert_same_generation(runs["torch"], runs["triton"])
 
 
 @torch.no_grad()
