@@ -37,6 +37,8 @@ MAX_SPLITS = 64
 # benchmarks/kernel.py --sweep measures the alternatives
 LAUNCH = {"int4": (4, 3), "dense": (4, 3)}
 WARM_TILE = 128  # warm tokens the kernel reads per step (whole pages)
+QUERY_ROWS_PER_PROGRAM = 64  # a KV head's query rows one program takes at most; more rows (a prefill tile's query
+# heads x positions) are spread over programs of their own, each reading the pages once for its rows
 SPLITS_PER_HEAD = 32  # splits of each (sequence, KV head) on CUDA: about 32 were fastest at batch 1 and at batch 8,
 # 128K-512K tokens (benchmarks/results/kernel-variants-h200.json: 33 splits 6-19% under the earlier 64 at batch 1
 # and 9 at batch 8)
@@ -262,13 +264,37 @@ def max_splits(batch: int, kv_heads: int, device) -> int:
     return min(MAX_SPLITS, SPLITS_PER_HEAD if torch.device(device).type == "cuda" else 2)
 
 
+def row_blocks(query_heads: int, kv_heads: int) -> tuple[int, int]:
+    """(rows per program, programs per KV head) for query_heads rows: the group padded to a power of two of at least
+    16 (a tensor-core width), or QUERY_ROWS_PER_PROGRAM rows at a time when the group is larger."""
+    group = query_heads // kv_heads
+    rows = min(max(16, 1 << (group - 1).bit_length()), QUERY_ROWS_PER_PROGRAM)
+    return rows, -(-group // rows)
+
+
+def launch_splits(batch: int, query_heads: int, kv_heads: int, device, splits: int | None = None) -> int:
+    """Splits of a launch: max_splits (or ``splits``); one for a many-row launch, whose row blocks are programs
+    enough, and whose workspace then holds one partial output per row."""
+    if row_blocks(query_heads, kv_heads)[1] > 1:
+        return 1
+    return splits or max_splits(batch, kv_heads, device)
+
+
+def launch_bytes(batch: int, query_heads: int, head_dim: int, splits: int) -> int:
+    """Temporaries of one decode_attention call with query_heads rows and ``splits``: its workspace, the float32
+    rotated (and sketched) query, and the output."""
+    return workspace_bytes(batch, query_heads, head_dim, splits) + batch * query_heads * head_dim * 12
+
+
 def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
                      with_mass: bool = False, workspace: DecodeWorkspace | None = None, splits: int | None = None,
                      out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
                      warm_count: torch.Tensor | None = None):
     """One decode step's attention with the Triton kernels.
 
-    query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends
+    query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends.
+    H_q may be any multiple of H_kv: a prefill tile passes a KV head's query heads x positions as its rows, which
+    the kernel takes QUERY_ROWS_PER_PROGRAM at a time (per-page mass needs all of a head's rows in one program).
     returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32;
     ``lse``, if given, (B, H_q) float32, receives each row's natural-log log-sum-exp (-inf where nothing was
     attended), for merging with attention over other pages.
@@ -282,14 +308,18 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     group = query_heads // kv_heads
     warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
     total_pages = warm_pages + hot_pages
+    group_pad, blocks = row_blocks(query_heads, kv_heads)
+    if with_mass and blocks > 1:
+        raise ValueError(f"per-page mass needs at most {QUERY_ROWS_PER_PROGRAM} query rows per KV head, got {group}")
+    splits = launch_splits(batch, query_heads, kv_heads, query.device, splits)
     if warm_count is None:
-        splits = min(splits or max_splits(batch, kv_heads, query.device), total_pages)
+        splits = min(splits, total_pages)
         pages_per_split = -(-total_pages // splits)
         splits = -(-total_pages // pages_per_split)
     else:
         if with_mass:
             raise ValueError("per-page mass needs the page count on the host: call without warm_count")
-        splits, pages_per_split = splits or max_splits(batch, kv_heads, query.device), 0  # computed in the kernel
+        pages_per_split = 0  # computed in the kernel
     workspace = workspace or DecodeWorkspace()
     partial_plain = workspace.get("plain", (batch, query_heads, splits, head_dim), query.device)
     partial_rotated = workspace.get("rotated", (batch, query_heads, splits, head_dim), query.device)
@@ -307,19 +337,18 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     hot_keys, hot_values = paged.hot_keys, paged.hot_values
     if hot_keys.stride(-1) != 1 or hot_keys.stride() != hot_values.stride():
         raise ValueError("the hot key and value buffers must share strides, with contiguous rows")
-    group_pad = max(16, triton.next_power_of_2(group))
     # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot on bf16 returns garbage there): on the CPU,
     # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     num_warps, num_stages = LAUNCH["int4" if warm_count is not None or warm_pages >= hot_pages else "dense"]
     variant = kernel_variant(constants, query.device)
-    _decode_pages_kernel[(batch * kv_heads, splits)](
+    _decode_pages_kernel[(batch * kv_heads, splits, blocks)](
         query, rotated, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
         kv_start if warm_count is None else warm_count,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
         kv_start, kv_end, partial_plain, partial_rotated, partial_lse, page_lse if with_mass else partial_lse,
-        scale * LOG2_E, pages_per_split, splits,
-        **constants, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        scale * LOG2_E, pages_per_split, splits, group,
+        **constants, KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
         UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant,
         COUNT_ON_DEVICE=warm_count is not None,
@@ -329,11 +358,11 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     rotate = paged.rotation is not None
     merged_plain = workspace.get("merged_plain", (batch, query_heads, head_dim), query.device) if rotate else out
     merged_rotated = workspace.get("merged_rotated", (batch, query_heads, head_dim), query.device) if rotate else out
-    _merge_splits_kernel[(batch * kv_heads,)](
+    _merge_splits_kernel[(batch * kv_heads, blocks)](
         partial_plain, partial_rotated, partial_lse, out, merged_plain, merged_rotated,
         page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
-        partial_lse if lse is None else lse, warm_pages, splits,
-        KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        partial_lse if lse is None else lse, warm_pages, splits, group,
+        KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=rotate, WITH_MASS=with_mass,
         WITH_LSE=lse is not None, MASS_TILE=128,
     )
@@ -487,29 +516,29 @@ if triton is not None:
         partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
         page_lse_ptr,  # (B, H_q, n_warm) log2-sum-exp of each warm page's scores
         scale_log2, pages_per_split, splits,
+        group,  # query rows per KV head: its query heads (decode), or its query heads x positions (a prefill tile)
         # field byte offsets; TurboQuant keeps norms in the SCALE fields and key means in KEY_MIN
         KEY_CODES_AT: tl.constexpr, VALUE_CODES_AT: tl.constexpr, KEY_SCALE_AT: tl.constexpr,
         KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr, VALUE_MIN_AT: tl.constexpr,
         KEY_SIGNS_AT: tl.constexpr, KEY_RESIDUAL_AT: tl.constexpr,
         TURBOQUANT: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr, KEY_LEVELS_AT: tl.constexpr,
         QJL: tl.constexpr, KEY_CENTERED: tl.constexpr,
-        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
         HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
         ALIGNMENT: tl.constexpr, FOLD_KEY_SCALES: tl.constexpr, OFFSET_CODES: tl.constexpr, MASS_DOT: tl.constexpr,
         MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
     ):
         HALF: tl.constexpr = HEAD_DIM // 2
-        QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
         TILE: tl.constexpr = TILE_PAGES * BLOCK  # warm tokens per step: several pages at once
         sequence_head = tl.program_id(0)
         split = tl.program_id(1)
         batch_index = sequence_head // KV_HEADS
         kv_head = sequence_head % KV_HEADS
 
-        heads = tl.arange(0, GROUP_PAD)
-        head_ok = heads < GROUP
-        query_rows = batch_index * QUERY_HEADS + kv_head * GROUP + heads  # (G,)
+        heads = tl.program_id(2) * GROUP_PAD + tl.arange(0, GROUP_PAD)  # this program's rows of its KV head
+        head_ok = heads < group
+        query_rows = sequence_head * group + heads  # (G,)
         half = tl.arange(0, HALF)
         channels = tl.arange(0, HEAD_DIM)
         row_at = query_rows[:, None] * HEAD_DIM
@@ -735,18 +764,15 @@ if triton is not None:
         merged_plain_ptr, merged_rotated_ptr,  # (B, H_q, D) float32 each, written instead when warm pages are
         page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
         lse_ptr,  # (B, H_q) natural-log log-sum-exp out
-        warm_pages, splits,
-        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        warm_pages, splits, group,  # group: query rows per KV head
+        KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr, ROTATE: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
         MASS_TILE: tl.constexpr,
     ):
-        QUERY_HEADS: tl.constexpr = KV_HEADS * GROUP
         sequence_head = tl.program_id(0)
-        batch_index = sequence_head // KV_HEADS
-        kv_head = sequence_head % KV_HEADS
-        heads = tl.arange(0, GROUP_PAD)
-        head_ok = heads < GROUP
-        query_rows = batch_index * QUERY_HEADS + kv_head * GROUP + heads
+        heads = tl.program_id(1) * GROUP_PAD + tl.arange(0, GROUP_PAD)  # this program's rows of its KV head
+        head_ok = heads < group
+        query_rows = sequence_head * group + heads
         split_index = tl.arange(0, SPLITS_PAD)
         lse = tl.load(partial_lse_ptr + query_rows[:, None] * splits + split_index[None, :],
                       mask=head_ok[:, None] & (split_index < splits)[None, :], other=float("-inf"))  # (G, S)
@@ -782,5 +808,5 @@ if triton is not None:
                 page_lse = tl.load(page_lse_ptr + query_rows[:, None] * warm_pages + first + pages[None, :],
                                    mask=head_ok[:, None] & page_ok[None, :], other=float("-inf"))
                 share = tl.exp2(page_lse - log_total[:, None])  # (G, pages) softmax weight of each page
-                tl.store(mass_ptr + sequence_head * warm_pages + first + pages, tl.sum(share, 0) / GROUP,
+                tl.store(mass_ptr + sequence_head * warm_pages + first + pages, tl.sum(share, 0) / group,
                          mask=page_ok)

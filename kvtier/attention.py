@@ -27,9 +27,6 @@ from .layer import TierView
 from .prefetch import JoinedPages
 
 ATTENTION_NAME = "kvtier"
-# prefill: query rows (heads x positions) of a KV head in one decode-kernel launch; the 16 rows a decode launch already
-# pads its query heads to (the tensor cores' smallest tile), so that prefill launches compile to the decode's shapes
-KERNEL_QUERY_ROWS = 16
 FIRST_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
@@ -249,24 +246,18 @@ def _past_ranges(tile_allowed, batch: int, count: int, past_length: int, device)
 
 
 def _past_by_kernel(query, paged, kv_start, kv_end, scaling: float, workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prefill tile's attention over past pages through the decode kernel. Every row of a KV head attends the same
-    positions, so its G query heads x Q positions are the "query heads" of one launch, KERNEL_QUERY_ROWS at a time.
+    """A prefill tile's attention over past pages in one launch of the decode kernel. Every row of a KV head attends
+    the same positions, so its G query heads x Q positions are that head's query rows (the kernel reads the pages once
+    for each block of QUERY_ROWS_PER_PROGRAM of them).
     query: (B, H_q, Q, D) model dtype; returns out (B, H_kv, G, Q, D) float32 and lse (B, H_kv, G, Q)."""
     batch, query_heads, count, head_dim = query.shape
     kv_heads = paged.hot_keys.shape[1]
     groups = query_heads // kv_heads
-    rows = query.reshape(batch, kv_heads, groups * count, head_dim)  # row g * Q + q of each KV head
-    outs, lses = [], []
-    for first in range(0, groups * count, KERNEL_QUERY_ROWS):
-        part = rows[:, :, first:first + KERNEL_QUERY_ROWS]
-        width = part.shape[2]
-        lse = torch.empty(batch, kv_heads * width, device=query.device)
-        out, _ = paged_kernel.decode_attention(part.reshape(batch, kv_heads * width, head_dim), paged, kv_start,
-                                               kv_end, scaling, workspace=workspace, lse=lse)
-        outs.append(out.view(batch, kv_heads, width, head_dim))
-        lses.append(lse.view(batch, kv_heads, width))
-    return (torch.cat(outs, 2).float().view(batch, kv_heads, groups, count, head_dim),
-            torch.cat(lses, 2).view(batch, kv_heads, groups, count))
+    rows = query.reshape(batch, query_heads * count, head_dim)  # row (h * G + g) * Q + q: KV head h's rows together
+    lse = torch.empty(batch, query_heads * count, device=query.device)
+    out, _ = paged_kernel.decode_attention(rows, paged, kv_start, kv_end, scaling, workspace=workspace, lse=lse,
+                                           splits=1)  # one partial per row: the rows are programs enough
+    return out.float().view(batch, kv_heads, groups, count, head_dim), lse.view(batch, kv_heads, groups, count)
 
 
 def _past_pages(layer):

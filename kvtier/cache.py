@@ -11,7 +11,7 @@ import psutil
 import torch
 from transformers.cache_utils import Cache
 
-from kvtier.kernels.decode_attention import DecodeWorkspace, max_splits, workspace_bytes
+from kvtier.kernels.decode_attention import DecodeWorkspace, launch_bytes, max_splits, workspace_bytes
 
 from .budget import ByteBudget
 from .cold_choice import ColdAttentionChooser
@@ -277,7 +277,11 @@ class TieredCache(Cache):
         block = self.config.block_size
         flush = 4 * kv_heads * block * head_dim * 4 + 2 * kv_heads * self.config.recent_window * head_dim * dtype.itemsize
         kernel = workspace_bytes(batch, self.query_heads, head_dim, max_splits(batch, kv_heads, device))
-        return batch * (gathered_codes + dequantized + scores + queries + flush) + kernel
+        # a prefill tile's past pages go either through the torch reference (the gathered and dequantized key tiles)
+        # or through one kernel launch whose rows are every query head x position of the tile
+        past_by_kernel = launch_bytes(batch, self.query_heads * query_tile, head_dim, splits=1)
+        past = max(batch * (gathered_codes + dequantized), past_by_kernel)
+        return batch * (scores + queries + flush) + kernel + past
 
     def check_states(self, keys: torch.Tensor, values: torch.Tensor, layer: TieredLayer) -> None:
         """Refuse new states (B, H_kv, L, D) that the layer cannot hold, before anything is stored: other shapes,

@@ -147,7 +147,7 @@ def test_kernel_reads_the_precision_rules_low_pages(low_key_bits, device):
     """The precision rule's TurboQuant pages (2-bit values; keys at 2 bits, or at 3 with their levels after the value
     levels in the kernel's codebook) through the kernel, against the float64 reference over the same pages."""
     rule = dict(low_bits=2, low_key_bits=low_key_bits, low_share=0.5, on_budget_full="evict", block_size=16)
-    probe = filled_layer("cpu", 2, 8, 2, 64, 40, torch.float32, seed=0, **rule)
+    probe = filled_layer(device, 2, 8, 2, 64, 40, torch.float32, seed=0, **rule)
     fixed = probe.cache.hot_bytes + probe.cache.scratch_bytes + probe.cache.staging_bytes
     budget_gb = (fixed + 8 * probe.warm.page_bytes + probe.warm.table_bytes) / 1024**3  # 8 INT4 pages' bytes
     layer = filled_layer(device, 2, 8, 2, 64, 300, torch.float32, seed=1, budget_gb=budget_gb, **rule)
@@ -176,6 +176,28 @@ def test_fully_masked_split_and_single_split(device):
     for splits in (1, 3, 7):
         out, _ = decode_attention(query, layer.paged(), kv_start, kv_end, 1 / 8, splits=splits)
         assert (out.double() - expected).norm() / expected.norm() < BF16_RELATIVE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows_per_kv_head", [100, 128])
+def test_many_query_rows_per_kv_head(rows_per_kv_head, device):
+    """A prefill tile's rows (a KV head's query heads x positions; more than one program's QUERY_ROWS_PER_PROGRAM,
+    ragged or not): outputs and log-sum-exp as the float64 reference's, and no per-page mass, which would need a
+    head's rows in one program."""
+    layer = filled_layer(device, 2, 4, 2, 64, 180, torch.float32, seed=4)
+    query_heads = 2 * rows_per_kv_head
+    query = torch.randn(2, query_heads, 64, generator=torch.Generator().manual_seed(5)).to(device)
+    kv_start = torch.tensor([0, 21], dtype=torch.int32, device=device)
+    kv_end = torch.full_like(kv_start, 180)
+    lse = torch.full((2, query_heads), math.nan, device=device)
+    out, _ = decode_attention(query, layer.paged(), kv_start, kv_end, 0.125, lse=lse)
+    queries = (query.double() * 0.125).view(2, 2, rows_per_kv_head, 1, 64)
+    expected, expected_lse, _ = paged_attention_reference(queries, layer.paged(), kv_start, kv_end)
+    assert (out.double() - expected.view(2, query_heads, 64)).norm() / expected.norm() < BF16_RELATIVE
+    # the kernel's scores come from float16 query x code dots: their log-sum-exp is good to about 1e-3
+    torch.testing.assert_close(lse.double(), expected_lse.view(2, query_heads), atol=5e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="per-page mass"):
+        decode_attention(query, layer.paged(), kv_start, kv_end, 0.125, with_mass=True)
 
 
 def small_llama(device):
@@ -235,7 +257,7 @@ def test_generate_through_kernel_matches_torch_path(warm_format, device):
 @torch.no_grad()
 def test_chunked_prefill_attends_the_past_through_the_kernel(padded, device, monkeypatch):
     """Prefill chunks after the first attend the past pages through the decode kernel, a KV head's query heads x
-    positions as the rows of one launch (every row sees the same past, from each sequence's first unpadded token):
+    positions as the query rows of one launch (every row sees the same past, from each sequence's first unpadded token):
     the same tokens and logits as the torch path, which launches nothing."""
     import kvtier
 
@@ -260,9 +282,9 @@ def test_chunked_prefill_attends_the_past_through_the_kernel(padded, device, mon
         finally:
             kvtier.detach(model)
         prefill_rows = [rows for rows in launched_rows if rows > 8]  # decode launches take the 8 query heads
-        # chunks of 48, 48, 48 and 6 tokens; after the first, 4 query heads x 48 positions are 12 launches of 16 rows
-        # per KV head, 4 x 6 are 16 + 8; in each of the 2 layers
-        assert prefill_rows == ([] if kernel == "torch" else [2 * 16] * (2 * 2 * 12) + [2 * 16, 2 * 8] * 2)
+        # chunks of 48, 48, 48 and 6 tokens; after the first, one launch per chunk and layer: 8 query heads x 48
+        # positions (192 rows per KV head: three programs of 64), then 8 x 6
+        assert prefill_rows == ([] if kernel == "torch" else [8 * 48] * (2 * 2) + [8 * 6] * 2)
     assert_same_generation(runs["torch"], runs["triton"])
 
 
