@@ -264,20 +264,11 @@ def max_splits(batch: int, kv_heads: int, device) -> int:
     return min(MAX_SPLITS, SPLITS_PER_HEAD if torch.device(device).type == "cuda" else 2)
 
 
-def row_blocks(query_heads: int, kv_heads: int) -> tuple[int, int]:
-    """(rows per program, programs per KV head) for query_heads rows: the group padded to a power of two of at least
-    16 (a tensor-core width), or QUERY_ROWS_PER_PROGRAM rows at a time when the group is larger."""
-    group = query_heads // kv_heads
+def row_blocks(group: int) -> tuple[int, int]:
+    """(rows per program, programs per KV head) for ``group`` query rows per KV head: the group padded to a power of
+    two of at least 16 (a tensor-core width), or QUERY_ROWS_PER_PROGRAM rows at a time when the group is larger."""
     rows = min(max(16, 1 << (group - 1).bit_length()), QUERY_ROWS_PER_PROGRAM)
     return rows, -(-group // rows)
-
-
-def launch_splits(batch: int, query_heads: int, kv_heads: int, device, splits: int | None = None) -> int:
-    """Splits of a launch: max_splits (or ``splits``); one for a many-row launch, whose row blocks are programs
-    enough, and whose workspace then holds one partial output per row."""
-    if row_blocks(query_heads, kv_heads)[1] > 1:
-        return 1
-    return splits or max_splits(batch, kv_heads, device)
 
 
 def launch_bytes(batch: int, query_heads: int, head_dim: int, splits: int) -> int:
@@ -308,10 +299,10 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     group = query_heads // kv_heads
     warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
     total_pages = warm_pages + hot_pages
-    group_pad, blocks = row_blocks(query_heads, kv_heads)
+    group_pad, blocks = row_blocks(group)
     if with_mass and blocks > 1:
         raise ValueError(f"per-page mass needs at most {QUERY_ROWS_PER_PROGRAM} query rows per KV head, got {group}")
-    splits = launch_splits(batch, query_heads, kv_heads, query.device, splits)
+    splits = splits or max_splits(batch, kv_heads, query.device)
     if warm_count is None:
         splits = min(splits, total_pages)
         pages_per_split = -(-total_pages // splits)
