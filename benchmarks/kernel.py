@@ -160,7 +160,7 @@ def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> d
         "bf16": lambda: decode_attention(query, dense, kv_start, kv_end, scale, workspace=workspace),
     }
     times = {name: median_ms(call) for name, call in calls.items()}
-    graph_times = {f"{name}_graph": graph_ms(calls[name]) for name in ("sdpa", "int4", "bf16")}
+    graph_times = {f"{name}_graph": graph_ms(call) for name, call in calls.items()}
     host = {f"{name}_host_us": host_us(calls[name]) for name in ("sdpa", "int4")}
     dense_bytes = keys.nbytes + values.nbytes
     int4_bytes = tiered.warm_pages * tiered.warm.page_bytes + tiered.hot_keys.nbytes + tiered.hot_values.nbytes
@@ -176,7 +176,8 @@ def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> d
         "int4_graph_tb_per_s": int4_bytes / graph_times["int4_graph"] / 1e9,
         "bf16_graph_time_ratio": graph_times["bf16_graph"] / graph_times["sdpa_graph"],
         "bf16_time_ratio": times["bf16"] / times["sdpa"],
-        "mass_overhead": times["int4_mass"] / times["int4"] - 1,
+        "mass_overhead": times["int4_mass"] / times["int4"] - 1,  # eager: host work included
+        "mass_graph_overhead": graph_times["int4_mass_graph"] / graph_times["int4_graph"] - 1,  # device time
         "int4_error_vs_dense": relative_error(int4_out, reference),  # INT4 quantization error
         "bf16_error_vs_sdpa": relative_error(bf16_out, reference),
         "mass_total_min": mass.sum(-1).min().item(),  # warm pages' share of the softmax
@@ -204,20 +205,22 @@ def sweep(batch: int, tokens: int) -> list[dict]:
     query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
     kv_end = torch.full_like(kv_start, tokens)
-    pages = {"int4": layer.paged(), "dense": dense_as_pages(keys, values)}
+    int4 = layer.paged()
     rows = []
-    for warps, stages, warm_tile in itertools.product((4, 8), (2, 3), (64, 128, 256)):
-        kernel_module.WARM_TILE = warm_tile
+    workspace = layer.cache.workspace
+    for warps, stages, tile in itertools.product((4, 8), (2, 3, 4), (64, 128, 256)):
+        # INT4 pages: ``tile`` is the warm tile; bf16 pages: the hot tile (64 or 128 tokens a step)
+        kernel_module.WARM_TILE, kernel_module.HOT_TILE = tile, min(tile, 128)
+        kernel_module.LAUNCH["int4"] = kernel_module.LAUNCH["dense"] = (warps, stages)
+        pages = {"int4": int4, "dense": dense_as_pages(keys, values) if tile in (64, 128) else None}
         for kind, paged in pages.items():
-            if kind == "dense" and warm_tile != 128:
-                continue  # the warm tile does not change how dense pages are read
-            kernel_module.LAUNCH[kind] = (warps, stages)
-            workspace = layer.cache.workspace
+            if paged is None:
+                continue
             ms = graph_ms(lambda: decode_attention(query, paged, kv_start, kv_end, 0.1, workspace=workspace))
             rows.append({"batch": batch, "tokens": tokens, "kind": kind, "num_warps": warps, "num_stages": stages,
-                         "warm_tile": warm_tile, "graph_ms": ms})
+                         "tile": tile, "graph_ms": ms})
             print(json.dumps(rows[-1]), flush=True)
-    del layer, keys, values, pages
+    del layer, keys, values, pages, int4
     torch.cuda.empty_cache()
     return rows
 
@@ -226,11 +229,11 @@ def best_settings(rows: list[dict]) -> dict:
     """Per format, the launch setting with the least summed time over the swept shapes."""
     totals = {}
     for row in rows:
-        key = (row["kind"], row["num_warps"], row["num_stages"], row["warm_tile"])
+        key = (row["kind"], row["num_warps"], row["num_stages"], row["tile"])
         totals[key] = totals.get(key, 0.0) + row["graph_ms"]
     best = {}
-    for (kind, warps, stages, warm_tile), total in sorted(totals.items(), key=lambda item: item[1]):
-        best.setdefault(kind, {"num_warps": warps, "num_stages": stages, "warm_tile": warm_tile, "sum_ms": total})
+    for (kind, warps, stages, tile), total in sorted(totals.items(), key=lambda item: item[1]):
+        best.setdefault(kind, {"num_warps": warps, "num_stages": stages, "tile": tile, "sum_ms": total})
     return best
 
 
@@ -244,16 +247,16 @@ def environment() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | tokens | SDPA ms | INT4 ms | INT4 speedup | INT4 TB/s | bf16 / SDPA | mass cost | "
-             "graph: SDPA ms | INT4 ms | speedup | INT4 TB/s | bf16 / SDPA | INT4 error |",
+    lines = ["| batch | tokens | SDPA ms | INT4 ms | INT4 speedup | INT4 TB/s | bf16 / SDPA | "
+             "graph: SDPA ms | INT4 ms | speedup | INT4 TB/s | bf16 / SDPA | mass cost | INT4 error |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
             f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | {row['int4_ms']:.3f} | "
             f"{row['int4_speedup']:.2f}x | {row['int4_tb_per_s']:.2f} | {row['bf16_time_ratio']:.2f} | "
-            f"{row['mass_overhead'] * 100:+.1f}% | {row['sdpa_graph_ms']:.3f} | {row['int4_graph_ms']:.3f} | "
+            f"{row['sdpa_graph_ms']:.3f} | {row['int4_graph_ms']:.3f} | "
             f"{row['int4_graph_speedup']:.2f}x | {row['int4_graph_tb_per_s']:.2f} | "
-            f"{row['bf16_graph_time_ratio']:.2f} | "
+            f"{row['bf16_graph_time_ratio']:.2f} | {row['mass_graph_overhead'] * 100:+.1f}% | "
             f"{row['int4_error_vs_dense']:.3f} |")
     return "\n".join(lines)
 
@@ -277,7 +280,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default=None, help="results file name (default: kernel-<gpu>, e.g. kernel-h100)")
-    parser.add_argument("--sweep", action="store_true", help="first time launch settings and use the best")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first time launch settings (warps, stages, warm and hot tiles) and use the best")
     parser.add_argument("--turboquant", type=int, nargs="*", default=[], metavar="BITS",
                         help="also time TurboQuant pages (QJL keys, centered) at these codebook bits")
     args = parser.parse_args()
@@ -290,10 +294,10 @@ def main() -> None:
         chosen = best_settings(swept)
         for kind, setting in chosen.items():
             kernel_module.LAUNCH[kind] = (setting["num_warps"], setting["num_stages"])
-        kernel_module.WARM_TILE = chosen["int4"]["warm_tile"]
+        kernel_module.WARM_TILE, kernel_module.HOT_TILE = chosen["int4"]["tile"], chosen["dense"]["tile"]
         print(json.dumps(chosen), flush=True)
     launch = {"launch": dict(kernel_module.LAUNCH), "splits_per_head": kernel_module.SPLITS_PER_HEAD,
-              "warm_tile": kernel_module.WARM_TILE}
+              "warm_tile": kernel_module.WARM_TILE, "hot_tile": kernel_module.HOT_TILE}
     rows = []
     for batch in args.batches:
         for tokens in args.contexts:
@@ -311,7 +315,8 @@ def main() -> None:
               "bf16, the rest INT4 pages); bf16 = the same kernel over the dense cache as bf16 pages. "
               "Speedup and ratio are against SDPA on the dense bf16 cache; bandwidth is on bytes actually read. "
               "The first columns time eager calls (host launch overhead included); the graph columns replay the "
-              "calls from a CUDA graph (device time alone). INT4 error: relative L2 distance of the INT4 output "
+              "calls from a CUDA graph (device time alone); mass cost: the INT4 call with per-page mass against without, "
+              "graph replay. INT4 error: relative L2 distance of the INT4 output "
               "from SDPA's on the exact cache (random keys and values, the quantization error alone).\n\n")
     text = table(rows) + "".join("\n\n" + turboquant_table(rows, bits) for bits in args.turboquant)
     (args.out / f"{args.name}.md").write_text(header + text + "\n")

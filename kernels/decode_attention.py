@@ -5,10 +5,12 @@ KV byte is read once), and a range of pages. Warm pages are packed INT4 or Turbo
 dequantized in registers (TurboQuant: codebook levels times the vector's norm, plus the key's QJL sign term
 scored against the sketched query); hot pages are the model dtype, read from the hot buffer. An online softmax runs
 over the pages; a second small kernel merges the splits by log-sum-exp and turns per-page log-sum-exps
-into per-page attention mass for the policies; one matrix product turns the warm part back to the model basis.
+into per-page attention mass for the policies.
 
 Warm pages live in the rotated basis (keys and values were multiplied by R before quantizing), so they
-are scored against the rotated query q R and accumulate rotated values; the hot accumulator stays plain.
+are scored against the rotated query q R and accumulate rotated values; the hot accumulator stays plain. Each
+program rotates its query rows and turns its warm accumulator back (times R^T) itself, so a split's partial output
+is in the model basis and no matrix product runs outside the kernels.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ try:
 except ImportError:  # the torch reference still works
     triton = None
 
-HOT_TILE = 64  # hot tokens per kernel step; hot pages are cut to at most this many tokens
+HOT_TILE = 128  # hot tokens per kernel step; hot pages are cut to at most this many tokens
 MAX_SPLITS = 64
 # (num_warps, num_stages) of the page kernel, by the kind of page that dominates the launch;
 # benchmarks/kernel.py --sweep measures the alternatives
-LAUNCH = {"int4": (4, 3), "dense": (4, 3)}
+LAUNCH = {"int4": (4, 4), "dense": (4, 2)}
 WARM_TILE = 128  # warm tokens the kernel reads per step (whole pages)
 QUERY_ROWS_PER_PROGRAM = 64  # a KV head's query rows one program takes at most; more rows (a prefill tile's query
 # heads x positions) are spread over programs of their own, each reading the pages once for its rows
@@ -57,6 +59,9 @@ VARIANT = {"fold_key_scales": False, "offset_codes": False, "mass_dot": False, "
 VARIANT_NAMES = {"fold": "fold_key_scales", "offset": "offset_codes", "mass_dot": "mass_dot", "lop3": "lop3_unpack"}
 
 MASS_PAGES = 16  # page columns of the mass_dot indicator: at least a tile's pages, and a tensor-core width
+MASS_TILE = 128  # warm pages whose mass one program of the merge kernel turns from log-sum-exps into shares
+MERGE_ROWS = 16  # query rows one merge program takes at most
+MERGE_ELEMENTS = 4096  # split partials one merge program loads at a time (rows x splits x channels)
 LOG2_E = 1.4426950408889634
 
 
@@ -255,8 +260,8 @@ class DecodeWorkspace:
 
 
 def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = MAX_SPLITS) -> int:
-    """Bytes of the split partials and merged outputs of a decode step (per-page mass buffers not included)."""
-    return batch * query_heads * (splits * (2 * head_dim + 1) + 2 * head_dim) * 4
+    """Bytes of the split partials of a decode step: outputs and log-sum-exps (per-page mass buffers not included)."""
+    return batch * query_heads * splits * (head_dim + 1) * 4
 
 
 def max_splits(batch: int, kv_heads: int, device) -> int:
@@ -273,7 +278,7 @@ def row_blocks(group: int) -> tuple[int, int]:
 
 def launch_bytes(batch: int, query_heads: int, head_dim: int, splits: int) -> int:
     """Temporaries of one decode_attention call with query_heads rows and ``splits``: its workspace, the float32
-    rotated (and sketched) query, and the output."""
+    rotated and sketched query of TurboQuant's QJL keys, and the output."""
     return workspace_bytes(batch, query_heads, head_dim, splits) + batch * query_heads * head_dim * 12
 
 
@@ -312,54 +317,52 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
             raise ValueError("per-page mass needs the page count on the host: call without warm_count")
         pages_per_split = 0  # computed in the kernel
     workspace = workspace or DecodeWorkspace()
-    partial_plain = workspace.get("plain", (batch, query_heads, splits, head_dim), query.device)
-    partial_rotated = workspace.get("rotated", (batch, query_heads, splits, head_dim), query.device)
+    partial = workspace.get("partial", (batch, query_heads, splits, head_dim), query.device)
     partial_lse = workspace.get("lse", (batch, query_heads, splits), query.device)
     page_lse = workspace.get("page_lse", (batch, query_heads, max(warm_pages, 1)), query.device) if with_mass else None
     mass = torch.empty(batch, kv_heads, warm_pages, device=query.device) if with_mass else None
     query = query.contiguous()
-    rotated = query.float() @ paged.rotation if paged.rotation is not None else query.float()
+    rotate = paged.rotation is not None
+    rotation = paged.rotation.contiguous() if rotate else partial  # not read without ROTATE
     constants = _page_constants(layout, WARM_TILE)
-    if constants["TURBOQUANT"]:  # the codebook, and the rotated query through the QJL sketch, scaled
-        codebook = _turboquant_codebook(layout.format, head_dim, str(query.device))
-        sketched = rotated @ paged.sketch.T * layout.format.qjl_scale(head_dim) if constants["QJL"] else rotated
-    else:
-        codebook, sketched = rotated, rotated  # not read
+    codebook = _turboquant_codebook(layout.format, head_dim, str(query.device)) if constants["TURBOQUANT"] else partial
+    sketched = partial  # not read without QJL
+    if constants["QJL"]:  # the rotated query through the QJL sketch, scaled
+        rotated = query.float() @ paged.rotation if rotate else query.float()
+        sketched = rotated @ paged.sketch.T * layout.format.qjl_scale(head_dim)
     hot_keys, hot_values = paged.hot_keys, paged.hot_values
     if hot_keys.stride(-1) != 1 or hot_keys.stride() != hot_values.stride():
         raise ValueError("the hot key and value buffers must share strides, with contiguous rows")
     # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot on bf16 returns garbage there): on the CPU,
     # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    exact = hot_keys.dtype == torch.float32 or upcast_hot  # float32 models keep float32 products
     num_warps, num_stages = LAUNCH["int4" if warm_count is not None or warm_pages >= hot_pages else "dense"]
     variant = kernel_variant(constants, query.device)
     _decode_pages_kernel[(batch * kv_heads, splits, blocks)](
-        query, rotated, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
+        query, rotation, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
         kv_start if warm_count is None else warm_count,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
-        kv_start, kv_end, partial_plain, partial_rotated, partial_lse, page_lse if with_mass else partial_lse,
+        kv_start, kv_end, partial, partial_lse, page_lse if with_mass else partial_lse,
         scale * LOG2_E, pages_per_split, splits, group,
         **constants, KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32",
-        UPCAST_HOT=upcast_hot, WITH_MASS=with_mass, ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant,
-        COUNT_ON_DEVICE=warm_count is not None,
+        HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if exact else "tf32", UPCAST_HOT=upcast_hot, WITH_MASS=with_mass,
+        ROTATE=rotate, ROTATION_PRECISION="ieee" if exact else "tf32",
+        ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant, COUNT_ON_DEVICE=warm_count is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(query) if out is None else out
-    rotate = paged.rotation is not None
-    merged_plain = workspace.get("merged_plain", (batch, query_heads, head_dim), query.device) if rotate else out
-    merged_rotated = workspace.get("merged_rotated", (batch, query_heads, head_dim), query.device) if rotate else out
-    _merge_splits_kernel[(batch * kv_heads, blocks)](
-        partial_plain, partial_rotated, partial_lse, out, merged_plain, merged_rotated,
-        page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
-        partial_lse if lse is None else lse, warm_pages, splits, group,
-        KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        SPLITS_PAD=max(16, triton.next_power_of_2(splits)), ROTATE=rotate, WITH_MASS=with_mass,
-        WITH_LSE=lse is not None, MASS_TILE=128,
+    merge_rows = min(max(1, triton.next_power_of_2(group)), MERGE_ROWS)
+    row_programs = -(-group // merge_rows)
+    mass_programs = -(-warm_pages // MASS_TILE) if with_mass else 0
+    _merge_splits_kernel[(batch * kv_heads, row_programs + mass_programs)](
+        partial, partial_lse, out, page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
+        partial_lse if lse is None else lse, warm_pages, splits, group, row_programs,
+        MERGE_ROWS=merge_rows, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
+        SPLIT_CHUNK=max(1, min(triton.next_power_of_2(splits), MERGE_ELEMENTS // (merge_rows * head_dim))),
+        WITH_MASS=with_mass, WITH_LSE=lse is not None, MASS_TILE=MASS_TILE,
     )
-    if rotate:  # out = plain + (sum of weighted v R) R^T, one float32 matrix product for all rows
-        merged_plain.view(-1, head_dim).addmm_(merged_rotated.view(-1, head_dim), paged.rotation.T)
-        out.copy_(merged_plain)
     return out, mass
 
 
@@ -495,7 +498,7 @@ if triton is not None:
     # format and variant, not one per divisibility of each count)
     @triton.jit(do_not_specialize=["warm_pages", "hot_pages", "pages_per_split", "splits"])
     def _decode_pages_kernel(
-        query_ptr, rotated_query_ptr,  # (B, H_q, D): model dtype, plain basis; float32, rotated basis
+        query_ptr, rotation_ptr,  # (B, H_q, D) model dtype, plain basis; (D, D) float32 R (read with ROTATE)
         sketched_query_ptr, codebook_ptr,  # TurboQuant: (B, H_q, D) float32 q R S^T qjl_scale; value levels
         # (2^BITS,), then key levels (2^KEY_BITS,) from KEY_LEVELS_AT when their bits differ
         page_base_ptr, warm_offset_ptr, warm_position_ptr, warm_pages,  # uint8 base; (n_warm,) int64 distances
@@ -504,7 +507,7 @@ if triton is not None:
         hot_keys_ptr, hot_values_ptr, hot_table_ptr, hot_pages,  # hot buffers (B, H_kv, T, D); table (3, n_hot)
         hot_stride_batch, hot_stride_head, hot_stride_token,
         kv_start_ptr, kv_end_ptr,  # (B,) int32
-        partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
+        partial_ptr, partial_lse_ptr,  # (B, H_q, S, D) float32 outputs of each split, model basis; (B, H_q, S)
         page_lse_ptr,  # (B, H_q, n_warm) log2-sum-exp of each warm page's scores
         scale_log2, pages_per_split, splits,
         group,  # query rows per KV head: its query heads (decode), or its query heads x positions (a prefill tile)
@@ -517,6 +520,7 @@ if triton is not None:
         KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
         HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
+        ROTATE: tl.constexpr, ROTATION_PRECISION: tl.constexpr,
         ALIGNMENT: tl.constexpr, FOLD_KEY_SCALES: tl.constexpr, OFFSET_CODES: tl.constexpr, MASS_DOT: tl.constexpr,
         MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
     ):
@@ -533,9 +537,17 @@ if triton is not None:
         half = tl.arange(0, HALF)
         channels = tl.arange(0, HEAD_DIM)
         row_at = query_rows[:, None] * HEAD_DIM
-        # the two halves of q R, matching the low and high nibbles of the packed codes
-        query_low = tl.load(rotated_query_ptr + row_at + half[None, :], mask=head_ok[:, None], other=0.0)
-        query_high = tl.load(rotated_query_ptr + row_at + HALF + half[None, :], mask=head_ok[:, None], other=0.0)
+        plain_query = tl.load(query_ptr + row_at + channels[None, :], mask=head_ok[:, None], other=0.0)  # (G, D)
+        # the two halves of q R, matching the low and high nibbles of the packed codes: q R[:, :D/2], q R[:, D/2:]
+        if ROTATE:
+            rotation_at = rotation_ptr + channels[:, None] * HEAD_DIM + half[None, :]  # (D, D/2) first columns
+            query_low = tl.dot(plain_query.to(tl.float32), tl.load(rotation_at), input_precision=ROTATION_PRECISION)
+            query_high = tl.dot(plain_query.to(tl.float32), tl.load(rotation_at + HALF),
+                                input_precision=ROTATION_PRECISION)
+        else:
+            query_low = tl.load(query_ptr + row_at + half[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+            query_high = tl.load(query_ptr + row_at + HALF + half[None, :], mask=head_ok[:, None],
+                                 other=0.0).to(tl.float32)
         query_sum = tl.sum(query_low + query_high, 1)  # (G,), for per-token key minimums
         query_low16 = query_low.to(tl.float16)
         query_high16 = query_high.to(tl.float16)
@@ -545,7 +557,6 @@ if triton is not None:
                                      other=0.0).to(tl.float16)
             sketched_high16 = tl.load(sketched_query_ptr + row_at + HALF + half[None, :], mask=head_ok[:, None],
                                       other=0.0).to(tl.float16)
-        plain_query = tl.load(query_ptr + row_at + channels[None, :], mask=head_ok[:, None], other=0.0)  # (G, D)
         if UPCAST_HOT:
             plain_query = plain_query.to(tl.float32)
         kv_start = tl.load(kv_start_ptr + batch_index)
@@ -740,64 +751,91 @@ if triton is not None:
         safe_sum = tl.where(running_sum == 0.0, 1.0, running_sum)
         safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
         lse = tl.where(running_sum == 0.0, float("-inf"), safe_max + tl.log2(safe_sum))
+        if ROTATE:  # the warm part back to the model basis: (v R) R^T, by the halves of R's columns
+            # R's column halves read again, transposed: (D/2, D) tiles (a fresh load, not R held over the loop)
+            transposed_at = rotation_ptr + half[:, None] + channels[None, :] * HEAD_DIM
+            plain_acc = tl.dot(low_acc, tl.load(transposed_at), plain_acc, input_precision=ROTATION_PRECISION)
+            plain_acc = tl.dot(high_acc, tl.load(transposed_at + HALF), plain_acc, input_precision=ROTATION_PRECISION)
+        else:
+            plain_acc += tl.reshape(tl.permute(tl.join(low_acc, high_acc), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))
         split_rows = query_rows * splits + split  # (G,)
         tl.store(partial_lse_ptr + split_rows, lse, mask=head_ok)
         out_at = split_rows[:, None] * HEAD_DIM
-        tl.store(partial_plain_ptr + out_at + channels[None, :], plain_acc / safe_sum[:, None], mask=head_ok[:, None])
-        tl.store(partial_rotated_ptr + out_at + half[None, :], low_acc / safe_sum[:, None], mask=head_ok[:, None])
-        tl.store(partial_rotated_ptr + out_at + HALF + half[None, :], high_acc / safe_sum[:, None],
-                 mask=head_ok[:, None])
+        tl.store(partial_ptr + out_at + channels[None, :], plain_acc / safe_sum[:, None], mask=head_ok[:, None])
+
+    @triton.jit
+    def _split_weights_top(partial_lse_ptr, query_rows, row_ok, splits, SPLITS_PAD: tl.constexpr):
+        """(top, total) per row: the largest split log2-sum-exp (0 where none is finite) and the sum of
+        2^(lse - top) over the splits."""
+        split_index = tl.arange(0, SPLITS_PAD)
+        lse = tl.load(partial_lse_ptr + query_rows[:, None] * splits + split_index[None, :],
+                      mask=row_ok[:, None] & (split_index < splits)[None, :], other=float("-inf"))  # (R, S)
+        top = tl.max(lse, 1)
+        safe_top = tl.where(top == float("-inf"), 0.0, top)
+        return safe_top, tl.sum(tl.exp2(lse - safe_top[:, None]), 1)
+
+    @triton.jit
+    def _merge_rows(partial_ptr, partial_lse_ptr, out_ptr, lse_ptr, sequence_head, program, splits, group,
+                    MERGE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                    SPLIT_CHUNK: tl.constexpr, WITH_LSE: tl.constexpr):
+        """Merge MERGE_ROWS query rows of a KV head over the splits, SPLIT_CHUNK splits' loads in flight at once."""
+        heads = program * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+        head_ok = heads < group
+        query_rows = sequence_head * group + heads  # (R,)
+        top, total = _split_weights_top(partial_lse_ptr, query_rows, head_ok, splits, SPLITS_PAD)
+        safe_total = tl.where(total == 0.0, 1.0, total)
+        channels = tl.arange(0, HEAD_DIM)
+        chunk = tl.arange(0, SPLIT_CHUNK)
+        merged = tl.zeros([MERGE_ROWS, HEAD_DIM], tl.float32)
+        for first in range(0, splits, SPLIT_CHUNK):
+            split_rows = query_rows[:, None] * splits + first + chunk[None, :]  # (R, C)
+            split_ok = head_ok[:, None] & (first + chunk < splits)[None, :]
+            weight = tl.exp2(tl.load(partial_lse_ptr + split_rows, mask=split_ok, other=float("-inf"))
+                             - top[:, None]) / safe_total[:, None]  # (R, C)
+            pieces = tl.load(partial_ptr + split_rows[:, :, None] * HEAD_DIM + channels[None, None, :],
+                             mask=split_ok[:, :, None], other=0.0)  # (R, C, D)
+            merged += tl.sum(weight[:, :, None] * pieces, 1)
+        out_at = query_rows[:, None] * HEAD_DIM + channels[None, :]
+        tl.store(out_ptr + out_at, merged.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        if WITH_LSE:
+            log2_total = tl.where(total == 0.0, float("-inf"), top + tl.log2(safe_total))
+            tl.store(lse_ptr + query_rows, log2_total * 0.6931471805599453, mask=head_ok)  # times ln 2
+
+    @triton.jit
+    def _page_mass(partial_lse_ptr, page_lse_ptr, mass_ptr, sequence_head, mass_program, warm_pages, splits, group,
+                   GROUP_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, MASS_TILE: tl.constexpr):
+        """MASS_TILE warm pages' attention mass: each page's softmax share, averaged over all of the KV head's rows."""
+        heads = tl.arange(0, GROUP_PAD)
+        head_ok = heads < group
+        query_rows = sequence_head * group + heads  # (G,)
+        top, total = _split_weights_top(partial_lse_ptr, query_rows, head_ok, splits, SPLITS_PAD)
+        log_total = tl.where(total == 0.0, float("inf"), top + tl.log2(tl.where(total == 0.0, 1.0, total)))
+        pages = mass_program * MASS_TILE + tl.arange(0, MASS_TILE)
+        page_ok = pages < warm_pages
+        page_lse = tl.load(page_lse_ptr + query_rows[:, None] * warm_pages + pages[None, :],
+                           mask=head_ok[:, None] & page_ok[None, :], other=float("-inf"))
+        share = tl.exp2(page_lse - log_total[:, None])  # (G, pages) softmax weight of each page
+        tl.store(mass_ptr + sequence_head * warm_pages + pages, tl.sum(share, 0) / group, mask=page_ok)
 
     @triton.jit
     def _merge_splits_kernel(
-        partial_plain_ptr, partial_rotated_ptr, partial_lse_ptr,  # (B, H_q, S, D), (B, H_q, S, D), (B, H_q, S)
-        out_ptr,  # (B, H_q, D) model dtype, written when nothing is rotated
-        merged_plain_ptr, merged_rotated_ptr,  # (B, H_q, D) float32 each, written instead when warm pages are
+        partial_ptr, partial_lse_ptr,  # (B, H_q, S, D) float32, (B, H_q, S) log2-sum-exp of each split
+        out_ptr,  # (B, H_q, D) model dtype
         page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
         lse_ptr,  # (B, H_q) natural-log log-sum-exp out
-        warm_pages, splits, group,  # group: query rows per KV head
-        KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        SPLITS_PAD: tl.constexpr, ROTATE: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
+        warm_pages, splits, group, row_programs,  # group: query rows per KV head
+        MERGE_ROWS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
         MASS_TILE: tl.constexpr,
     ):
+        """Programs 0 .. row_programs - 1 of a KV head merge MERGE_ROWS of its query rows each; the programs after them
+        take MASS_TILE warm pages' mass each (over all of the head's rows, GROUP_PAD of them: mass is only asked with
+        one row block)."""
         sequence_head = tl.program_id(0)
-        heads = tl.program_id(1) * GROUP_PAD + tl.arange(0, GROUP_PAD)  # this program's rows of its KV head
-        head_ok = heads < group
-        query_rows = sequence_head * group + heads
-        split_index = tl.arange(0, SPLITS_PAD)
-        lse = tl.load(partial_lse_ptr + query_rows[:, None] * splits + split_index[None, :],
-                      mask=head_ok[:, None] & (split_index < splits)[None, :], other=float("-inf"))  # (G, S)
-        top = tl.max(lse, 1)
-        safe_top = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.sum(tl.exp2(lse - safe_top[:, None]), 1)
-        safe_total = tl.where(total == 0.0, 1.0, total)
-
-        channels = tl.arange(0, HEAD_DIM)
-        plain = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        rotated = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for split in range(splits):
-            weight = tl.exp2(tl.load(partial_lse_ptr + query_rows * splits + split, mask=head_ok,
-                                     other=float("-inf")) - safe_top) / safe_total
-            at = (query_rows * splits + split)[:, None] * HEAD_DIM + channels[None, :]
-            plain += weight[:, None] * tl.load(partial_plain_ptr + at, mask=head_ok[:, None], other=0.0)
-            rotated += weight[:, None] * tl.load(partial_rotated_ptr + at, mask=head_ok[:, None], other=0.0)
-        out_at = query_rows[:, None] * HEAD_DIM + channels[None, :]
-        if ROTATE:  # the caller turns the warm part back to the model basis with one matrix product
-            tl.store(merged_plain_ptr + out_at, plain, mask=head_ok[:, None])
-            tl.store(merged_rotated_ptr + out_at, rotated, mask=head_ok[:, None])
-        else:
-            tl.store(out_ptr + out_at, (plain + rotated).to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-
-        if WITH_LSE:
-            log2_total = tl.where(total == 0.0, float("-inf"), safe_top + tl.log2(safe_total))
-            tl.store(lse_ptr + query_rows, log2_total * 0.6931471805599453, mask=head_ok)  # times ln 2
-        if WITH_MASS:
-            log_total = tl.where(total == 0.0, float("inf"), safe_top + tl.log2(safe_total))
-            pages = tl.arange(0, MASS_TILE)
-            for first in range(0, warm_pages, MASS_TILE):
-                page_ok = first + pages < warm_pages
-                page_lse = tl.load(page_lse_ptr + query_rows[:, None] * warm_pages + first + pages[None, :],
-                                   mask=head_ok[:, None] & page_ok[None, :], other=float("-inf"))
-                share = tl.exp2(page_lse - log_total[:, None])  # (G, pages) softmax weight of each page
-                tl.store(mass_ptr + sequence_head * warm_pages + first + pages, tl.sum(share, 0) / group,
-                         mask=page_ok)
+        program = tl.program_id(1)
+        if program < row_programs:
+            _merge_rows(partial_ptr, partial_lse_ptr, out_ptr, lse_ptr, sequence_head, program, splits, group,
+                        MERGE_ROWS, HEAD_DIM, SPLITS_PAD, SPLIT_CHUNK, WITH_LSE)
+        elif WITH_MASS:
+            _page_mass(partial_lse_ptr, page_lse_ptr, mass_ptr, sequence_head, program - row_programs, warm_pages,
+                       splits, group, GROUP_PAD, SPLITS_PAD, MASS_TILE)

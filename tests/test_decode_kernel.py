@@ -108,6 +108,16 @@ def test_kernel_variant_matches_float64_reference(variant, case, dtype, warm_til
     check_kernel_against_reference(case, dtype, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mass_tile", [2, 4])
+def test_page_mass_spread_over_merge_programs(mass_tile, device, monkeypatch):
+    """Each merge program turns MASS_TILE pages' log-sum-exps into mass; several of them, a ragged last one included
+    (7 warm pages), must give the reference's mass."""
+    monkeypatch.setattr(kernel_module, "MASS_TILE", mass_tile)
+    layer, *_ = check_kernel_against_reference("gqa4-d64-block16", torch.float32, device)
+    assert layer.paged().warm_pages > mass_tile and layer.paged().warm_pages % mass_tile
+
+
 def check_kernel_against_reference(case, dtype, device):
     """Run the kernel (outputs and scratch poisoned) on a filled layer of ``case`` and compare its output and page mass
     with the float64 reference; returns the layer, query, kv_start, kv_end, scale, the reference's output and the
@@ -165,8 +175,11 @@ def test_kernel_reads_the_precision_rules_low_pages(low_key_bits, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fully_masked_split_and_single_split(device):
-    """A row whose window misses whole splits, and a forced single split, still give the reference's answer."""
+@pytest.mark.parametrize("merge_elements", [4096, 256])
+def test_fully_masked_split_and_single_split(merge_elements, device, monkeypatch):
+    """A row whose window misses whole splits, and a forced single split, still give the reference's answer; with
+    MERGE_ELEMENTS 256 the merge takes the splits two at a time (a ragged last pair at 3 and 7 splits)."""
+    monkeypatch.setattr(kernel_module, "MERGE_ELEMENTS", merge_elements)
     layer = filled_layer(device, 2, 4, 2, 64, 180, torch.float32, seed=3)
     query = torch.randn(2, 4, 64, device=device)
     kv_start = torch.tensor([0, 150], dtype=torch.int32, device=device)  # row 1 sees only recent tokens

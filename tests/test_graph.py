@@ -68,7 +68,7 @@ def test_static_step_matches_eager_generate(warm_format, sample):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-COLD = dict(budget_gb=0.0018, host_budget_gb=0.1, chunk_pages=2, query_tile=16, key_tile=64)  # cold from the prefill
+COLD = dict(budget_gb=0.00178, host_budget_gb=0.1, chunk_pages=2, query_tile=16, key_tile=64)  # cold from the prefill
 SMALL_RING = dict(COLD, chunk_pages=1, staging_chunks=2)  # fewer slots than a layer's cold chunks
 
 
