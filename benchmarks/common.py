@@ -21,6 +21,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvtier
+from kvtier.compat import with_cache
 from kvtier.graph import DecodeGraph
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,7 +133,7 @@ def decode_steps_ms(model, cache, batch: int, steps: int, warmup: int = 2) -> li
         graph = cache.decode_graph = DecodeGraph(cache, captured=True)
         forward = functools.partial(graph.forward, model.forward)
     def step():
-        return forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return forward(input_ids=token, **with_cache(cache), use_cache=True, logits_to_keep=1).logits
 
     return timed_steps(step, steps + warmup, device)[warmup:]
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import kvtier  # noqa: E402
+from kvtier.compat import with_cache  # noqa: E402
 from kvtier.graph import DecodeGraph  # noqa: E402
 
 CACHES = ("kvtier-graph", "kvtier-eager", "static-compiled", "dynamic-eager")
@@ -59,15 +60,15 @@ def new_cache(name: str, model, batch: int, context: int, args):
         cache = handle.new_cache()
         common.fill_chunked(cache, config, batch, context, args.chunk, args.device)
         if name == "kvtier-eager":
-            return cache, lambda token: model(input_ids=token, past_key_values=cache, use_cache=True,
+            return cache, lambda token: model(input_ids=token, **with_cache(cache), use_cache=True,
                                               logits_to_keep=1).logits
         graph = cache.decode_graph = DecodeGraph(cache, captured=args.device.startswith("cuda"))
-        return cache, lambda token: graph.forward(model.forward, input_ids=token, past_key_values=cache,
+        return cache, lambda token: graph.forward(model.forward, input_ids=token, **with_cache(cache),
                                                   use_cache=True, logits_to_keep=1).logits
     if name == "dynamic-eager":
         cache = DynamicCache(config=config)
         common.fill_chunked(cache, config, batch, context, args.chunk, args.device)
-        return cache, lambda token: model(input_ids=token, past_key_values=cache, use_cache=True,
+        return cache, lambda token: model(input_ids=token, **with_cache(cache), use_cache=True,
                                           logits_to_keep=1).logits
     cache = StaticCache(config=config, max_cache_len=context + args.steps + args.warmup + 1)
     fill_static(cache, config, batch, context, args.chunk, args.device)
@@ -76,7 +77,7 @@ def new_cache(name: str, model, batch: int, context: int, args):
 
     def step(token):
         logits = compiled(input_ids=token, position_ids=position.view(1, 1).expand(batch, 1),
-                          cache_position=position.clone(), past_key_values=cache, use_cache=True,
+                          cache_position=position.clone(), **with_cache(cache), use_cache=True,
                           logits_to_keep=1).logits
         position.add_(1)
         return logits

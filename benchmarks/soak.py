@@ -43,6 +43,7 @@ import transformers
 from tqdm import tqdm
 
 import kvtier
+from kvtier.compat import with_cache
 from kvtier.config import BYTES_PER_GB
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -192,7 +193,7 @@ def run_call(model, handle, ids, mask, new_tokens: int, session_dir: Path | None
         handle.save(session_dir)
         loaded = kvtier.load(session_dir, model)
         mask = torch.cat((mask, mask.new_ones(mask.shape[0], out.shape[1] - mask.shape[1])), 1)
-        model.generate(out, attention_mask=mask, past_key_values=loaded, max_new_tokens=2, min_new_tokens=2,
+        model.generate(out, attention_mask=mask, **with_cache(loaded), max_new_tokens=2, min_new_tokens=2,
                        do_sample=False)
         record["session_mib"] = sum(file.stat().st_size for file in session_dir.iterdir()) / MIB
         shutil.rmtree(session_dir)

@@ -31,6 +31,7 @@ import torch
 from transformers import DynamicCache
 
 import kvtier
+from kvtier.compat import with_cache
 from kvtier.eval import compare_decode, dense_reference, text_windows
 from kvtier.formats import TurboQuantFormat
 from kvtier.formats.lloyd_max import codebook, distortion
@@ -102,7 +103,7 @@ class Simulator:
             cache.update(keys.clone(), values.clone(), index)
         worst_mse, worst_top10 = 0.0, 1.0
         for step, token in enumerate(self.reference.tokens):
-            logits = self.model(token, past_key_values=cache, use_cache=True).logits[:, -1].double()
+            logits = self.model(token, **with_cache(cache), use_cache=True).logits[:, -1].double()
             dense = self.reference.logits[step].double()
             worst_mse = max(worst_mse, float((logits - dense).square().mean()))
             overlap = set(logits.topk(10).indices[0].tolist()) & set(dense.topk(10).indices[0].tolist())
@@ -118,7 +119,7 @@ class Simulator:
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation("eager")
         try:
-            out = self.model(self.reference.tokens[0], past_key_values=cache, use_cache=True, output_attentions=True)
+            out = self.model(self.reference.tokens[0], **with_cache(cache), use_cache=True, output_attentions=True)
         finally:
             self.model.set_attn_implementation(previous)
         return [weights[0, :, 0].double() for weights in out.attentions]

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvtier
+from kvtier.compat import with_cache
 from conftest import cuda_only
 from kvtier import AllocationError, BudgetExceededError, BudgetTooSmallError, TierConfig, TieredCache, cold, pages
 from kvtier.attention import attend_tiers
@@ -489,7 +490,7 @@ def test_generate_continues_after_a_budget_change_like_a_cache_that_had_the_smal
             stats.append(handle.stats()["cold"]["tokens"])
             handle.set_budgets(budget_gb=small)
             assert handle.stats()["cold"]["tokens"] == 3 * 64 and handle.stats()["warm"]["tokens"] == 64
-            results.append(model_.generate(out, past_key_values=handle.cache, max_new_tokens=4, do_sample=False,
+            results.append(model_.generate(out, **with_cache(handle.cache), max_new_tokens=4, do_sample=False,
                                            output_logits=True, return_dict_in_generate=True))
         finally:
             kvtier.detach(model_)

@@ -10,6 +10,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvtier
 from kvtier import attention, layer
+from kvtier.compat import with_cache
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -53,15 +54,15 @@ def test_device_bytes_stay_within_budget(model, monkeypatch, batch, context, chu
     handle = kvtier.attach(model, budget_gb=budget_gb, on_budget_full="evict", key_tile=256, query_tile=64)
     try:
         ids = torch.randint(0, 1000, (batch, context), device="cuda")
-        model(ids[:, :64], past_key_values=handle.new_cache())  # cuBLAS takes its 32 MiB workspace on first use
+        model(ids[:, :64], **with_cache(handle.new_cache()))  # cuBLAS takes its 32 MiB workspace on first use
         recorder = PeakRecorder(monkeypatch)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         cache = handle.new_cache()
         for first in range(0, context, chunk):  # chunked prefill, then decode
-            model(ids[:, first:first + chunk], past_key_values=cache, logits_to_keep=1)
+            model(ids[:, first:first + chunk], **with_cache(cache), logits_to_keep=1)
         for _ in range(80):
-            model(ids[:, :1], past_key_values=cache, logits_to_keep=1)
+            model(ids[:, :1], **with_cache(cache), logits_to_keep=1)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
     finally:
@@ -84,9 +85,9 @@ def test_bf16_logits_match_dense_within_hot_window(model):
     handle = kvtier.attach(model, budget_gb=0.5)
     try:
         tiered_cache, dense_cache = handle.new_cache(), DynamicCache()
-        tiered = model(ids, past_key_values=tiered_cache).logits.float()
+        tiered = model(ids, **with_cache(tiered_cache)).logits.float()
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            dense = model(ids, past_key_values=dense_cache).logits.float()
+            dense = model(ids, **with_cache(dense_cache)).logits.float()
     finally:
         kvtier.detach(model)
     relative = (tiered - dense).norm() / dense.norm()

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import kvtier
 from kvtier import BudgetExceededError, BudgetTooSmallError, KVTierError, NonFiniteStatesError, UnsupportedModelError
+from kvtier.compat import with_cache
 
 
 def tiny_llama(head_dim=16, **overrides):
@@ -160,7 +161,7 @@ def test_crop_is_refused_with_advice():
     model = tiny_llama()
     handle = kvtier.attach(model, budget_gb=0.1)
     cache = handle.new_cache()
-    model(torch.tensor([[1, 2, 3]]), past_key_values=cache)
+    model(torch.tensor([[1, 2, 3]]), **with_cache(cache))
     with pytest.raises(NotImplementedError, match="kvtier.detach"):
         cache.crop(1)
 

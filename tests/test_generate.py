@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import kvtier
+from kvtier.compat import with_cache
 from kvtier.eval import compare_decode, reference_text
 
 # a config whose warm tier fills quickly, so short prompts exercise every tier
@@ -23,8 +24,8 @@ def test_within_hot_window_logits_equal_dense_every_step(attached):
     dense, tiered = DynamicCache(), handle.new_cache()
     token = ids
     for _ in range(8):
-        dense_logits = model(token, past_key_values=dense).logits
-        tiered_logits = model(token, past_key_values=tiered).logits
+        dense_logits = model(token, **with_cache(dense)).logits
+        tiered_logits = model(token, **with_cache(tiered)).logits
         torch.testing.assert_close(tiered_logits, dense_logits, rtol=1e-5, atol=1e-4)
         token = dense_logits[:, -1:].argmax(-1)
     assert tiered.stats()["warm"]["tokens"] == 0
@@ -55,7 +56,7 @@ def test_sampling_with_a_seed_matches_dense_within_hot_window(attached):
     tiered = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.9, top_k=50)
     torch.manual_seed(7)
     dense = model.generate(ids, max_new_tokens=10, do_sample=True, temperature=0.9, top_k=50,
-                           past_key_values=DynamicCache())
+                           **with_cache(DynamicCache()))
     assert torch.equal(tiered, dense)
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvtier
+from kvtier.compat import with_cache
 from kvtier.errors import NonFiniteStatesError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -146,12 +147,12 @@ def test_nan_in_a_static_step_is_refused_and_the_cache_stays_usable():
         held = cache.get_seq_length()
         poison["on"] = True
         with pytest.raises(NonFiniteStatesError, match=r"layers \[1\].*CUDA graph"):
-            model.generate(first, attention_mask=torch.cat((mask, mask.new_ones(2, 3)), 1), past_key_values=cache,
+            model.generate(first, attention_mask=torch.cat((mask, mask.new_ones(2, 3)), 1), **with_cache(cache),
                            max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert cache.get_seq_length() == held  # the refused step's token was not counted
         assert all(torch.isfinite(layer.hot_keys).all() for layer in cache.layers)
         poison["on"] = False
-        model.generate(first, attention_mask=torch.cat((mask, mask.new_ones(2, 3)), 1), past_key_values=cache,
+        model.generate(first, attention_mask=torch.cat((mask, mask.new_ones(2, 3)), 1), **with_cache(cache),
                        max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert cache.get_seq_length() == held + 2
     finally:

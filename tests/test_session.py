@@ -18,6 +18,7 @@ import kvtier
 from kvtier import BudgetExceededError, KVTierError, SessionCorruptError, SessionMismatchError, TierConfig, TieredCache
 from kvtier import session
 from kvtier.attention import attend_tiers
+from kvtier.compat import with_cache
 from kvtier.eval import reference_text
 from kvtier.policies import AttentionMass, PagePolicy
 from conftest import cuda_only
@@ -217,7 +218,7 @@ def test_continuing_other_tokens_is_refused(saved, model):
     try:
         with pytest.raises(KVTierError, match=r"holds \(2, 202\) tokens that input_ids \(2, 205\) do not start "
                                               r"with, first at row 1 position 150.*followed by the new tokens"):
-            model.generate(other, past_key_values=cache, max_new_tokens=1)
+            model.generate(other, **with_cache(cache), max_new_tokens=1)
     finally:
         kvtier.detach(model)
 
@@ -239,7 +240,7 @@ def test_continuation_after_a_load_matches_on_the_device(tmp_path, device):
         assert handle.stats()["cold"]["tokens"] > 150
         handle.save(tmp_path / "s")
         mask = torch.cat((mask, mask.new_ones(2, 3)), 1)
-        results = [model.generate(out, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False,
+        results = [model.generate(out, attention_mask=mask, **with_cache(cache), max_new_tokens=10, do_sample=False,
                                   output_logits=True, return_dict_in_generate=True)
                    for cache in (handle.cache, kvtier.load(tmp_path / "s", model))]
     finally:
@@ -274,7 +275,7 @@ def test_continuation_after_a_load_evicts_as_a_run_that_never_saved(tmp_path, po
                 for saved, loaded in zip(handle.cache.layers, cache.layers):
                     assert torch.equal(loaded.policy.history, saved.policy.history)
             evicted = cache.stats()["evicted_tokens"]
-            results.append(model.generate(out, past_key_values=cache, max_new_tokens=24, do_sample=False,
+            results.append(model.generate(out, **with_cache(cache), max_new_tokens=24, do_sample=False,
                                           output_logits=True, return_dict_in_generate=True))
             assert cache.stats()["evicted_tokens"] > evicted  # the policy chose pages to drop after the load
         finally:
@@ -353,7 +354,7 @@ def test_generation_continued_after_a_load_matches_the_unsaved_cache(smollm2, tm
         mask = torch.cat((mask, mask.new_ones(batch, 2)), 1)
         results = []
         for cache in (handle.cache, kvtier.load(tmp_path / "s", model)):  # the saved one first, then its copy
-            results.append(model.generate(out, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+            results.append(model.generate(out, attention_mask=mask, **with_cache(cache), max_new_tokens=4,
                                           do_sample=False, output_logits=True, return_dict_in_generate=True))
     finally:
         kvtier.detach(model)
