@@ -315,8 +315,8 @@ def main() -> None:
               "bf16, the rest INT4 pages); bf16 = the same kernel over the dense cache as bf16 pages. "
               "Speedup and ratio are against SDPA on the dense bf16 cache; bandwidth is on bytes actually read. "
               "The first columns time eager calls (host launch overhead included); the graph columns replay the "
-              "calls from a CUDA graph (device time alone); mass cost: the INT4 call with per-page mass against without, "
-              "graph replay. INT4 error: relative L2 distance of the INT4 output "
+              "calls from a CUDA graph (device time alone); mass cost: the INT4 call with per-page mass against "
+              "without, graph replay. INT4 error: relative L2 distance of the INT4 output "
               "from SDPA's on the exact cache (random keys and values, the quantization error alone).\n\n")
     text = table(rows) + "".join("\n\n" + turboquant_table(rows, bits) for bits in args.turboquant)
     (args.out / f"{args.name}.md").write_text(header + text + "\n")
