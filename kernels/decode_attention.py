@@ -336,7 +336,9 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot on bf16 returns garbage there): on the CPU,
     # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    exact = hot_keys.dtype == torch.float32 or upcast_hot  # float32 models keep float32 products
+    # float32 operands (hot tiles of float32 models, the rotation): exact products for float32 models and the
+    # interpreter, TF32 tensor cores for 16-bit models (whose query and output are rounded coarser anyway)
+    float32_precision = "ieee" if hot_keys.dtype == torch.float32 or upcast_hot else "tf32"
     num_warps, num_stages = LAUNCH["int4" if warm_count is not None or warm_pages >= hot_pages else "dense"]
     variant = kernel_variant(constants, query.device)
     _decode_pages_kernel[(batch * kv_heads, splits, blocks)](
@@ -346,8 +348,8 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         kv_start, kv_end, partial, partial_lse, page_lse if with_mass else partial_lse,
         scale * LOG2_E, pages_per_split, splits, group,
         **constants, KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        HOT_TILE=HOT_TILE, HOT_PRECISION="ieee" if exact else "tf32", UPCAST_HOT=upcast_hot, WITH_MASS=with_mass,
-        ROTATE=rotate, ROTATION_PRECISION="ieee" if exact else "tf32",
+        HOT_TILE=HOT_TILE, FLOAT32_PRECISION=float32_precision, UPCAST_HOT=upcast_hot, WITH_MASS=with_mass,
+        ROTATE=rotate,
         ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant, COUNT_ON_DEVICE=warm_count is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -519,8 +521,8 @@ if triton is not None:
         QJL: tl.constexpr, KEY_CENTERED: tl.constexpr,
         KV_HEADS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK: tl.constexpr, KEY_GROUP: tl.constexpr, KEY_PER_TOKEN: tl.constexpr, TILE_PAGES: tl.constexpr,
-        HOT_TILE: tl.constexpr, HOT_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
-        ROTATE: tl.constexpr, ROTATION_PRECISION: tl.constexpr,
+        HOT_TILE: tl.constexpr, FLOAT32_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
+        ROTATE: tl.constexpr,
         ALIGNMENT: tl.constexpr, FOLD_KEY_SCALES: tl.constexpr, OFFSET_CODES: tl.constexpr, MASS_DOT: tl.constexpr,
         MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
     ):
@@ -541,9 +543,9 @@ if triton is not None:
         # the two halves of q R, matching the low and high nibbles of the packed codes: q R[:, :D/2], q R[:, D/2:]
         if ROTATE:
             rotation_at = rotation_ptr + channels[:, None] * HEAD_DIM + half[None, :]  # (D, D/2) first columns
-            query_low = tl.dot(plain_query.to(tl.float32), tl.load(rotation_at), input_precision=ROTATION_PRECISION)
+            query_low = tl.dot(plain_query.to(tl.float32), tl.load(rotation_at), input_precision=FLOAT32_PRECISION)
             query_high = tl.dot(plain_query.to(tl.float32), tl.load(rotation_at + HALF),
-                                input_precision=ROTATION_PRECISION)
+                                input_precision=FLOAT32_PRECISION)
         else:
             query_low = tl.load(query_ptr + row_at + half[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
             query_high = tl.load(query_ptr + row_at + HALF + half[None, :], mask=head_ok[:, None],
@@ -729,7 +731,7 @@ if triton is not None:
             keys = tl.load(hot_keys_ptr + at, mask=hot_ok[:, None], other=0.0)
             if UPCAST_HOT:
                 keys = keys.to(tl.float32)
-            scores = tl.dot(plain_query, tl.trans(keys), input_precision=HOT_PRECISION)
+            scores = tl.dot(plain_query, tl.trans(keys), input_precision=FLOAT32_PRECISION)
             positions = position + hot_tokens
             valid = hot_ok & (positions >= kv_start) & (positions < kv_end)
             scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))
@@ -746,7 +748,7 @@ if triton is not None:
             if UPCAST_HOT:
                 values = values.to(tl.float32)
             plain_acc = plain_acc * decay[:, None] + tl.dot(weights.to(values.dtype), values,
-                                                            input_precision=HOT_PRECISION)
+                                                            input_precision=FLOAT32_PRECISION)
 
         safe_sum = tl.where(running_sum == 0.0, 1.0, running_sum)
         safe_max = tl.where(running_max == float("-inf"), 0.0, running_max)
@@ -754,8 +756,8 @@ if triton is not None:
         if ROTATE:  # the warm part back to the model basis: (v R) R^T, by the halves of R's columns
             # R's column halves read again, transposed: (D/2, D) tiles (a fresh load, not R held over the loop)
             transposed_at = rotation_ptr + half[:, None] + channels[None, :] * HEAD_DIM
-            plain_acc = tl.dot(low_acc, tl.load(transposed_at), plain_acc, input_precision=ROTATION_PRECISION)
-            plain_acc = tl.dot(high_acc, tl.load(transposed_at + HALF), plain_acc, input_precision=ROTATION_PRECISION)
+            plain_acc = tl.dot(low_acc, tl.load(transposed_at), plain_acc, input_precision=FLOAT32_PRECISION)
+            plain_acc = tl.dot(high_acc, tl.load(transposed_at + HALF), plain_acc, input_precision=FLOAT32_PRECISION)
         else:
             plain_acc += tl.reshape(tl.permute(tl.join(low_acc, high_acc), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))
         split_rows = query_rows * splits + split  # (G,)
