@@ -13,6 +13,7 @@ times, as the median of many runs with the L2 cache flushed in between (triton.t
 Bandwidth is on the bytes each one actually reads. Prints a table last; writes JSON and markdown.
 
     python benchmarks/kernel.py [--sweep]      # writes benchmarks/results/kernel-<gpu>.json and .md
+    python benchmarks/kernel.py --split-sweep  # splits per (sequence, KV head) by batch: kernel-splits-<gpu>.*
 """
 
 from __future__ import annotations
@@ -225,6 +226,56 @@ def sweep(batch: int, tokens: int) -> list[dict]:
     return rows
 
 
+SPLIT_SHAPES = ((1, 32768), (1, 131072), (1, 524288), (2, 131072), (4, 32768), (4, 131072), (8, 32768),
+                (8, 131072), (8, 524288))
+SPLIT_COUNTS = (2, 4, 8, 16, 32, 64)
+
+
+def split_sweep(batch: int, tokens: int) -> dict:
+    """Graph-replay ms of INT4 pages (without and with per-page mass) and bf16 pages at each of SPLIT_COUNTS splits
+    per (sequence, KV head), beside SDPA and the count the launcher's rule picks; outputs and mass must agree."""
+    layer, keys, values = filled(batch, tokens, seed=1)
+    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    kv_end = torch.full_like(kv_start, tokens)
+    workspace = layer.cache.workspace
+    tiered, dense = layer.paged(), dense_as_pages(keys, values)
+    sdpa, _ = sdpa_call(query.unsqueeze(2), keys, values)
+
+    def call(paged, splits, with_mass=False):
+        return decode_attention(query, paged, kv_start, kv_end, 0.1, with_mass=with_mass, workspace=workspace,
+                                splits=splits)
+
+    row = {"batch": batch, "tokens": tokens, "sdpa_ms": graph_ms(sdpa),
+           "rule_splits": kernel_module.max_splits(batch, KV_HEADS, "cuda"), "int4": {}, "int4_mass": {}, "bf16": {}}
+    reference, reference_mass = call(tiered, SPLIT_COUNTS[0], with_mass=True)
+    worst = 0.0
+    for splits in SPLIT_COUNTS:
+        out, mass = call(tiered, splits, with_mass=True)
+        worst = max(worst, relative_error(out, reference), (mass - reference_mass).abs().max().item())
+        row["int4"][splits] = graph_ms(lambda: call(tiered, splits))
+        row["int4_mass"][splits] = graph_ms(lambda: call(tiered, splits, with_mass=True))
+        row["bf16"][splits] = graph_ms(lambda: call(dense, splits))
+    row["largest_difference_across_splits"] = worst  # output (relative) or mass (absolute)
+    del layer, keys, values, tiered, dense, sdpa
+    torch.cuda.empty_cache()
+    return row
+
+
+def split_table(rows: list[dict]) -> str:
+    lines = ["| batch | tokens | SDPA ms | " + " | ".join(f"INT4 ms, {count} splits" for count in SPLIT_COUNTS)
+             + " | rule | fastest | mass cost at the rule | bf16 pages ms at the rule |",
+             "|---:|---:|---:|" + "---:|" * len(SPLIT_COUNTS) + "---:|---:|---:|---:|"]
+    for row in rows:
+        times, rule = row["int4"], row["rule_splits"]
+        rule_ms = times.get(rule)
+        lines.append(f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | "
+                     + " | ".join(f"{times[count]:.3f}" for count in SPLIT_COUNTS)
+                     + f" | {rule} | {min(times, key=times.get)} | "
+                     + (f"{row['int4_mass'][rule] / rule_ms - 1:+.1%} | {row['bf16'][rule]:.3f} |" if rule_ms else "| |"))
+    return "\n".join(lines)
+
+
 def best_settings(rows: list[dict]) -> dict:
     """Per format, the launch setting with the least summed time over the swept shapes."""
     totals = {}
@@ -284,9 +335,30 @@ def main() -> None:
                         help="first time launch settings (warps, stages, warm and hot tiles) and use the best")
     parser.add_argument("--turboquant", type=int, nargs="*", default=[], metavar="BITS",
                         help="also time TurboQuant pages (QJL keys, centered) at these codebook bits")
+    parser.add_argument("--split-sweep", action="store_true",
+                        help="only time splits per (sequence, KV head) at several batches: kernel-splits-<gpu>.*")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel.py times GPU kernels: it needs a CUDA device.")
+    env = environment()
+    gpu = next((word.lower() for word in env["device"].split() if word[:1] in "HABL"
+                and any(ch.isdigit() for ch in word)), "gpu")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.split_sweep:
+        name = args.name or f"kernel-splits-{gpu}"
+        rows = []
+        for batch, tokens in SPLIT_SHAPES:
+            rows.append(split_sweep(batch, tokens))
+            print(json.dumps(rows[-1]), flush=True)
+            (args.out / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+        text = split_table(rows)
+        (args.out / f"{name}.md").write_text(
+            f"Decode kernel by splits per (sequence, KV head), graph replay, one layer of Llama-3.1-8B shape on "
+            f"{env['device']}; torch {env['torch']}, triton {env['triton']}. rule: the launcher's choice "
+            f"({kernel_module.SPLIT_PROGRAMS_PER_MULTIPROCESSOR} programs per multiprocessor, a power of two).\n\n"
+            + text + "\n")
+        print(text)
+        return
     swept, chosen = [], None
     if args.sweep:
         for batch, tokens in ((1, 131072), (8, 131072)):
@@ -296,17 +368,15 @@ def main() -> None:
             kernel_module.LAUNCH[kind] = (setting["num_warps"], setting["num_stages"])
         kernel_module.WARM_TILE, kernel_module.HOT_TILE = chosen["int4"]["tile"], chosen["dense"]["tile"]
         print(json.dumps(chosen), flush=True)
-    launch = {"launch": dict(kernel_module.LAUNCH), "splits_per_head": kernel_module.SPLITS_PER_HEAD,
+    launch = {"launch": dict(kernel_module.LAUNCH), "splits_per_head": kernel_module.SPLITS_PER_HEAD or "rule",
+              "split_programs_per_multiprocessor": kernel_module.SPLIT_PROGRAMS_PER_MULTIPROCESSOR,
               "warm_tile": kernel_module.WARM_TILE, "hot_tile": kernel_module.HOT_TILE}
     rows = []
     for batch in args.batches:
         for tokens in args.contexts:
             rows.append(measure(batch, tokens, tuple(args.turboquant)))
             print(json.dumps(rows[-1]), flush=True)
-    env = environment()
-    args.name = args.name or "kernel-" + next((word.lower() for word in env["device"].split() if word[:1] in "HABL"
-                                                and any(ch.isdigit() for ch in word)), "gpu")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.name = args.name or f"kernel-{gpu}"
     result = {"environment": env, "launch": launch, "rows": rows, "sweep": swept, "sweep_best": chosen}
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     header = (f"Decode attention, one layer of Llama-3.1-8B shape ({QUERY_HEADS} query heads, {KV_HEADS} KV heads, "

@@ -41,9 +41,10 @@ LAUNCH = {"int4": (4, 4), "dense": (4, 2)}
 WARM_TILE = 128  # warm tokens the kernel reads per step (whole pages)
 QUERY_ROWS_PER_PROGRAM = 64  # a KV head's query rows one program takes at most; more rows (a prefill tile's query
 # heads x positions) are spread over programs of their own, each reading the pages once for its rows
-SPLITS_PER_HEAD = 32  # splits of each (sequence, KV head) on CUDA: about 32 were fastest at batch 1 and at batch 8,
-# 128K-512K tokens (benchmarks/results/kernel-variants-h200.json: 33 splits 6-19% under the earlier 64 at batch 1
-# and 9 at batch 8)
+SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # on CUDA, splits per (sequence, KV head) fill about this many programs per
+# multiprocessor (rounded down to a power of two): 32 splits at batch 1 and 4 at batch 8 with 8 KV heads on 132 SMs,
+# the fastest of 4-64 at batch 1, 2, 4 and 8 on the H200 (benchmarks/results/kernel-splits-h200.md)
+SPLITS_PER_HEAD = None  # a fixed number instead of that rule (benchmarks/kernel_variants.py sets it)
 # Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference).
 # Off by default: on the H200 every one measured slower than the plain path (fold 5-9%, fold+offset 35-60%, lop3 no
 # better than fold+offset, mass_dot no cheaper; benchmarks/results/kernel-variants-h200.json):
@@ -238,7 +239,8 @@ def kernel_variant(constants: dict, device) -> dict:
     return dict(FOLD_KEY_SCALES=VARIANT["fold_key_scales"] and int4_by_channel,
                 OFFSET_CODES=VARIANT["offset_codes"] and not constants["TURBOQUANT"],
                 MASS_DOT=VARIANT["mass_dot"] and constants["TILE_PAGES"] <= MASS_PAGES,
-                LOP3_UNPACK=VARIANT["lop3_unpack"] and not constants["TURBOQUANT"] and compiled_cuda)
+                LOP3_UNPACK=VARIANT["lop3_unpack"] and not constants["TURBOQUANT"] and compiled_cuda,
+                FAST_LOG2=compiled_cuda)
 
 
 class DecodeWorkspace:
@@ -265,8 +267,21 @@ def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = M
 
 
 def max_splits(batch: int, kv_heads: int, device) -> int:
-    """Splits per (sequence, KV head): SPLITS_PER_HEAD on CUDA, two on the CPU (so that merging is exercised)."""
-    return min(MAX_SPLITS, SPLITS_PER_HEAD if torch.device(device).type == "cuda" else 2)
+    """Splits per (sequence, KV head): on CUDA enough for SPLIT_PROGRAMS_PER_MULTIPROCESSOR programs per
+    multiprocessor, as a power of two (or SPLITS_PER_HEAD where set); two on the CPU (so that merging is exercised)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 2
+    if SPLITS_PER_HEAD is not None:
+        return min(MAX_SPLITS, SPLITS_PER_HEAD)
+    programs = SPLIT_PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device.index)
+    per_head = max(1, programs // (batch * kv_heads))
+    return min(MAX_SPLITS, 1 << (per_head.bit_length() - 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int | None) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
 
 
 def row_blocks(group: int) -> tuple[int, int]:
@@ -370,6 +385,15 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------ kernels
 if triton is not None:
+
+    @triton.jit
+    def _log2(values, FAST: tl.constexpr):
+        """log2 of float32 values; FAST (compiled CUDA only): the hardware approximation (lg2.approx, relative error
+        about 2^-22), one instruction where tl.log2 compiles to a polynomial of about 20."""
+        if FAST:
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [values], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return tl.log2(values)
 
     @triton.jit
     def _offset_nibbles(codes):
@@ -524,7 +548,7 @@ if triton is not None:
         HOT_TILE: tl.constexpr, FLOAT32_PRECISION: tl.constexpr, UPCAST_HOT: tl.constexpr, WITH_MASS: tl.constexpr,
         ROTATE: tl.constexpr,
         ALIGNMENT: tl.constexpr, FOLD_KEY_SCALES: tl.constexpr, OFFSET_CODES: tl.constexpr, MASS_DOT: tl.constexpr,
-        MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
+        MASS_PAGES: tl.constexpr, LOP3_UNPACK: tl.constexpr, FAST_LOG2: tl.constexpr, COUNT_ON_DEVICE: tl.constexpr,
     ):
         HALF: tl.constexpr = HEAD_DIM // 2
         TILE: tl.constexpr = TILE_PAGES * BLOCK  # warm tokens per step: several pages at once
@@ -675,23 +699,27 @@ if triton is not None:
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
             decay = tl.exp2(running_max - safe_max)
             weights = tl.exp2(scores - safe_max[:, None])  # (G, T)
-            running_sum = running_sum * decay + tl.sum(weights, 1)
-            running_max = new_max
-            plain_acc = plain_acc * decay[:, None]
             if WITH_MASS and MASS_DOT:  # each page's log2-sum-exp; the sums from a dot with a page indicator
                 mass_pages = tl.arange(0, MASS_PAGES)
                 indicator = tl.where((rows // BLOCK)[:, None] == mass_pages[None, :], 1.0, 0.0)  # (T, MASS_PAGES)
                 page_sums = tl.dot(weights, indicator, input_precision="tf32")  # (G, MASS_PAGES)
                 tile_pages = tile_first + mass_pages
                 tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
-                         safe_max[:, None] + tl.log2(page_sums),
+                         safe_max[:, None] + _log2(page_sums, FAST_LOG2),
                          mask=head_ok[:, None] & ((mass_pages < TILE_PAGES) & (tile_pages < warm_last))[None, :])
-            elif WITH_MASS:  # each page's log2-sum-exp
+                tile_sum = tl.sum(weights, 1)
+            elif WITH_MASS:  # each page's log2-sum-exp; the tile's sum from the pages' sums (one reduction)
                 page_sums = tl.sum(tl.reshape(weights, (GROUP_PAD, TILE_PAGES, BLOCK)), 2)  # (G, pages)
                 tile_pages = tile_first + tl.arange(0, TILE_PAGES)
                 tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
-                         safe_max[:, None] + tl.log2(page_sums),
+                         safe_max[:, None] + _log2(page_sums, FAST_LOG2),
                          mask=head_ok[:, None] & (tile_pages < warm_last)[None, :])
+                tile_sum = tl.sum(page_sums, 1)
+            else:
+                tile_sum = tl.sum(weights, 1)
+            running_sum = running_sum * decay + tile_sum
+            running_max = new_max
+            plain_acc = plain_acc * decay[:, None]
 
             if TURBOQUANT:  # v = |v| levels[codes]: fold |v| into the weights
                 value_norm = tl.load((row_ptr + VALUE_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,

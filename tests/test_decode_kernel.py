@@ -191,6 +191,20 @@ def test_fully_masked_split_and_single_split(merge_elements, device, monkeypatch
         assert (out.double() - expected).norm() / expected.norm() < BF16_RELATIVE
 
 
+@pytest.mark.parametrize("batch, kv_heads, multiprocessors, expected", [
+    (1, 8, 132, 32), (2, 8, 132, 16), (4, 8, 132, 8), (8, 8, 132, 4), (32, 8, 132, 1),  # H100/H200: 264 programs
+    (1, 2, 132, 64), (1, 8, 108, 16), (3, 8, 132, 8)])  # capped at MAX_SPLITS; A100's 108; 264 // 24 = 11 -> 8
+def test_splits_fill_about_two_programs_per_multiprocessor(batch, kv_heads, multiprocessors, expected, monkeypatch):
+    """On CUDA the split count per (sequence, KV head) is the largest power of two at most SPLIT_PROGRAMS_PER_
+    MULTIPROCESSOR x multiprocessors / (batch x KV heads), within 1..MAX_SPLITS; SPLITS_PER_HEAD overrides it, and
+    the CPU keeps two."""
+    monkeypatch.setattr(kernel_module, "_multiprocessors", lambda index: multiprocessors)
+    assert kernel_module.max_splits(batch, kv_heads, "cuda") == expected
+    assert kernel_module.max_splits(batch, kv_heads, "cpu") == 2
+    monkeypatch.setattr(kernel_module, "SPLITS_PER_HEAD", 5)
+    assert kernel_module.max_splits(batch, kv_heads, "cuda") == 5
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows_per_kv_head", [100, 128])
 def test_many_query_rows_per_kv_head(rows_per_kv_head, device):
