@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvtier.rotation import hadamard_matrix, random_rotation, random_signs, rotate
+from kvtier.rotation import fast_hadamard, hadamard_matrix, random_rotation, random_signs, rotate
 
 
 @pytest.mark.parametrize("dim", [2, 8, 64, 128, 256])
@@ -28,7 +28,9 @@ def test_non_power_of_two_is_refused_with_advice(dim):
 
 @pytest.mark.parametrize("dim", [2, 8, 64, 128])
 def test_fast_hadamard_rotation_equals_the_matrix_product(dim):
+    """The fast transform, rotate's product and random_rotation's matrix are one rotation (float64)."""
     x = torch.randn(3, 5, dim, dtype=torch.float64)
     signs = random_signs(dim, seed=dim).double()
     expected = x @ random_rotation(dim, seed=dim).double()
     assert torch.allclose(rotate(x, signs), expected, atol=1e-6, rtol=0)  # R is built in float32
+    assert torch.allclose(fast_hadamard(x * signs) / dim**0.5, expected, atol=1e-6, rtol=0)
