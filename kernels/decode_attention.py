@@ -43,7 +43,7 @@ QUERY_ROWS_PER_PROGRAM = 64  # a KV head's query rows one program takes at most;
 # heads x positions) are spread over programs of their own, each reading the pages once for its rows
 SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # on CUDA, splits per (sequence, KV head) fill about this many programs per
 # multiprocessor (rounded down to a power of two): 32 splits at batch 1 and 4 at batch 8 with 8 KV heads on 132 SMs,
-# the fastest of 4-64 at batch 1, 2, 4 and 8 on the H200 (benchmarks/results/kernel-splits-h200.md)
+# the fastest of 2-64 at batch 1, 2, 4 and 8 on the H200 (benchmarks/results/kernel-splits-h200.md)
 SPLITS_PER_HEAD = None  # a fixed number instead of that rule (benchmarks/kernel_variants.py sets it)
 # Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference).
 # Off by default: on the H200 every one measured slower than the plain path (fold 5-9%, fold+offset 35-60%, lop3 no
@@ -281,6 +281,7 @@ def max_splits(batch: int, kv_heads: int, device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int | None) -> int:
+    """Streaming multiprocessors of the CUDA device ``index`` (the current one for None), read once."""
     return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
 
 

@@ -58,7 +58,7 @@ def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """x @ R for the R of ``random_rotation`` with these signs: (..., D) -> (..., D).
 
     Applied as one (D, D) matrix product rather than by ``fast_hadamard``: at head dims up to 256 one product beats
-    the transform's log2(D) stages in torch on both devices (on the CPU machine 2-10x at D 64 and 128; on CUDA one
+    the transform's log2(D) stages in torch on both devices (on the CPU machine 3-4x at D 64 and 128; on CUDA one
     kernel launch instead of about 30)."""
     dim = x.shape[-1]
     return x @ (signs[:, None].to(x.dtype) * _hadamard_on(dim, x.device, x.dtype) / dim**0.5)
