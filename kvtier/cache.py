@@ -207,8 +207,8 @@ class TieredCache(Cache):
             raise KVTierError(f"kvtier: the model config says {self.kv_heads} KV heads, but a layer produced {kv_heads}.")
         self.layer_shape = shape
         hot_per_layer = 2 * batch * kv_heads * self.config.hot_capacity * head_dim * dtype.itemsize
-        # float32 (D, D) rotation and its (D,) signs; TurboQuant's (D, D) sketch
-        rotation_per_layer = (head_dim * head_dim + head_dim) * 4 if self.config.rotate else 0
+        # float32 (D, D) rotation; TurboQuant's (D, D) sketch
+        rotation_per_layer = head_dim * head_dim * 4 if self.config.rotate else 0
         if self.warm_format.qjl:
             rotation_per_layer += head_dim * head_dim * 4
         self.hot_bytes = self.num_layers * (hot_per_layer + rotation_per_layer)

@@ -27,7 +27,7 @@ from .errors import BudgetExceededError, KVTierError
 from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
 from .policies import make_policy
-from .rotation import random_rotation, random_signs, rotate
+from .rotation import random_rotation
 
 
 SKETCH_SEED_OFFSET = 1 << 20
@@ -76,7 +76,6 @@ class TieredLayer(CacheLayerMixin):
         self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype, key_states.device)
         seed = config.rotation_seed + self.layer_idx
         self.rotation = random_rotation(head_dim, seed).to(self.device) if config.rotate else None  # (D, D)
-        self.rotation_signs = random_signs(head_dim, seed).to(self.device) if config.rotate else None  # (D,)
         warm_format = self.cache.warm_format
         # the TurboQuant keys' QJL sketch (D, D), seeded apart from the rotation
         self.sketch = qjl_sketch(head_dim, SKETCH_SEED_OFFSET + seed).to(self.device) if warm_format.qjl else None
@@ -372,7 +371,7 @@ class TieredLayer(CacheLayerMixin):
         if valid is not None:  # (B, n * block) -> (n * B, block)
             valid = valid.view(batch, count, block).transpose(0, 1).reshape(count * batch, block)
         if self.rotation is not None:
-            keys, values = rotate(keys, self.rotation_signs), rotate(values, self.rotation_signs)
+            keys, values = keys @ self.rotation, values @ self.rotation  # what rotation.rotate computes, R at hand
         fields = self.warm.layout.format.quantize(keys, values, valid, self.sketch)  # (n * B, ...) each
         return self.warm.layout.pack({name: field.view(count, batch, *field.shape[1:]) for name, field in fields.items()})
 

@@ -10,7 +10,7 @@ from kvtier import BudgetExceededError, BudgetTooSmallError, TierConfig, TieredC
 from kvtier.attention import attend_tiers
 from kvtier.config import BYTES_PER_GB
 from kvtier.kernels.decode_attention import dequantize_pages
-from kvtier.rotation import rotate
+from kvtier.rotation import random_signs, rotate
 
 MODEL = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64)
 SMALL = dict(sink_tokens=2, recent_window=8, block_size=4, key_tile=8, query_tile=4)
@@ -55,8 +55,7 @@ def tensor_bytes(cache):
         if not layer.is_initialized:
             continue
         total += layer.hot_keys.nbytes + layer.hot_values.nbytes
-        total += sum(0 if extra is None else extra.nbytes for extra in (layer.rotation, layer.rotation_signs,
-                                                                         layer.sketch))
+        total += sum(0 if extra is None else extra.nbytes for extra in (layer.rotation, layer.sketch))
         total += sum(slab.nbytes for slab in layer.warm.slabs) + layer.warm.table_bytes
     return total + (cache.prefetcher.ring.nbytes if cache.prefetcher is not None else 0)
 
@@ -185,8 +184,9 @@ def test_long_chunks_store_each_block_as_its_own_quantization(warm_format, padde
     for one, long in zip(*(cache.layers for cache in caches)):
         layout, block = long.warm.layout, config.block_size
         assert [entry.start for entry in one.warm.table] == [entry.start for entry in long.warm.table]
+        signs = random_signs(long.rotation.shape[0], config.rotation_seed + long.layer_idx)  # the layer's seeded R
         for entry in long.warm.table:
-            block_keys, block_values = (rotate(states[:, :, entry.start:entry.start + block].float(), long.rotation_signs)
+            block_keys, block_values = (rotate(states[:, :, entry.start:entry.start + block].float(), signs)
                                         for states in (keys, values))
             valid = padding[:, entry.start:entry.start + block].bool()
             expected = layout.format.quantize(block_keys, block_values, valid if padded else None, long.sketch)
