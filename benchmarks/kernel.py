@@ -272,7 +272,8 @@ def split_table(rows: list[dict]) -> str:
         lines.append(f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | "
                      + " | ".join(f"{times[count]:.3f}" for count in SPLIT_COUNTS)
                      + f" | {rule} | {min(times, key=times.get)} | "
-                     + (f"{row['int4_mass'][rule] / rule_ms - 1:+.1%} | {row['bf16'][rule]:.3f} |" if rule_ms else "| |"))
+                     + (f"{row['int4_mass'][rule] / rule_ms - 1:+.1%} | {row['bf16'][rule]:.3f} |" if rule_ms
+                        else "| |"))
     return "\n".join(lines)
 
 

@@ -282,7 +282,8 @@ def max_splits(batch: int, kv_heads: int, device) -> int:
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(index: int | None) -> int:
     """Streaming multiprocessors of the CUDA device ``index`` (the current one for None), read once."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+    device = torch.cuda.current_device() if index is None else index
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def row_blocks(group: int) -> tuple[int, int]:
