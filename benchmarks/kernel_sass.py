@@ -42,7 +42,8 @@ COLUMNS = {"mma": ("HMMA",), "shared loads": ("LDS", "LDSM"), "shared stores": (
 
 
 def constants(page_format, with_mass: bool) -> dict:
-    """The page kernel's constexprs for a graph-captured decode launch (page count on the device) of one layer."""
+    """The page kernel's constexprs for one layer's decode launch: the page count on the device, as a CUDA graph
+    replays it, or with per-page mass on the host, as an eager call passes it."""
     layout = PageLayout(1, KV_HEADS, BLOCK, HEAD_DIM, page_format)
     return dict(kernel_module._page_constants(layout, kernel_module.WARM_TILE), KV_HEADS=KV_HEADS, GROUP_PAD=16,
                 HEAD_DIM=HEAD_DIM, HOT_TILE=kernel_module.HOT_TILE, FLOAT32_PRECISION="tf32", UPCAST_HOT=False,
