@@ -59,6 +59,13 @@ def filled(batch: int, tokens: int, seed: int, **config):
     return layer, keys, values
 
 
+def decode_query(batch: int, tokens: int):
+    """A random bf16 decode query (B, H_q, D) and the (B,) int32 window [0, tokens) every row attends."""
+    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    return query, kv_start, torch.full_like(kv_start, tokens)
+
+
 def dense_as_pages(keys: torch.Tensor, values: torch.Tensor) -> PagedKV:
     """The dense cache as bf16 pages of the kernel's hot kind (no warm pages)."""
     batch, heads, tokens, dim = keys.shape
@@ -140,10 +147,8 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> dict:
     layer, keys, values = filled(batch, tokens, seed=tokens + batch)
-    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    query, kv_start, kv_end = decode_query(batch, tokens)
     scale = HEAD_DIM**-0.5
-    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    kv_end = torch.full_like(kv_start, tokens)
     tiered, dense = layer.paged(), dense_as_pages(keys, values)
     workspace = layer.cache.workspace
     sdpa, backend = sdpa_call(query.unsqueeze(2), keys, values)
@@ -203,9 +208,7 @@ def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> d
 def sweep(batch: int, tokens: int) -> list[dict]:
     """Time the page kernel over launch settings on one filled layer; returns a row per setting and format."""
     layer, keys, values = filled(batch, tokens, seed=1)
-    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    kv_end = torch.full_like(kv_start, tokens)
+    query, kv_start, kv_end = decode_query(batch, tokens)
     int4 = layer.paged()
     rows = []
     workspace = layer.cache.workspace
@@ -235,9 +238,7 @@ def split_sweep(batch: int, tokens: int) -> dict:
     """Graph-replay ms of INT4 pages (without and with per-page mass) and bf16 pages at each of SPLIT_COUNTS splits
     per (sequence, KV head), beside SDPA and the count the launcher's rule picks; outputs and mass must agree."""
     layer, keys, values = filled(batch, tokens, seed=1)
-    query = torch.randn(batch, QUERY_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    kv_start = torch.zeros(batch, dtype=torch.int32, device="cuda")
-    kv_end = torch.full_like(kv_start, tokens)
+    query, kv_start, kv_end = decode_query(batch, tokens)
     workspace = layer.cache.workspace
     tiered, dense = layer.paged(), dense_as_pages(keys, values)
     sdpa, _ = sdpa_call(query.unsqueeze(2), keys, values)

@@ -26,11 +26,11 @@ from triton.compiler import ASTSource
 
 from kvtier.formats import Int4Format, TurboQuantFormat
 from kvtier.kernels import decode_attention as kernel_module
-from kvtier.pages import PageLayout
+from kvtier.pages import ALIGNMENT, PageLayout
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-KV_HEADS, HEAD_DIM, BLOCK = 8, 128, 64  # Llama-3.1-8B's KV heads and head dim, kvtier's default page
+QUERY_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 64  # Llama-3.1-8B's heads and head dim, kvtier's default page
 POINTER_TYPES = {"query_ptr": "*bf16", "page_base_ptr": "*u8", "warm_offset_ptr": "*i64", "warm_position_ptr": "*i32",
                  "warm_count_ptr": "*i32", "hot_keys_ptr": "*bf16", "hot_values_ptr": "*bf16", "hot_table_ptr": "*i32",
                  "kv_start_ptr": "*i32", "kv_end_ptr": "*i32"}  # every other pointer: float32
@@ -42,14 +42,15 @@ COLUMNS = {"mma": ("HMMA",), "shared loads": ("LDS", "LDSM"), "shared stores": (
 
 
 def constants(page_format, with_mass: bool) -> dict:
-    """The page kernel's constexprs for one layer's decode launch: the page count on the device, as a CUDA graph
-    replays it, or with per-page mass on the host, as an eager call passes it."""
+    """The page kernel's constexprs for one layer's decode launch, as decode_attention passes them on a GPU (its
+    variant switches included): the page count on the device, as a CUDA graph replays it, or with per-page mass on
+    the host, as an eager call passes it."""
     layout = PageLayout(1, KV_HEADS, BLOCK, HEAD_DIM, page_format)
-    return dict(kernel_module._page_constants(layout, kernel_module.WARM_TILE), KV_HEADS=KV_HEADS, GROUP_PAD=16,
+    page = kernel_module._page_constants(layout, kernel_module.WARM_TILE)
+    return dict(page, KV_HEADS=KV_HEADS, GROUP_PAD=kernel_module.row_blocks(QUERY_HEADS // KV_HEADS)[0],
                 HEAD_DIM=HEAD_DIM, HOT_TILE=kernel_module.HOT_TILE, FLOAT32_PRECISION="tf32", UPCAST_HOT=False,
-                WITH_MASS=with_mass, ROTATE=True, ALIGNMENT=16, MASS_PAGES=kernel_module.MASS_PAGES,
-                FOLD_KEY_SCALES=False, OFFSET_CODES=False, MASS_DOT=False, LOP3_UNPACK=False, FAST_LOG2=True,
-                COUNT_ON_DEVICE=not with_mass)
+                WITH_MASS=with_mass, ROTATE=True, ALIGNMENT=ALIGNMENT, MASS_PAGES=kernel_module.MASS_PAGES,
+                **kernel_module.kernel_variant(page, "cuda"), COUNT_ON_DEVICE=not with_mass)
 
 
 def compile_cubin(values: dict, num_warps: int, num_stages: int) -> bytes:

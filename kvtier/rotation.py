@@ -8,8 +8,6 @@ in D log D additions; ``rotate`` applies R as one matrix product, which is faste
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
@@ -38,7 +36,13 @@ def random_signs(dim: int, seed: int) -> torch.Tensor:
 
 def random_rotation(dim: int, seed: int) -> torch.Tensor:
     """Orthonormal (dim, dim) float32 matrix R; rotate row vectors with x @ R, undo with y @ R.T."""
-    return random_signs(dim, seed)[:, None] * hadamard_matrix(dim) / dim**0.5
+    return rotation_matrix(random_signs(dim, seed))
+
+
+def rotation_matrix(signs: torch.Tensor) -> torch.Tensor:
+    """R = diag(signs) H / sqrt(D) for (D,) signs of +-1, in their dtype and on their device."""
+    dim = signs.shape[0]
+    return signs[:, None] * hadamard_matrix(dim).to(signs.device, signs.dtype) / dim**0.5
 
 
 def fast_hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -60,10 +64,4 @@ def rotate(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     Applied as one (D, D) matrix product rather than by ``fast_hadamard``: at head dims up to 256 one product beats
     the transform's log2(D) stages in torch on both devices (on the CPU machine 3-4x at D 64 and 128; on CUDA one
     kernel launch instead of about 30)."""
-    dim = x.shape[-1]
-    return x @ (signs[:, None].to(x.dtype) * _hadamard_on(dim, x.device, x.dtype) / dim**0.5)
-
-
-@functools.lru_cache(maxsize=64)
-def _hadamard_on(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return hadamard_matrix(dim).to(device, dtype)
+    return x @ rotation_matrix(signs.to(x.device, x.dtype))
