@@ -46,17 +46,20 @@ SPLIT_PROGRAMS_PER_MULTIPROCESSOR = 2  # on CUDA, splits per (sequence, KV head)
 # the fastest of 2-64 at batch 1, 2, 4 and 8 on the H200 (benchmarks/results/kernel-splits-h200.md)
 SPLITS_PER_HEAD = None  # a fixed number instead of that rule (benchmarks/kernel_variants.py sets it)
 # Compile-time variants of the INT4 warm path (benchmarks/kernel_variants.py times them; all match the reference).
-# Off by default: on the H200 every one measured slower than the plain path (fold 5-9%, fold+offset 35-60%, lop3 no
-# better than fold+offset, mass_dot no cheaper; benchmarks/results/kernel-variants-h200.json):
+# lop3_unpack is on: 3.1-5.8% faster than without on the H200; the others measured slower and are off (offset 0.2-3.9%,
+# fold 3.9-11.5%, mass_dot no cheaper; benchmarks/results/kernel-variants-h200-lop3.json, kernel-variants-h200.json):
 # fold_key_scales: per-channel key scales multiply the query per key group, (q s_g) . c_t + q . m_g, in one batched
 #     dot over the tile's key groups, instead of dequantizing every key element
-# offset_codes: nibbles enter the dots as the float16 1024 + c (no subtraction per element); 1024 times the other
-#     operand's row sum is taken off once per row (per-channel keys only together with fold_key_scales, where a dot
-#     with -1024 does it)
+# offset_codes: nibbles enter the dots as the float16 1 + c/64 (the code's bits under 1.0's exponent; no subtraction
+#     per element), and what the offset adds comes off once per row: values fold 64 s_t into the weights and take
+#     the weights' sum off; per-token keys take 64 times the query's sum off, folded keys the folded query's sum (a dot
+#     with -1). Per-channel keys, which are dequantized per element, keep c (changing their group parameters would
+#     be recomputed per element)
 # mass_dot: each page's softmax sum comes from one dot of the weights with a page indicator, not a reshape and sum
 # lop3_unpack: compiled CUDA only (the interpreter keeps the plain unpacking): inline PTX turns 4 code bytes into 8
-#     float16 1024 + c with two byte permutes, two shifts and four lop3 instructions
-VARIANT = {"fold_key_scales": False, "offset_codes": False, "mass_dot": False, "lop3_unpack": False}
+#     float16 1024 + c (then c, by a subtraction per two codes), or 1 + c/64 with offset_codes, with two byte
+#     permutes, two shifts and four lop3 instructions
+VARIANT = {"fold_key_scales": False, "offset_codes": False, "mass_dot": False, "lop3_unpack": True}
 VARIANT_NAMES = {"fold": "fold_key_scales", "offset": "offset_codes", "mass_dot": "mass_dot", "lop3": "lop3_unpack"}
 
 MASS_PAGES = 16  # page columns of the mass_dot indicator: at least a tile's pages, and a tensor-core width
@@ -387,6 +390,31 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------ kernels
 if triton is not None:
+    OFFSET_STEP = tl.constexpr(64.0)  # with OFFSET_CODES a nibble c enters the dots as 1 + c / OFFSET_STEP
+
+    def _lop3_unpack(nibble_bits: int, magic: int, shift_low: bool) -> str:
+        """PTX turning 4 code bytes b0..b3 ($4) into 8 float16: prmt spreads b0, b1 (then b2, b3) to the two 16-bit
+        halves of a register, and lop3 keeps ``nibble_bits`` of each half and ORs in ``magic``; one nibble is where
+        those bits are, the other is shifted there (``shift_low``: the low nibble, left by 4; else the high one,
+        right by 4). Outputs: $0, $1 the low nibbles of elements (0, 1) and (2, 3); $2, $3 the high ones."""
+        low, high = ("shifted", "pair") if shift_low else ("pair", "shifted")
+        shift = "shl" if shift_low else "shr"
+        return f"""
+        {{
+        .reg .b32 pair01, pair23, shifted01, shifted23;
+        prmt.b32 pair01, $4, 0, 0x4140;
+        prmt.b32 pair23, $4, 0, 0x4342;
+        {shift}.b32 shifted01, pair01, 4;
+        {shift}.b32 shifted23, pair23, 4;
+        lop3.b32 $0, {low}01, {nibble_bits:#010x}, {magic:#010x}, 0xEA;
+        lop3.b32 $1, {low}23, {nibble_bits:#010x}, {magic:#010x}, 0xEA;
+        lop3.b32 $2, {high}01, {nibble_bits:#010x}, {magic:#010x}, 0xEA;
+        lop3.b32 $3, {high}23, {nibble_bits:#010x}, {magic:#010x}, 0xEA;
+        }}
+        """
+
+    LOP3_PLAIN = tl.constexpr(_lop3_unpack(0x000F000F, 0x64006400, shift_low=False))  # 1024 + c (0x6400: 1024.0)
+    LOP3_OFFSET = tl.constexpr(_lop3_unpack(0x00F000F0, 0x3C003C00, shift_low=True))  # 1 + c/64, c in bits 4-7
 
     @triton.jit
     def _log2(values, FAST: tl.constexpr):
@@ -398,45 +426,28 @@ if triton is not None:
         return tl.log2(values)
 
     @triton.jit
-    def _offset_nibbles(codes):
-        """uint8 codes 0..15 -> the float16 1024 + c without an int-to-float conversion: the bits 0x6400 | c."""
-        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-
-    @triton.jit
     def _nibble_values(codes, OFFSET: tl.constexpr):
-        """uint8 codes 0..15 -> float16 c (the subtraction is exact), or 1024 + c with OFFSET, for a caller that
-        takes 1024 times the other operand's sum off the dot product instead."""
-        values = _offset_nibbles(codes)
-        if not OFFSET:
-            values = values - 1024.0
-        return values
+        """uint8 codes 0..15 -> float16 c without an int-to-float conversion (the bits 0x6400 | c are 1024 + c; the
+        subtraction is exact), or with OFFSET the float16 1 + c/64 (the bits 0x3C00 | c << 4, no subtraction), for
+        a caller that folds the offset into its parameters (OFFSET_STEP)."""
+        if OFFSET:
+            return ((codes.to(tl.int16) << 4) | 0x3C00).to(tl.float16, bitcast=True)
+        return (codes.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
 
     @triton.jit
     def _unpacked_nibbles(codes, OFFSET: tl.constexpr, LOP3: tl.constexpr):
-        """(T, D/2) uint8 codes -> their low and high nibbles as two (T, D/2) float16 tensors: c, or 1024 + c with
-        OFFSET. LOP3 (compiled CUDA only): PTX on 4 bytes b0..b3 at a time; prmt spreads b0, b1 (then b2, b3) to
-        the two 16-bit halves of a register, and lop3 keeps a nibble per half and ORs in 0x6400 (the float16 1024),
-        for low nibbles before and high nibbles after a shift by 4. Outputs: $0, $1 the low nibbles of elements
-        (0, 1) and (2, 3); $2, $3 the high ones; $4 the four bytes."""
+        """(T, D/2) uint8 codes -> their low and high nibbles as two (T, D/2) float16 tensors: c, or 1 + c/64 with
+        OFFSET. LOP3 (compiled CUDA only): the PTX of _lop3_unpack on 4 bytes at a time."""
         if LOP3:
-            low, high = tl.inline_asm_elementwise(
-                asm="""
-                {
-                .reg .b32 pair01, pair23, shifted01, shifted23;
-                prmt.b32 pair01, $4, 0, 0x4140;
-                prmt.b32 pair23, $4, 0, 0x4342;
-                shr.b32 shifted01, pair01, 4;
-                shr.b32 shifted23, pair23, 4;
-                lop3.b32 $0, pair01, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $1, pair23, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $2, shifted01, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $3, shifted23, 0x000F000F, 0x64006400, 0xEA;
-                }
-                """,
-                constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-            if not OFFSET:
-                low = low - 1024.0
-                high = high - 1024.0
+            if OFFSET:
+                low, high = tl.inline_asm_elementwise(
+                    asm=LOP3_OFFSET, constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.float16, tl.float16),
+                    is_pure=True, pack=4)
+            else:
+                low, high = tl.inline_asm_elementwise(
+                    asm=LOP3_PLAIN, constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.float16, tl.float16),
+                    is_pure=True, pack=4)
+                low, high = low - 1024.0, high - 1024.0
         else:
             low = _nibble_values(codes & 0x0F, OFFSET)
             high = _nibble_values(codes >> 4, OFFSET)
@@ -454,6 +465,8 @@ if triton is not None:
         Returns (G, T) float32.
         """
         GROUPS: tl.constexpr = TILE // KEY_GROUP
+        if OFFSET:  # the codes enter as 1 + c/64: fold 64 into the scales
+            scale_low, scale_high = scale_low.to(tl.float32) * OFFSET_STEP, scale_high.to(tl.float32) * OFFSET_STEP
         folded_low = (query_low[None, :, :] * scale_low.to(tl.float32)[:, None, :]).to(tl.float16)  # (NG, G, D/2)
         folded_high = (query_high[None, :, :] * scale_high.to(tl.float32)[:, None, :]).to(tl.float16)
         low_codes, high_codes = _unpacked_nibbles(key_codes, OFFSET, LOP3)  # (T, D/2) each
@@ -466,10 +479,10 @@ if triton is not None:
         group_scores = tl.dot(query_low16, tl.broadcast_to(min_low[:, :, None], (GROUPS, HALF, KEY_GROUP)))
         group_scores = tl.dot(query_high16, tl.broadcast_to(min_high[:, :, None], (GROUPS, HALF, KEY_GROUP)),
                               group_scores)
-        if OFFSET:  # the dots see 1024 + c: a dot with -1024 takes 1024 times the folded query's sum off, exactly
-            minus_1024 = tl.full((GROUPS, HALF, KEY_GROUP), -1024.0, tl.float16)
-            group_scores = tl.dot(folded_low, minus_1024, group_scores)
-            group_scores = tl.dot(folded_high, minus_1024, group_scores)
+        if OFFSET:  # the dots see 1 + c/64 against 64 s: a dot with -1 takes the folded query's sum off, exactly
+            minus_one = tl.full((GROUPS, HALF, KEY_GROUP), -1.0, tl.float16)
+            group_scores = tl.dot(folded_low, minus_one, group_scores)
+            group_scores = tl.dot(folded_high, minus_one, group_scores)
         group_scores = tl.dot(folded_low, low_codes, group_scores)  # (NG, G, KEY_GROUP)
         group_scores = tl.dot(folded_high, high_codes, group_scores)
         return tl.reshape(tl.permute(group_scores, (1, 0, 2)), (GROUP_PAD, TILE))
@@ -667,8 +680,8 @@ if triton is not None:
                     low_codes, high_codes = _unpacked_nibbles(key_codes, OFFSET_CODES, LOP3_UNPACK)
                     scores = tl.dot(query_low16, tl.trans(low_codes))
                     scores = tl.dot(query_high16, tl.trans(high_codes), scores)
-                    if OFFSET_CODES:
-                        scores -= 1024.0 * query16_sum[:, None]
+                    if OFFSET_CODES:  # q . c = 64 (q . (1 + c/64) - sum q), with q as the dot rounded it
+                        scores = (scores - query16_sum[:, None]) * OFFSET_STEP
                     scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
                 elif FOLD_KEY_SCALES:  # per channel over key groups, the scales folded into the query
                     scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
@@ -683,16 +696,18 @@ if triton is not None:
                 else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
                     scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
                     min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                    low_keys = (_nibble_values(key_codes & 0x0F, False)
-                                * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                                             KEY_GROUP, TILE, HALF)
+                    # the codes as c, also with OFFSET_CODES: changing the group parameters for 1 + c/64 would be
+                    # recomputed for every element they broadcast to
+                    low_codes, high_codes = _unpacked_nibbles(key_codes, False, LOP3_UNPACK)  # (T, D/2) each
+                    low_keys = (low_codes * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None],
+                                                               other=0.0), KEY_GROUP, TILE, HALF)
                                 + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
                                              KEY_GROUP, TILE, HALF))
-                    high_keys = (_nibble_values(key_codes >> 4, False)
-                                 * _per_token(tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
-                                              KEY_GROUP, TILE, HALF)
-                                 + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
-                                              KEY_GROUP, TILE, HALF))
+                    high_keys = (high_codes * _per_token(tl.load(scale_ptr + HALF + half[None, :],
+                                                                 mask=group_ok[:, None], other=0.0),
+                                                         KEY_GROUP, TILE, HALF)
+                                 + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None],
+                                                      other=0.0), KEY_GROUP, TILE, HALF))
                     scores = tl.dot(query_low16, tl.trans(low_keys))
                     scores = tl.dot(query_high16, tl.trans(high_keys), scores)
             scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # (G, T)
@@ -741,10 +756,13 @@ if triton is not None:
                 value_min = tl.load((row_ptr + VALUE_MIN_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                     mask=page_ok, other=0.0)
                 # v = code * s_t + m_t per token: fold s_t into the weights, sum the minimums apart
-                scaled_weights = (weights * value_scale.to(tl.float32)[None, :]).to(tl.float16)
+                value_scale = value_scale.to(tl.float32)
+                if OFFSET_CODES:  # the dots see 1 + c/64: the weights carry 64 s_t
+                    value_scale = value_scale * OFFSET_STEP
+                scaled_weights = (weights * value_scale[None, :]).to(tl.float16)
                 value_bias = tl.sum(weights * value_min.to(tl.float32)[None, :], 1)
-                if OFFSET_CODES:  # the dots see 1024 + c: take 1024 times the scaled weights' sum (as rounded) off
-                    value_bias -= 1024.0 * tl.sum(scaled_weights.to(tl.float32), 1)
+                if OFFSET_CODES:  # and the scaled weights' sum (as rounded) comes off: w 64 s (1 + c/64) - w 64 s
+                    value_bias -= tl.sum(scaled_weights.to(tl.float32), 1)
                 low_values, high_values = _unpacked_nibbles(value_codes, OFFSET_CODES, LOP3_UNPACK)
                 low_acc = tl.dot(scaled_weights, low_values, low_acc * decay[:, None] + value_bias[:, None])
                 high_acc = tl.dot(scaled_weights, high_values, high_acc * decay[:, None] + value_bias[:, None])
