@@ -488,6 +488,15 @@ if triton is not None:
         return tl.reshape(tl.permute(group_scores, (1, 0, 2)), (GROUP_PAD, TILE))
 
     @triton.jit
+    def _store_page_lse(page_lse_ptr, query_rows, head_ok, warm_pages, pages, page_ok, warm_last, safe_max, page_sums,
+                        FAST_LOG2: tl.constexpr):
+        """Store each (row, page) log2-sum-exp, safe_max + log2 of the page's weight sum, for the warm ``pages`` (P,)
+        that ``page_ok`` (P,) marks and that come before warm_last; page_sums: (G, P)."""
+        tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + pages[None, :],
+                 safe_max[:, None] + _log2(page_sums, FAST_LOG2),
+                 mask=head_ok[:, None] & (page_ok & (pages < warm_last))[None, :])
+
+    @triton.jit
     def _per_token(rows, KEY_GROUP: tl.constexpr, TILE: tl.constexpr, WIDTH: tl.constexpr):
         """(TILE // KEY_GROUP, WIDTH) rows of key-group parameters -> (TILE, WIDTH), one row per token."""
         expanded = tl.broadcast_to(rows[:, None, :], (TILE // KEY_GROUP, KEY_GROUP, WIDTH))
@@ -720,17 +729,14 @@ if triton is not None:
                 mass_pages = tl.arange(0, MASS_PAGES)
                 indicator = tl.where((rows // BLOCK)[:, None] == mass_pages[None, :], 1.0, 0.0)  # (T, MASS_PAGES)
                 page_sums = tl.dot(weights, indicator, input_precision="tf32")  # (G, MASS_PAGES)
-                tile_pages = tile_first + mass_pages
-                tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
-                         safe_max[:, None] + _log2(page_sums, FAST_LOG2),
-                         mask=head_ok[:, None] & ((mass_pages < TILE_PAGES) & (tile_pages < warm_last))[None, :])
+                _store_page_lse(page_lse_ptr, query_rows, head_ok, warm_pages, tile_first + mass_pages,
+                                mass_pages < TILE_PAGES, warm_last, safe_max, page_sums, FAST_LOG2)
                 tile_sum = tl.sum(weights, 1)
             elif WITH_MASS:  # each page's log2-sum-exp; the tile's sum from the pages' sums (one reduction)
                 page_sums = tl.sum(tl.reshape(weights, (GROUP_PAD, TILE_PAGES, BLOCK)), 2)  # (G, pages)
-                tile_pages = tile_first + tl.arange(0, TILE_PAGES)
-                tl.store(page_lse_ptr + query_rows[:, None] * warm_pages + tile_pages[None, :],
-                         safe_max[:, None] + _log2(page_sums, FAST_LOG2),
-                         mask=head_ok[:, None] & (tile_pages < warm_last)[None, :])
+                tile_pages = tl.arange(0, TILE_PAGES)
+                _store_page_lse(page_lse_ptr, query_rows, head_ok, warm_pages, tile_first + tile_pages,
+                                tile_pages < TILE_PAGES, warm_last, safe_max, page_sums, FAST_LOG2)
                 tile_sum = tl.sum(page_sums, 1)
             else:
                 tile_sum = tl.sum(weights, 1)
