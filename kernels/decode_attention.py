@@ -736,7 +736,7 @@ if triton is not None:
                 page_sums = tl.sum(tl.reshape(weights, (GROUP_PAD, TILE_PAGES, BLOCK)), 2)  # (G, pages)
                 tile_pages = tl.arange(0, TILE_PAGES)
                 _store_page_lse(page_lse_ptr, query_rows, head_ok, warm_pages, tile_first + tile_pages,
-                                tile_pages < TILE_PAGES, warm_last, safe_max, page_sums, FAST_LOG2)
+                                tile_pages < TILE_PAGES, warm_last, safe_max, page_sums, FAST_LOG2)  # all in the tile
                 tile_sum = tl.sum(page_sums, 1)
             else:
                 tile_sum = tl.sum(weights, 1)
