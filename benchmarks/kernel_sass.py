@@ -7,7 +7,7 @@ loop iteration: the warm loop reads one tile of WARM_TILE tokens, the hot loop o
 counts, not timings; the GPU's own Triton may emit different code, so compile with the version the GPU has (its wheel
 installs on the CPU machine: ``pip install --target DIR triton==X`` and put DIR first on PYTHONPATH).
 
-    python benchmarks/kernel_sass.py [--formats int4 int4-mass turboquant3] [--out benchmarks/results]
+    python benchmarks/kernel_sass.py [--formats int4 int4-mass turboquant3] [--variant base] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", help="results file stem (default kernel-sass-triton<version>)")
+    parser.add_argument("--variant", help="INT4 variant switches instead of the module's (e.g. base, lop3; see "
+                        "kvtier.kernels.decode_attention.VARIANT_NAMES)")
     args = parser.parse_args(argv)
+    if args.variant:
+        kernel_module.VARIANT = kernel_module.variant_switches(args.variant)
     num_warps, num_stages = kernel_module.LAUNCH["int4"]
     rows = [count(name, num_warps, num_stages) for name in args.formats]
     name = args.name or f"kernel-sass-triton{triton.__version__}"
