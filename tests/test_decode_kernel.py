@@ -88,15 +88,15 @@ def test_kernel_matches_float64_reference_and_dense(case, dtype, device):
 VARIANT_CASES = [  # (variant, case, dtype, warm tile): each kernel variant on a few cases of the sweep above
     ("fold", "mha-d64-block64", torch.bfloat16, 128),  # key groups of 32, one query head per KV head
     ("offset", "gqa4-d64-token-keys", torch.float32, 128),  # per-token keys and values take the offset
-    ("offset", "gqa8-d128-block32", torch.bfloat16, 128),  # per-channel keys: (64 s, m - 64 s) per key group
+    ("offset", "gqa8-d128-block32", torch.bfloat16, 128),  # per-channel keys keep c, values take the offset
     ("fold+offset", "gqa8-d128-block32", torch.bfloat16, 128),  # the benchmark's head dim and group
     ("fold+offset", "gqa4-d64-no-sinks", torch.float32, 128),
     ("mass_dot", "turboquant2-qjl-uncentered-mha-d64", torch.float32, 128),
     ("fold+offset+mass_dot", "gqa4-d64-unrotated", torch.float32, 128),
     ("fold+offset+mass_dot", "gqa4-d64-block16", torch.float32, 256),  # 16 pages a tile: every indicator column
     ("fold+offset+lop3", "gqa8-d128-block32", torch.float32, 128),  # lop3: compiled CUDA only (skipped elsewhere)
-    ("lop3", "gqa8-d128-block32", torch.bfloat16, 128),  # the PTX's 1 + c/64 turned back into c
-    ("offset+lop3", "gqa8-d128-block32", torch.bfloat16, 128),
+    ("lop3", "gqa8-d128-block32", torch.bfloat16, 128),  # the PTX's 1024 + c, less 1024
+    ("offset+lop3", "gqa8-d128-block32", torch.bfloat16, 128),  # the PTX's 1 + c/64 for values
     ("offset+lop3", "gqa4-d64-token-keys", torch.float32, 128),
 ]
 
