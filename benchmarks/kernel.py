@@ -32,6 +32,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import LlamaConfig
 
+import common  # benchmarks/common.py (this script's directory is on the path)
 from kvtier import TierConfig, TieredCache
 from kvtier.kernels import decode_attention as kernel_module
 from kvtier.kernels.decode_attention import PagedKV, decode_attention, hot_table_rows, hot_table_tensor
@@ -343,8 +344,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel.py times GPU kernels: it needs a CUDA device.")
     env = environment()
-    gpu = next((word.lower() for word in env["device"].split() if word[:1] in "HABL"
-                and any(ch.isdigit() for ch in word)), "gpu")
+    gpu = common.device_tag("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.split_sweep:
         name = args.name or f"kernel-splits-{gpu}"

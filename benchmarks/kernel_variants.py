@@ -35,6 +35,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/common.py)
 from kernel import dense_as_pages, graph_ms, relative_error, sdpa_call  # noqa: E402  (benchmarks/kernel.py)
 
 from kvtier.formats import Int4Format  # noqa: E402
@@ -288,6 +289,7 @@ def main() -> None:
     parser.add_argument("--name", help="results file stem (default kernel-variants-<gpu>)")
     args = parser.parse_args()
     started = time.perf_counter()
+    module_variant = dict(kernel_module.VARIANT)  # the module's own switches, restored after the sweeps
     checker = Checker(min(args.check_tokens, min(args.contexts)), args.device)
     failed = {}
 
@@ -341,10 +343,10 @@ def main() -> None:
             for shape in shapes:
                 shape.time_kernel(mass_variant, best_launch, True)
     select("base", DEFAULT_LAUNCH)
+    kernel_module.VARIANT = module_variant
 
     env = environment(args.device)
-    gpu = next((word.lower() for word in env["device"].split() if word[:1] in "HABL"
-                and any(ch.isdigit() for ch in word)), "gpu" if args.device == "cuda" else "cpu")
+    gpu = common.device_tag(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"environment": env, "default_launch": DEFAULT_LAUNCH, "checks": checker.results, "failed": failed,
               "variant_sums_ms": variant_sums, "best_variant": best_variant, "launch_sums_ms": launch_sums,

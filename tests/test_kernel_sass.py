@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kvtier.kernels import decode_attention as kernel_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_sass.py"
@@ -26,8 +28,17 @@ def compile_and_count(directory: Path, *options: str) -> dict:
     return {row["format"]: row for row in written["rows"]}
 
 
-def test_int4_warm_loop_and_the_cost_of_page_mass(tmp_path):
-    rows = compile_and_count(tmp_path, "--formats", "int4", "int4-mass")
+@pytest.fixture(scope="module")
+def default_rows(tmp_path_factory) -> dict:
+    """The INT4 loop without and with per-page mass, as the launcher compiles it by default (compiled once): its rows
+    by format, and the markdown table the tool wrote."""
+    directory = tmp_path_factory.mktemp("default")
+    rows = compile_and_count(directory, "--formats", "int4", "int4-mass")
+    return {"rows": rows, "markdown": (directory / "sass.md").read_text()}
+
+
+def test_int4_warm_loop_and_the_cost_of_page_mass(default_rows):
+    rows = default_rows["rows"]
     plain, with_mass = rows["int4"]["warm_loop"], rows["int4-mass"]["warm_loop"]
     warps = kernel_module.LAUNCH["int4"][0]
     # per warp: q.k and p.v over a (16 rows x WARM_TILE tokens x HEAD_DIM) tile, m16n8k16 MMAs split over the warps
@@ -36,13 +47,13 @@ def test_int4_warm_loop_and_the_cost_of_page_mass(tmp_path):
     assert plain["local memory"] == 0
     assert with_mass["instructions"] < 1.05 * plain["instructions"], (plain["instructions"], with_mass["instructions"])
     assert list(rows) == ["int4", "int4-mass"]
-    assert (tmp_path / "sass.md").read_text().count("\n| int4") == 2
+    assert default_rows["markdown"].count("\n| int4") == 2
 
 
-def test_lop3_unpacking_is_on_and_cuts_byte_permutes(tmp_path):
+def test_lop3_unpacking_is_on_and_cuts_byte_permutes(default_rows, tmp_path):
     """The default compile takes the lop3 PTX for INT4 codes (keys and values): without it each code byte is moved
     to a 16-bit lane by a byte permute of its own (258 a tile and warp with Triton 3.6, 114 with lop3)."""
-    default = compile_and_count(tmp_path / "default", "--formats", "int4")["int4"]["warm_loop"]
-    plain = compile_and_count(tmp_path / "plain", "--formats", "int4", "--variant", "base")["int4"]["warm_loop"]
+    default = default_rows["rows"]["int4"]["warm_loop"]
+    plain = compile_and_count(tmp_path, "--formats", "int4", "--variant", "base")["int4"]["warm_loop"]
     assert default["byte permutes"] < 0.6 * plain["byte permutes"], (default["byte permutes"], plain["byte permutes"])
     assert default["instructions"] < plain["instructions"]
