@@ -206,6 +206,9 @@ def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> d
     return row
 
 
+SWEEP_WARPS, SWEEP_STAGES, SWEEP_TILES = (2, 4, 8), (2, 3, 4, 5), (64, 128, 256)
+
+
 def sweep(batch: int, tokens: int) -> list[dict]:
     """Time the page kernel over launch settings on one filled layer; returns a row per setting and format."""
     layer, keys, values = filled(batch, tokens, seed=1)
@@ -213,7 +216,7 @@ def sweep(batch: int, tokens: int) -> list[dict]:
     int4 = layer.paged()
     rows = []
     workspace = layer.cache.workspace
-    for warps, stages, tile in itertools.product((4, 8), (2, 3, 4), (64, 128, 256)):
+    for warps, stages, tile in itertools.product(SWEEP_WARPS, SWEEP_STAGES, SWEEP_TILES):
         # INT4 pages: ``tile`` is the warm tile; bf16 pages: the hot tile (64 or 128 tokens a step)
         kernel_module.WARM_TILE, kernel_module.HOT_TILE = tile, min(tile, 128)
         kernel_module.LAUNCH["int4"] = kernel_module.LAUNCH["dense"] = (warps, stages)
