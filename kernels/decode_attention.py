@@ -439,14 +439,10 @@ if triton is not None:
         """(T, D/2) uint8 codes -> their low and high nibbles as two (T, D/2) float16 tensors: c, or 1 + c/64 with
         OFFSET. LOP3 (compiled CUDA only): the PTX of _lop3_unpack on 4 bytes at a time."""
         if LOP3:
-            if OFFSET:
-                low, high = tl.inline_asm_elementwise(
-                    asm=LOP3_OFFSET, constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.float16, tl.float16),
-                    is_pure=True, pack=4)
-            else:
-                low, high = tl.inline_asm_elementwise(
-                    asm=LOP3_PLAIN, constraints="=r,=r,=r,=r,r", args=[codes], dtype=(tl.float16, tl.float16),
-                    is_pure=True, pack=4)
+            low, high = tl.inline_asm_elementwise(
+                asm=LOP3_OFFSET if OFFSET else LOP3_PLAIN, constraints="=r,=r,=r,=r,r", args=[codes],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            if not OFFSET:
                 low, high = low - 1024.0, high - 1024.0
         else:
             low = _nibble_values(codes & 0x0F, OFFSET)
