@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -219,20 +221,24 @@ def plot(result: dict, out: Path, name: str) -> Path | None:
     if plt is None:
         return None
     rows = [row for row in result["rows"] if row.get("max_tokens") is not None]
-    figure, axes = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.6))
+    figure, axes = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.6))
     labels = [row["label"] for row in rows]
     bars = axes.barh(labels, [row["max_tokens"] for row in rows], color="tab:blue")
     for bar, row in zip(bars, rows):
         if row["at_least"]:
             bar.set_hatch("//")
-            bar.set_color("tab:cyan")
-        axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + context_text(row), va="center",
+            bar.set_facecolor("tab:cyan")
+            bar.set_edgecolor("tab:blue")
+        ratio = (f", {'at least ' if row['at_least'] else ''}{row['x_dense']:.2f}x dense"
+                 if row.get("x_dense") and row["cache"] != "dense" else "")
+        axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + context_text(row) + ratio, va="center",
                   fontsize=8)
     axes.invert_yaxis()
     axes.set_xscale("log", base=2)
     axes.set_xlabel("longest context that fits (tokens, log scale; hatched: at least)")
-    axes.set_title(f"Capacity, {result['environment']['device']}\ncap: {result['settings']['cap']}", fontsize=9)
-    axes.set_xlim(right=max((row["max_tokens"] for row in rows), default=1) * 8)
+    cap = textwrap.fill(f"cap: {result['settings']['cap']}", 60)
+    axes.set_title(f"Capacity, {result['environment']['device']}\n{cap}", fontsize=9)
+    axes.set_xlim(right=max((row["max_tokens"] for row in rows), default=1) * 16)
     return common.save_figure(figure, out, name)
 
 
@@ -259,6 +265,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     common.add_memory_options(parser)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", help="results file stem (default capacity-<device>)")
+    parser.add_argument("--plot-from", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: draw one plot of the caches in these saved results (searches split over "
+                             "several calls under the same cap), as --out/--name .png")
     args = parser.parse_args(argv)
     args.kvtier_overrides = common.apply_memory_options(args)
     tiny = args.tiny
@@ -269,8 +278,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def plot_saved(paths: list[Path], out: Path, name: str) -> dict:
+    """One capacity plot of every cache in saved results (the first file's device and cap title it; each cache
+    once, its first row); returns the joined result."""
+    saved = [json.loads(path.read_text()) for path in paths]
+    caps = {result["settings"]["cap"] for result in saved}
+    if len(caps) > 1:
+        raise SystemExit(f"--plot-from joins results measured under one cap; these name {sorted(caps)}")
+    rows = {}
+    for result in saved:
+        for row in result["rows"]:
+            rows.setdefault(row["cache"], row)
+    joined = {"environment": saved[0]["environment"], "settings": saved[0]["settings"], "rows": list(rows.values())}
+    add_ratios(joined["rows"])
+    print(f"plot: {plot(joined, out, name)}")
+    return joined
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.plot_from:
+        return plot_saved(args.plot_from, args.out, args.name or "capacity-joined")
     on_gpu = args.device.startswith("cuda")
     config = common.tiny_shape() if args.tiny else common.llama_8b_shape(args.layers or 32)
     model = common.random_model(config, args.device)

@@ -122,6 +122,28 @@ def test_capacity_smoke_writes_sane_results(tmp_path):
         assert (tmp_path / "capacity-cpu.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_capacity_plot_from_saved_results_joins_calls_under_one_cap(tmp_path):
+    def saved(name, cap, rows):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"environment": {"device": "GPU"}, "settings": {"cap": cap}, "rows": rows}))
+        return str(path)
+
+    def row(cache, tokens, at_least=False):
+        return {"cache": cache, "label": common.LABELS[cache], "max_tokens": tokens, "at_least": at_least,
+                "status": "upper limit" if at_least else "bisected"}
+
+    first = saved("first", "8 GB", [row("dense", 1000), row("kvtier-int4", 3500)])
+    second = saved("second", "8 GB", [row("kvtier-int4-host", 16000, at_least=True), row("dense", 999)])
+    joined = capacity.main(["--plot-from", first, second, "--out", str(tmp_path), "--name", "joined"])
+    assert [r["cache"] for r in joined["rows"]] == ["dense", "kvtier-int4", "kvtier-int4-host"]  # each cache once
+    assert [r["x_dense"] for r in joined["rows"]] == [1.0, 3.5, 16.0]  # against the first file's dense row
+    if common.pyplot() is not None:
+        assert (tmp_path / "joined.png").read_bytes()[:4] == b"\x89PNG"
+    other_cap = saved("other", "9 GB", [row("dense", 1100)])
+    with pytest.raises(SystemExit, match="one cap"):
+        capacity.main(["--plot-from", first, other_cap, "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize("budget_gb, fits", [(0.5, True), (0.0005, False)])
 def test_capacity_probes_record_each_outcome_and_why_not(tmp_path, budget_gb, fits):
     result = capacity_probe.main(["--device", "cpu", "--tiny", "--probe", "dense", "300", "--probe", "kvtier-int4",
