@@ -27,6 +27,7 @@ checks the search and that every configuration's probe runs end to end, not GPU 
     python benchmarks/capacity.py                      # GPU: cap = weights + 8 GB; 35 s of search a cache
     python benchmarks/capacity.py --caches dense kvtier-int4 --resolution 0.01 --time-limit 300
     python benchmarks/capacity.py --device cpu --tiny  # the CPU smoke run
+    python benchmarks/capacity.py --plot-from A.json B.json --name N   # one plot of searches made in two calls
 """
 
 from __future__ import annotations
