@@ -20,6 +20,7 @@ import common  # noqa: E402
 import decode  # noqa: E402
 import fidelity  # noqa: E402
 import graph_decode  # noqa: E402
+import quality  # noqa: E402
 import soak  # noqa: E402
 from search import ProbeTimeout, find_capacity  # noqa: E402
 
@@ -120,6 +121,14 @@ def test_capacity_smoke_writes_sane_results(tmp_path):
     assert "TierConfig {'query_tile': 16}" in table
     if common.pyplot() is not None:
         assert (tmp_path / "capacity-cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quality_passkey_parity_is_every_case_the_dense_cache_answers():
+    dense = [True, False, True, False]
+    more = quality.summarize("kvtier-int4", [], 76.0, [10.0], [True, True, True, False], dense, 128)
+    fewer = quality.summarize("kvtier-int4", [], 76.0, [10.0], [True, True, False, True], dense, 128)
+    assert more["passkey_parity"] and more["passkeys_lost"] == []  # answering a case dense misses is no loss
+    assert not fewer["passkey_parity"] and fewer["passkeys_lost"] == [2]  # as many answered, but one dense answers
 
 
 def test_capacity_plot_from_saved_results_joins_calls_under_one_cap(tmp_path):
