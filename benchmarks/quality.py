@@ -6,8 +6,9 @@ dense model's greedy tokens (kvtier.eval.compare_decode): worst decode-logit MSE
 agreement. Perplexity: each window read through the cache ``--ppl-chunk`` tokens per forward, predictions from
 position ``--ppl-skip`` on (kvtier.eval.chunked_perplexity). Passkey: ``--passkeys`` retrieval prompts of about
 ``--passkey-tokens`` tokens (kvtier.eval), answered by greedy generation; parity means every case the dense cache
-answers is answered too, as tests/test_passkey.py asks (a case only the compressed cache answers is no loss). Bytes per token (all layers, keys and values) come from kvtier's own stats() (the warm pages' format;
-the precision rule's mix of INT4 and 2-bit pages), from quanto's packed tensors, and bf16 for the dense cache.
+answers is answered too, as tests/test_passkey.py asks (a case only the compressed cache answers is no loss). Bytes
+per token (all layers, keys and values) come from kvtier's own stats() (the warm pages' format; the precision rule's
+mix of INT4 and 2-bit pages), from quanto's packed tensors, and bf16 for the dense cache.
 
 Caches: dense DynamicCache; kvtier INT4 (the default), TurboQuant 3-bit and 4-bit (QJL keys, keys centered: the
 defaults), the precision rule (low_bits=2, attention_mass, a budget whose INT4 share holds half a context's warm pages;
