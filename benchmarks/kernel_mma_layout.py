@@ -178,7 +178,7 @@ def _decode_kernel(
     running_max = gl.full([8], -1.0e30, gl.float32, layout=heads_layout)
     running_sum = gl.zeros([8], gl.float32, layout=heads_layout)
     value_bias = gl.zeros([8], gl.float32, layout=heads_layout)
-    low_acc = gl.zeros([G_HALF, 8], gl.float32, layout=mma)  # (channels, rows): sum of (w s_t) (64 + c)
+    low_acc = gl.zeros([G_HALF, 8], gl.float32, layout=mma)  # (channels, rows): sum of (w s_t) (64 + c), hot w v
     high_acc = gl.zeros([G_HALF, 8], gl.float32, layout=mma)
     offset_acc = gl.zeros([16, 8], gl.float32, layout=mma)  # sum of w s_t as the MMAs saw it (16 equal rows)
 
@@ -208,7 +208,7 @@ def _decode_kernel(
             min_ptr = (page_ptr + KEY_MIN_AT).to(gl.pointer_type(gl.float16)) + group_row
             folded_low = query_low * _key_parameters(scale_ptr, channel_vector)[:, None]  # (64, 8) float16
             folded_high = query_high * _key_parameters(scale_ptr + G_HALF, channel_vector)[:, None]
-            zero_rows = gl.zeros([16, G_HALF], gl.float16, layout=a_layout)  # (16, 64): channel k in every row
+            zero_rows = gl.zeros([16, G_HALF], gl.float16, layout=a_layout)  # minimums broadcast to 16 equal rows
             column_terms = gl.zeros([16, 8], gl.float32, layout=mma)
             min_low = gl.broadcast(_key_parameters(min_ptr, min_vector)[None, :], zero_rows)[0]
             min_high = gl.broadcast(_key_parameters(min_ptr + G_HALF, min_vector)[None, :], zero_rows)[0]
@@ -422,43 +422,39 @@ def build_pages(batch: int, tokens: int, seed: int, device="cuda") -> dict:
             "positions": torch.arange(page_count, device=device, dtype=torch.int32) * BLOCK, "logical": logical}
 
 
-def reference(query, logical: dict, kv_start, kv_end, scale: float, hot=None) -> torch.Tensor:
-    """float64 attention over the dequantized logical pages: (B, H_q, D)."""
-    batch = query.shape[0]
+def reference_weights(query, logical: dict, kv_start, kv_end, scale: float, hot=None):
+    """float64 softmax weights (B, H_q, T) over the dequantized logical pages and then the hot tokens (which follow
+    them in position order), and the values (B, H_q, T, D) they weigh."""
+    batch, group = query.shape[0], QUERY_HEADS // KV_HEADS
 
     def dequantized(codes, scale_, minimum):  # -> (B, H_q, T, D)
         nibbles = torch.cat([codes & 15, codes >> 4], -1).double()  # (P, rows, 64, 128)
         values = (nibbles * scale_.double() + minimum.double()).transpose(0, 1).reshape(batch, KV_HEADS, -1, HEAD_DIM)
-        return values.repeat_interleave(QUERY_HEADS // KV_HEADS, 1)
+        return values.repeat_interleave(group, 1)
 
     keys = dequantized(logical["key_codes"], logical["key_scale"].repeat_interleave(STEP, 2),
                        logical["key_min"].repeat_interleave(STEP, 2))
     values = dequantized(logical["value_codes"], logical["value_scale"][..., None], logical["value_min"][..., None])
-    if hot is not None:  # the hot tokens follow the warm ones, in position order
-        group = QUERY_HEADS // KV_HEADS
+    if hot is not None:
         keys = torch.cat([keys, hot["keys"].double().repeat_interleave(group, 1)], 2)
         values = torch.cat([values, hot["values"].double().repeat_interleave(group, 1)], 2)
     positions = torch.arange(keys.shape[2], device=query.device)
     valid = (positions[None, :] >= kv_start[:, None]) & (positions[None, :] < kv_end[:, None])  # (B, T)
     scores = torch.einsum("bhd,bhtd->bht", query.double(), keys) * scale
-    return torch.einsum("bht,bhtd->bhd", scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1), values)
+    return scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1), values
+
+
+def reference(query, logical: dict, kv_start, kv_end, scale: float, hot=None) -> torch.Tensor:
+    """float64 attention: (B, H_q, D)."""
+    weights, values = reference_weights(query, logical, kv_start, kv_end, scale, hot)
+    return torch.einsum("bht,bhtd->bhd", weights, values)
 
 
 def reference_mass(query, logical: dict, kv_start, kv_end, scale: float, hot=None) -> torch.Tensor:
     """float64 softmax weight of each page: (B, H_q, P)."""
-    batch = query.shape[0]
-    nibbles = torch.cat([logical["key_codes"] & 15, logical["key_codes"] >> 4], -1).double()
-    keys = nibbles * logical["key_scale"].double().repeat_interleave(STEP, 2) + \
-        logical["key_min"].double().repeat_interleave(STEP, 2)
-    keys = keys.transpose(0, 1).reshape(batch, KV_HEADS, -1, HEAD_DIM).repeat_interleave(QUERY_HEADS // KV_HEADS, 1)
-    warm_tokens = keys.shape[2]
-    if hot is not None:
-        keys = torch.cat([keys, hot["keys"].double().repeat_interleave(QUERY_HEADS // KV_HEADS, 1)], 2)
-    positions = torch.arange(keys.shape[2], device=query.device)
-    valid = (positions[None, :] >= kv_start[:, None]) & (positions[None, :] < kv_end[:, None])
-    scores = torch.einsum("bhd,bhtd->bht", query.double(), keys) * scale
-    weights = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)
-    return weights[..., :warm_tokens].reshape(batch, QUERY_HEADS, -1, BLOCK).sum(-1)
+    weights, _ = reference_weights(query, logical, kv_start, kv_end, scale, hot)
+    pages = logical["key_codes"].shape[0]
+    return weights[..., :pages * BLOCK].reshape(query.shape[0], QUERY_HEADS, pages, BLOCK).sum(-1)
 
 
 def count_sass(with_mass: bool) -> dict:
