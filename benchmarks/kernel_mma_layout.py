@@ -134,6 +134,23 @@ def _key_parameters(row_ptr, vector_layout: gl.constexpr):
 
 
 @gluon.jit
+def _rescaled(step_max, running_max, running_sum, value_bias, low_acc, high_acc, offset_acc):
+    """The online softmax's state after a step whose row maxima are ``step_max`` (8,), rescaled only when some row's
+    maximum grows, and the factor it was rescaled by (ones otherwise)."""
+    factor = gl.full(step_max.shape, 1.0, gl.float32, layout=step_max.type.layout)
+    if gl.max(step_max - running_max, axis=0) > 0.0:
+        new_max = gl.maximum(running_max, step_max)
+        factor = gl.exp2(running_max - new_max)
+        running_sum = running_sum * factor
+        value_bias = value_bias * factor
+        low_acc = low_acc * factor[None, :]
+        high_acc = high_acc * factor[None, :]
+        offset_acc = offset_acc * factor[None, :]
+        running_max = new_max
+    return running_max, running_sum, value_bias, low_acc, high_acc, offset_acc, factor
+
+
+@gluon.jit
 def _decode_kernel(
     query_ptr,  # (B, H_q, D) bf16
     page_base_ptr, page_offset_ptr, page_position_ptr,  # uint8 base; (P,) int64 offsets in ALIGN units; (P,) int32
@@ -223,17 +240,9 @@ def _decode_kernel(
             positions = position0 + token0 + tokens
             scores = gl.where(((positions >= kv_start) & (positions < kv_end))[:, None], scores, float("-inf"))
 
-            step_max = gl.max(scores, axis=0)  # (8,)
-            if gl.max(step_max - running_max, axis=0) > 0.0:  # rescale only when some row's maximum grows
-                new_max = gl.maximum(running_max, step_max)
-                decay = gl.exp2(running_max - new_max)
-                running_sum = running_sum * decay
-                value_bias = value_bias * decay
-                low_acc = low_acc * decay[None, :]
-                high_acc = high_acc * decay[None, :]
-                offset_acc = offset_acc * decay[None, :]
-                page_sum = page_sum * decay
-                running_max = new_max
+            running_max, running_sum, value_bias, low_acc, high_acc, offset_acc, factor = _rescaled(
+                gl.max(scores, axis=0), running_max, running_sum, value_bias, low_acc, high_acc, offset_acc)
+            page_sum = page_sum * factor
             weights = gl.exp2(scores - running_max[None, :])  # (STEP, 8)
             step_sum = gl.sum(weights, axis=0)
             running_sum += step_sum
@@ -283,16 +292,8 @@ def _decode_kernel(
                 positions = hot_position + sub * 32 + tokens
                 ok = (sub * 32 + tokens < hot_count) & (positions >= kv_start) & (positions < kv_end)
                 scores = gl.where(ok[:, None], scores, float("-inf"))
-                step_max = gl.max(scores, axis=0)
-                if gl.max(step_max - running_max, axis=0) > 0.0:
-                    new_max = gl.maximum(running_max, step_max)
-                    decay = gl.exp2(running_max - new_max)
-                    running_sum = running_sum * decay
-                    value_bias = value_bias * decay
-                    low_acc = low_acc * decay[None, :]
-                    high_acc = high_acc * decay[None, :]
-                    offset_acc = offset_acc * decay[None, :]
-                    running_max = new_max
+                running_max, running_sum, value_bias, low_acc, high_acc, offset_acc, _ = _rescaled(
+                    gl.max(scores, axis=0), running_max, running_sum, value_bias, low_acc, high_acc, offset_acc)
                 weights = gl.exp2(scores - running_max[None, :])
                 running_sum += gl.sum(weights, axis=0)
                 plain_weights = gl.convert_layout(weights.to(gl.bfloat16), b_layout)  # (32, 8)
