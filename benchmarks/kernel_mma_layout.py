@@ -461,25 +461,15 @@ def reference_mass(query, logical: dict, kv_start, kv_end, scale: float, hot=Non
 def count_sass(with_mass: bool) -> dict:
     """The kernel compiled offline for sm_90 by the installed Triton: registers and stack, and the opcodes of its
     warm loop (a page an iteration) and its hot loop (a hot row of up to 128 tokens)."""
-    from kernel_sass import HOPPER, disassemble, loop_bodies, opcode
+    from kernel_sass import compile_cubin, disassemble, loop_bodies, opcode
     from triton.experimental.gluon._runtime import GluonASTSource
 
     values = {"KV_HEADS_": KV_HEADS, "ALIGN": ALIGNMENT, "WITH_MASS": with_mass, **field_constants(KV_HEADS)}
     pointer_types = {"query_ptr": "*bf16", "page_base_ptr": "*u8", "page_offset_ptr": "*i64",
                      "page_position_ptr": "*i32", "kv_start_ptr": "*i32", "kv_end_ptr": "*i32",
                      "hot_keys_ptr": "*bf16", "hot_values_ptr": "*bf16", "hot_table_ptr": "*i32"}
-    signature, constexprs, attributes = {}, {}, {}
-    for index, param in enumerate(_decode_kernel.params):
-        if param.is_constexpr:
-            signature[param.name], constexprs[(index,)] = "constexpr", values[param.name]
-        else:
-            signature[param.name] = pointer_types.get(param.name, "*fp32") if param.name.endswith("_ptr") else (
-                "fp32" if param.name == "scale_log2" else "i32")
-            if param.name.endswith("_ptr") or param.name.startswith("hot_stride"):  # as the JIT specializes them
-                attributes[(index,)] = [["tt.divisibility", 16]]
-    source = GluonASTSource(fn=_decode_kernel, signature=signature, constexprs=constexprs, attrs=attributes)
-    compiled = triton.compile(source, target=HOPPER, options={"num_warps": 1})
-    resources, sass = disassemble(compiled.asm["cubin"])
+    cubin = compile_cubin(_decode_kernel, values, pointer_types, {"num_warps": 1}, GluonASTSource)
+    resources, sass = disassemble(cubin)
     warm_loop, hot_loop = loop_bodies(sass)[:2]
 
     def opcodes(loop):

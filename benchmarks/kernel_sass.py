@@ -53,21 +53,22 @@ def constants(page_format, with_mass: bool) -> dict:
                 **kernel_module.kernel_variant(page, "cuda"), COUNT_ON_DEVICE=not with_mass)
 
 
-def compile_cubin(values: dict, num_warps: int, num_stages: int) -> bytes:
-    kernel = kernel_module._decode_pages_kernel
+def compile_cubin(kernel, values: dict, pointer_types: dict, options: dict, source_class=ASTSource) -> bytes:
+    """``kernel`` compiled for sm_90 with the constexprs in ``values``: pointers typed by ``pointer_types`` (float32
+    otherwise) and, with the hot buffer's strides, marked 16-byte aligned; ``source_class`` GluonASTSource for a
+    Gluon kernel."""
     signature, constexprs, aligned = {}, {}, {}
     for index, param in enumerate(kernel.params):
         if param.is_constexpr:
             signature[param.name], constexprs[(index,)] = "constexpr", values[param.name]
         elif param.name.endswith("_ptr"):
-            signature[param.name] = POINTER_TYPES.get(param.name, "*fp32")
+            signature[param.name] = pointer_types.get(param.name, "*fp32")
         else:
             signature[param.name] = "fp32" if param.name == "scale_log2" else "i32"
         if signature[param.name].startswith("*") or param.name.startswith("hot_stride"):
             aligned[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
-    return compiled.asm["cubin"]
+    source = source_class(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=HOPPER, options=options).asm["cubin"]
 
 
 def disassemble(cubin: bytes) -> tuple[dict, str]:
@@ -106,7 +107,8 @@ def opcode(instruction: str) -> str:
 
 def count(name: str, num_warps: int, num_stages: int) -> dict:
     page_format, with_mass = FORMATS[name]
-    resources, sass = disassemble(compile_cubin(constants(page_format, with_mass), num_warps, num_stages))
+    resources, sass = disassemble(compile_cubin(kernel_module._decode_pages_kernel, constants(page_format, with_mass),
+                                                POINTER_TYPES, {"num_warps": num_warps, "num_stages": num_stages}))
     loops = []
     for body in loop_bodies(sass):
         opcodes = collections.Counter(opcode(instruction) for instruction in body)
