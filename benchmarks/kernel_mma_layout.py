@@ -423,10 +423,11 @@ def build_pages(batch: int, tokens: int, seed: int, device="cuda") -> dict:
             "positions": torch.arange(page_count, device=device, dtype=torch.int32) * BLOCK, "logical": logical}
 
 
-def reference_weights(query, logical: dict, kv_start, kv_end, scale: float, hot=None):
-    """float64 softmax weights (B, H_q, T) over the dequantized logical pages and then the hot tokens (which follow
-    them in position order), and the values (B, H_q, T, D) they weigh."""
+def reference(query, logical: dict, kv_start, kv_end, scale: float, hot=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 attention over the dequantized logical pages and then the hot tokens (which follow them in position
+    order): the output (B, H_q, D) and each warm page's softmax weight (B, H_q, P)."""
     batch, group = query.shape[0], QUERY_HEADS // KV_HEADS
+    page_count = logical["key_codes"].shape[0]
 
     def dequantized(codes, scale_, minimum):  # -> (B, H_q, T, D)
         nibbles = torch.cat([codes & 15, codes >> 4], -1).double()  # (P, rows, 64, 128)
@@ -442,20 +443,9 @@ def reference_weights(query, logical: dict, kv_start, kv_end, scale: float, hot=
     positions = torch.arange(keys.shape[2], device=query.device)
     valid = (positions[None, :] >= kv_start[:, None]) & (positions[None, :] < kv_end[:, None])  # (B, T)
     scores = torch.einsum("bhd,bhtd->bht", query.double(), keys) * scale
-    return scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1), values
-
-
-def reference(query, logical: dict, kv_start, kv_end, scale: float, hot=None) -> torch.Tensor:
-    """float64 attention: (B, H_q, D)."""
-    weights, values = reference_weights(query, logical, kv_start, kv_end, scale, hot)
-    return torch.einsum("bht,bhtd->bhd", weights, values)
-
-
-def reference_mass(query, logical: dict, kv_start, kv_end, scale: float, hot=None) -> torch.Tensor:
-    """float64 softmax weight of each page: (B, H_q, P)."""
-    weights, _ = reference_weights(query, logical, kv_start, kv_end, scale, hot)
-    pages = logical["key_codes"].shape[0]
-    return weights[..., :pages * BLOCK].reshape(query.shape[0], QUERY_HEADS, pages, BLOCK).sum(-1)
+    weights = scores.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)  # (B, H_q, T)
+    page_mass = weights[..., :page_count * BLOCK].reshape(batch, QUERY_HEADS, page_count, BLOCK).sum(-1)
+    return torch.einsum("bht,bhtd->bhd", weights, values), page_mass
 
 
 def count_sass(with_mass: bool) -> dict:
@@ -488,7 +478,7 @@ def check(batch: int, tokens: int, pages_per_split: int, seed: int) -> dict:
     kv_end = torch.tensor([tokens, tokens - 333, 1000, tokens - 64][:batch], device="cuda", dtype=torch.int32)
     hot = build_hot(batch, tokens, [150, 50], seed)  # 200 hot tokens after the pages, as 3 rows
     kv_end = kv_end + 200 - torch.tensor([0, 20, 0, 0][:batch], device="cuda", dtype=torch.int32)
-    expected = reference(query, pages["logical"], kv_start, kv_end, HEAD_DIM**-0.5, hot)
+    expected, expected_mass = reference(query, pages["logical"], kv_start, kv_end, HEAD_DIM**-0.5, hot)
     got = decode(query, pages, kv_start, kv_end, HEAD_DIM**-0.5, pages_per_split, poison=True, hot=hot)
     error = ((got.double() - expected).norm() / expected.norm()).item()
     page_count = tokens // BLOCK
@@ -497,7 +487,6 @@ def check(batch: int, tokens: int, pages_per_split: int, seed: int) -> dict:
     decode(query, pages, kv_start, kv_end, HEAD_DIM**-0.5, pages_per_split, poison=True, with_mass=True,
            page_lse=page_lse, total_lse=total_lse, hot=hot)
     mass = torch.exp2(page_lse.double() - total_lse.double()[..., None])
-    expected_mass = reference_mass(query, pages["logical"], kv_start, kv_end, HEAD_DIM**-0.5, hot)
     return {"batch": batch, "tokens": tokens, "pages_per_split": pages_per_split, "relative_error": error,
             "mass_error": (mass - expected_mass).abs().max().item()}
 

@@ -30,12 +30,12 @@ def test_value_token_positions_group_each_threads_operand_tokens():
 
 
 def test_reference_dequantizes_the_logical_codes():
-    """The float64 reference against a direct computation for one row and one token window."""
+    """The float64 reference against a direct computation for one row and one token window: output and page mass."""
     pages = trial.build_pages(1, 128, seed=3, device="cpu")
     logical = pages["logical"]
     query = torch.randn(1, trial.QUERY_HEADS, trial.HEAD_DIM)
     kv_start, kv_end = torch.tensor([5]), torch.tensor([100])
-    got = trial.reference(query, logical, kv_start, kv_end, 0.1)
+    got, mass = trial.reference(query, logical, kv_start, kv_end, 0.1)
     head, kv_head = 9, 9 // (trial.QUERY_HEADS // trial.KV_HEADS)
     keys, values = [], []
     for token in range(5, 100):
@@ -50,6 +50,8 @@ def test_reference_dequantizes_the_logical_codes():
                       + logical["value_min"][page, kv_head, inside].double())
     weights = (torch.stack(keys) @ query[0, head].double() * 0.1).softmax(0)
     torch.testing.assert_close(got[0, head], weights @ torch.stack(values), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mass[0, head], torch.stack([weights[:59].sum(), weights[59:].sum()]), rtol=1e-12,
+                               atol=1e-12)  # tokens 5-63 in page 0, 64-99 in page 1
 
 
 def test_warm_loop_compiles_without_shared_memory_or_spills(tmp_path):
