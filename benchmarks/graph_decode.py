@@ -17,6 +17,9 @@ DynamicCache; the first call at each size is untimed (Triton compiles then).
 
 A cache whose bytes do not fit on the GPU beside the weights (less ``--margin-gb``) is skipped and the row says so.
 
+``--page-kernel`` turns the Gluon INT4 kernel off, so that kvtier's steps read INT4 pages with the Triton page kernel
+(a comparison of the two kernels inside the model).
+
     python benchmarks/graph_decode.py                                  # 8K, 32K, 128K, 512K on the GPU
     python benchmarks/graph_decode.py --device cpu --tiny --caches kvtier-graph kvtier-eager dynamic-eager  # smoke
 """
@@ -37,6 +40,7 @@ import common  # noqa: E402
 
 import kvtier  # noqa: E402
 from kvtier.compat import with_cache  # noqa: E402
+from kvtier.kernels import int4_mma_decode  # noqa: E402
 from kvtier.graph import DecodeGraph  # noqa: E402
 
 CACHES = ("kvtier-graph", "kvtier-eager", "static-compiled", "dynamic-eager")
@@ -167,7 +171,8 @@ def markdown(result: dict) -> str:
              f"torch {env['torch']}, transformers {env['transformers']}"
              + (f", triton {env['triton']}" if "triton" in env else "")
              + f"; {settings['model']}; median of {settings['steps']} steps after {settings['warmup']}; kvtier INT4 "
-             f"warm only, budget {settings['kvtier_budget_gb']:.3g} GB.", "",
+             f"warm only, budget {settings['kvtier_budget_gb']:.3g} GB"
+             + (f", pages read by the {settings['int4_kernel']}" if "int4_kernel" in settings else "") + ".", "",
              "| batch | context | " + " | ".join(LABELS[name] for name in caches) + " |",
              "|---:|---:|" + "---:|" * len(caches)]
     by_key = {(row["batch"], row["context"], row["cache"]): row for row in result["rows"]}
@@ -219,6 +224,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ttft-contexts", type=int, nargs="*", default=[8192, 32768],
                         help="prompt lengths for the time-to-first-token rows (none: skip them)")
     parser.add_argument("--ttft-chunk", type=int, default=2048, help="prefill chunk, tokens (0: the whole prompt)")
+    parser.add_argument("--page-kernel", action="store_true",
+                        help="kvtier's INT4 pages through the Triton page kernel (the Gluon INT4 kernel off)")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", help="results file stem (default graph-decode-<device>)")
     args = parser.parse_args(argv)
@@ -232,6 +239,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    int4_mma_decode.ENABLED = not args.page_kernel
     config = common.tiny_shape() if args.tiny else common.llama_8b_shape()
     model = common.random_model(config, args.device)
     if args.device.startswith("cuda"):
@@ -245,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
               "settings": {"model": ("tiny 2-layer Llama-shaped model" if args.tiny else
                                      "random-weight Llama-3.1-8B shape") + ", bf16",
                            "caches": args.caches, "contexts": args.contexts, "batches": args.batches,
-                           "steps": args.steps, "warmup": args.warmup, "kvtier_budget_gb": args.kvtier_budget_gb},
+                           "steps": args.steps, "warmup": args.warmup, "kvtier_budget_gb": args.kvtier_budget_gb,
+                           "int4_kernel": "Triton page kernel" if args.page_kernel else "Gluon INT4 kernel"},
               "rows": []}
     plan = [(batch, context, cache) for batch in args.batches for context in args.contexts for cache in args.caches]
     common.run_plan(plan, lambda cache, batch, context: run_row(cache, model, batch, context, args), result, markdown,

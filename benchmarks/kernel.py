@@ -1,4 +1,4 @@
-"""Decode attention on the GPU: kvtier's paged Triton kernel beside torch SDPA on a dense bf16 cache.
+"""Decode attention on the GPU: kvtier's decode kernels beside torch SDPA on a dense bf16 cache.
 
 For each context and batch, one attention layer of Llama-3.1-8B's shape (32 query heads, 8 KV heads, head
 dim 128, bf16) is filled with the same random keys and values twice: as dense bf16 tensors for SDPA, and
@@ -6,9 +6,11 @@ through a real TieredCache layer (4 sinks, INT4 warm pages, recent window in bf1
 times, as the median of many runs with the L2 cache flushed in between (triton.testing.do_bench):
 
 - sdpa: torch SDPA (flash backend where it runs) on the dense cache, one query row
-- int4: the kernel over the tiered layer (sinks and recent bf16 pages, everything else INT4)
+- int4: decode_attention over the tiered layer (sinks and recent bf16 pages, everything else INT4): the Gluon INT4
+  kernel (kernels/int4_mma_decode.py)
 - int4+mass: the same with the per-page attention mass output
-- bf16: the kernel over the dense bf16 cache described as bf16 pages
+- int4 page kernel: the Triton page kernel over the same pages (the Gluon kernel turned off)
+- bf16: the page kernel over the dense bf16 cache described as bf16 pages
 
 Bandwidth is on the bytes each one actually reads. Prints a table last; writes JSON and markdown.
 
@@ -35,6 +37,7 @@ from transformers import LlamaConfig
 import common  # benchmarks/common.py (this script's directory is on the path)
 from kvtier import TierConfig, TieredCache
 from kvtier.kernels import decode_attention as kernel_module
+from kvtier.kernels import int4_mma_decode
 from kvtier.kernels.decode_attention import PagedKV, decode_attention, hot_table_rows, hot_table_tensor
 from kvtier.formats import Int4Format
 from kvtier.pages import PageLayout, WarmPages
@@ -142,6 +145,17 @@ def sdpa_call(query4, keys, values):
     raise RuntimeError("no SDPA backend ran")
 
 
+def page_kernel(call):
+    """``call`` with the Gluon INT4 kernel turned off, so that the Triton page kernel reads the pages."""
+    def run():
+        int4_mma_decode.ENABLED = False
+        try:
+            return call()
+        finally:
+            int4_mma_decode.ENABLED = True
+    return run
+
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
@@ -166,9 +180,10 @@ def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> d
                                               workspace=workspace),
         "bf16": lambda: decode_attention(query, dense, kv_start, kv_end, scale, workspace=workspace),
     }
+    calls["int4_page_kernel"] = page_kernel(calls["int4"])
     times = {name: median_ms(call) for name, call in calls.items()}
     graph_times = {f"{name}_graph": graph_ms(call) for name, call in calls.items()}
-    host = {f"{name}_host_us": host_us(calls[name]) for name in ("sdpa", "int4")}
+    host = {f"{name}_host_us": host_us(calls[name]) for name in ("sdpa", "int4", "int4_page_kernel")}
     dense_bytes = keys.nbytes + values.nbytes
     int4_bytes = tiered.warm_pages * tiered.warm.page_bytes + tiered.hot_keys.nbytes + tiered.hot_values.nbytes
     row = {
@@ -181,6 +196,8 @@ def measure(batch: int, tokens: int, turboquant_bits: tuple[int, ...] = ()) -> d
         "int4_speedup": times["sdpa"] / times["int4"],
         "int4_graph_speedup": graph_times["sdpa_graph"] / graph_times["int4_graph"],
         "int4_graph_tb_per_s": int4_bytes / graph_times["int4_graph"] / 1e9,
+        "int4_page_kernel_graph_speedup": graph_times["sdpa_graph"] / graph_times["int4_page_kernel_graph"],
+        "int4_page_kernel_error_vs_dense": relative_error(page_kernel(calls["int4"])()[0], reference),
         "bf16_graph_time_ratio": graph_times["bf16_graph"] / graph_times["sdpa_graph"],
         "bf16_time_ratio": times["bf16"] / times["sdpa"],
         "mass_overhead": times["int4_mass"] / times["int4"] - 1,  # eager: host work included
@@ -235,7 +252,7 @@ def sweep(batch: int, tokens: int) -> list[dict]:
 
 SPLIT_SHAPES = ((1, 32768), (1, 131072), (1, 524288), (2, 131072), (4, 32768), (4, 131072), (8, 32768),
                 (8, 131072), (8, 524288))
-SPLIT_COUNTS = (2, 4, 8, 16, 32, 64)
+SPLIT_COUNTS = (2, 4, 8, 16, 32, 64, 128)
 
 
 def split_sweep(batch: int, tokens: int) -> dict:
@@ -252,7 +269,8 @@ def split_sweep(batch: int, tokens: int) -> dict:
                                 splits=splits)
 
     row = {"batch": batch, "tokens": tokens, "sdpa_ms": graph_ms(sdpa),
-           "rule_splits": kernel_module.max_splits(batch, KV_HEADS, "cuda"), "int4": {}, "int4_mass": {}, "bf16": {}}
+           "rule_splits": kernel_module.max_splits(batch, KV_HEADS, "cuda", one_warp=True), "int4": {}, "int4_mass": {},
+           "bf16": {}}
     reference, reference_mass = call(tiered, SPLIT_COUNTS[0], with_mass=True)
     worst = 0.0
     for splits in SPLIT_COUNTS:
@@ -305,8 +323,9 @@ def environment() -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| batch | tokens | SDPA ms | INT4 ms | INT4 speedup | INT4 TB/s | bf16 / SDPA | "
-             "graph: SDPA ms | INT4 ms | speedup | INT4 TB/s | bf16 / SDPA | mass cost | INT4 error |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "graph: SDPA ms | INT4 ms | speedup | INT4 TB/s | bf16 / SDPA | mass cost | INT4 error | "
+             "page kernel INT4 ms | speedup |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         lines.append(
             f"| {row['batch']} | {row['tokens']:,} | {row['sdpa_ms']:.3f} | {row['int4_ms']:.3f} | "
@@ -314,7 +333,8 @@ def table(rows: list[dict]) -> str:
             f"{row['sdpa_graph_ms']:.3f} | {row['int4_graph_ms']:.3f} | "
             f"{row['int4_graph_speedup']:.2f}x | {row['int4_graph_tb_per_s']:.2f} | "
             f"{row['bf16_graph_time_ratio']:.2f} | {row['mass_graph_overhead'] * 100:+.1f}% | "
-            f"{row['int4_error_vs_dense']:.3f} |")
+            f"{row['int4_error_vs_dense']:.3f} | {row['int4_page_kernel_graph_ms']:.3f} | "
+            f"{row['int4_page_kernel_graph_speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -360,7 +380,8 @@ def main() -> None:
         (args.out / f"{name}.md").write_text(
             f"Decode kernel by splits per (sequence, KV head), graph replay, one layer of Llama-3.1-8B shape on "
             f"{env['device']}; torch {env['torch']}, triton {env['triton']}. rule: the launcher's choice "
-            f"({kernel_module.SPLIT_PROGRAMS_PER_MULTIPROCESSOR} programs per multiprocessor, a power of two).\n\n"
+            f"for INT4 pages (the Gluon kernel: {int4_mma_decode.PROGRAMS_PER_MULTIPROCESSOR} one-warp programs per "
+            f"multiprocessor, a power of two).\n\n"
             + text + "\n")
         print(text)
         return
@@ -387,7 +408,8 @@ def main() -> None:
     header = (f"Decode attention, one layer of Llama-3.1-8B shape ({QUERY_HEADS} query heads, {KV_HEADS} KV heads, "
               f"dim {HEAD_DIM}, bf16) on {env['device']}; torch {env['torch']}, triton {env['triton']}. "
               "Median of do_bench runs with L2 flushed. INT4 = kvtier's tiered layer (4 sinks + 128-191 recent "
-              "bf16, the rest INT4 pages); bf16 = the same kernel over the dense cache as bf16 pages. "
+              "bf16, the rest INT4 pages) through decode_attention (the Gluon INT4 kernel); page kernel INT4 = the "
+              "Triton page kernel over the same pages; bf16 = the page kernel over the dense cache as bf16 pages. "
               "Speedup and ratio are against SDPA on the dense bf16 cache; bandwidth is on bytes actually read. "
               "The first columns time eager calls (host launch overhead included); the graph columns replay the "
               "calls from a CUDA graph (device time alone); mass cost: the INT4 call with per-page mass against "

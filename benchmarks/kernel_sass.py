@@ -1,9 +1,11 @@
-"""The decode kernel's machine code without a GPU: compile the page kernel for sm_90 (Hopper) with the installed
-Triton and count the SASS instructions of its loops, by opcode.
+"""The decode kernels' machine code without a GPU: compile the Triton page kernel and the Gluon INT4 kernel
+(gluon-* formats) for sm_90 (Hopper) with the installed Triton and count the SASS instructions of their loops, by
+opcode.
 
 Pointer arguments are marked 16-byte aligned and the hot buffer's strides divisible by 16, as the JIT specializes
 them at a launch (without the marks, loads come out byte by byte and the counts mean nothing). Counts are per warp and
-loop iteration: the warm loop reads one tile of WARM_TILE tokens, the hot loop one of HOT_TILE. They are instruction
+loop iteration: the page kernel's warm loop reads one tile of WARM_TILE tokens, the Gluon kernel's one page of BLOCK,
+the hot loops one hot page of up to HOT_TILE. They are instruction
 counts, not timings; the GPU's own Triton may emit different code, so compile with the version the GPU has (its wheel
 installs on the CPU machine: ``pip install --target DIR triton==X`` and put DIR first on PYTHONPATH).
 
@@ -36,6 +38,9 @@ POINTER_TYPES = {"query_ptr": "*bf16", "page_base_ptr": "*u8", "warm_offset_ptr"
                  "kv_start_ptr": "*i32", "kv_end_ptr": "*i32"}  # every other pointer: float32
 FORMATS = {"int4": (Int4Format(32), False), "int4-mass": (Int4Format(32), True),
            "turboquant3": (TurboQuantFormat(3, True, 32), False)}
+# the Gluon INT4 kernel (kernels/int4_mma_decode.py, one warp a program): (head dim, rotated, per-page mass)
+GLUON_FORMATS = {"gluon-int4": (128, True, False), "gluon-int4-mass": (128, True, True),
+                 "gluon-int4-d64": (64, True, False), "gluon-int4-unrotated": (128, False, False)}
 # opcode families reported as columns: tensor-core MMAs, shared-memory traffic, byte permutes, selects, barriers
 COLUMNS = {"mma": ("HMMA",), "shared loads": ("LDS", "LDSM"), "shared stores": ("STS", "STSM"), "byte permutes": ("PRMT",),
            "selects": ("FSEL", "SEL"), "barriers": ("BAR",), "local memory": ("LDL", "STL")}
@@ -105,10 +110,32 @@ def opcode(instruction: str) -> str:
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
 
 
+def gluon_cubin(head_dim: int, rotate: bool, with_mass: bool) -> bytes:
+    """The Gluon INT4 kernel for pages of BLOCK tokens, KV_HEADS heads of ``head_dim``: the page count on the device
+    (a CUDA graph's launch), or on the host with per-page mass."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kvtier.kernels import int4_mma_decode
+
+    at = PageLayout(1, KV_HEADS, BLOCK, head_dim, Int4Format(32)).offsets
+    values = dict(KV_HEADS=KV_HEADS, HEAD_DIM=head_dim, BLOCK=BLOCK, ALIGN=ALIGNMENT, KEY_CODES_AT=at["key_codes"],
+                  VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"], KEY_MIN_AT=at["key_min"],
+                  VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
+                  VALUE_CODES_LAYOUT=int4_mma_decode.value_codes_layout(head_dim // 2), WITH_MASS=with_mass,
+                  ROTATE=rotate, COUNT_ON_DEVICE=not with_mass)
+    pointer_types = {**POINTER_TYPES, "page_base_ptr": "*u8"}
+    return compile_cubin(int4_mma_decode._decode_kernel, values, pointer_types, {"num_warps": 1}, GluonASTSource)
+
+
 def count(name: str, num_warps: int, num_stages: int) -> dict:
-    page_format, with_mass = FORMATS[name]
-    resources, sass = disassemble(compile_cubin(kernel_module._decode_pages_kernel, constants(page_format, with_mass),
-                                                POINTER_TYPES, {"num_warps": num_warps, "num_stages": num_stages}))
+    if name in GLUON_FORMATS:
+        num_warps, num_stages = 1, 1
+        resources, sass = disassemble(gluon_cubin(*GLUON_FORMATS[name]))
+    else:
+        page_format, with_mass = FORMATS[name]
+        resources, sass = disassemble(compile_cubin(kernel_module._decode_pages_kernel,
+                                                    constants(page_format, with_mass), POINTER_TYPES,
+                                                    {"num_warps": num_warps, "num_stages": num_stages}))
     loops = []
     for body in loop_bodies(sass):
         opcodes = collections.Counter(opcode(instruction) for instruction in body)
@@ -132,7 +159,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS) + list(GLUON_FORMATS),
+                        choices=list(FORMATS) + list(GLUON_FORMATS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", help="results file stem (default kernel-sass-triton<version>)")
     parser.add_argument("--variant", help="INT4 variant switches instead of the module's (e.g. base, lop3; see "
@@ -148,9 +176,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                        "rows": rows}, indent=2))
     text = table(rows)
     (args.out / f"{name}.md").write_text(
-        f"Decode page kernel compiled offline for sm_90 by Triton {triton.__version__} ({num_warps} warps, "
-        f"{num_stages} stages, warm tile {kernel_module.WARM_TILE}, hot tile {kernel_module.HOT_TILE}, "
-        f"{KV_HEADS} KV heads, head dim {HEAD_DIM}, pages of {BLOCK}); SASS instructions per warp and loop "
+        f"Decode kernels compiled offline for sm_90 by Triton {triton.__version__}: the page kernel ({num_warps} "
+        f"warps, {num_stages} stages, warm tile {kernel_module.WARM_TILE}, hot tile {kernel_module.HOT_TILE}) and "
+        f"the Gluon INT4 kernel (gluon-*: one warp, a page a warm loop iteration); {KV_HEADS} KV heads, head dim "
+        f"{HEAD_DIM} (gluon-int4-d64: 64), pages of {BLOCK}; SASS instructions per warp and loop "
         "iteration (`python benchmarks/kernel_sass.py`).\n\n" + text + "\n")
     print(text)
     return rows

@@ -24,6 +24,7 @@ import torch
 
 from kvtier.formats import TurboQuantFormat
 from kvtier.formats.turboquant import levels as turboquant_levels
+from kvtier.kernels import int4_mma_decode
 from kvtier.kernels.partial_attention import PartialAccumulator, attend_scores, masked_scores, partial_attention
 from kvtier.pages import ALIGNMENT, PageLayout, WarmPages
 
@@ -91,6 +92,8 @@ class PagedKV:
     hot_table: (3, n_hot) int32 on the device, the same rows as columns
     rotation: (D, D) float32 R, or None; warm pages hold k R and v R
     sketch: (D, D) float32 S of TurboQuant keys' residual signs, or None
+    rotation_signs: (D,) float32 s where R = diag(s) H / sqrt(D) (kvtier.rotation), or None: the Gluon INT4 kernel
+        applies such an R by its Hadamard structure and leaves other rotations to the page kernel
     """
 
     warm: WarmPages
@@ -100,6 +103,7 @@ class PagedKV:
     hot_table: torch.Tensor
     rotation: torch.Tensor | None
     sketch: torch.Tensor | None = None
+    rotation_signs: torch.Tensor | None = None
 
     @property
     def warm_pages(self) -> int:
@@ -269,17 +273,20 @@ def workspace_bytes(batch: int, query_heads: int, head_dim: int, splits: int = M
     return batch * query_heads * splits * (head_dim + 1) * 4
 
 
-def max_splits(batch: int, kv_heads: int, device) -> int:
+def max_splits(batch: int, kv_heads: int, device, one_warp: bool = False) -> int:
     """Splits per (sequence, KV head): on CUDA enough for SPLIT_PROGRAMS_PER_MULTIPROCESSOR programs per
-    multiprocessor, as a power of two (or SPLITS_PER_HEAD where set); two on the CPU (so that merging is exercised)."""
+    multiprocessor, as a power of two (or SPLITS_PER_HEAD where set); two on the CPU (so that merging is exercised).
+    ``one_warp``: for the Gluon INT4 kernel (kernels/int4_mma_decode.py), whose programs are one warp each, its own
+    programs per multiprocessor and limit."""
     device = torch.device(device)
     if device.type != "cuda":
         return 2
+    limit = int4_mma_decode.MAX_SPLITS if one_warp else MAX_SPLITS
     if SPLITS_PER_HEAD is not None:
-        return min(MAX_SPLITS, SPLITS_PER_HEAD)
-    programs = SPLIT_PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device.index)
-    per_head = max(1, programs // (batch * kv_heads))
-    return min(MAX_SPLITS, 1 << (per_head.bit_length() - 1))
+        return min(limit, SPLITS_PER_HEAD)
+    per_multiprocessor = int4_mma_decode.PROGRAMS_PER_MULTIPROCESSOR if one_warp else SPLIT_PROGRAMS_PER_MULTIPROCESSOR
+    per_head = max(1, per_multiprocessor * _multiprocessors(device.index) // (batch * kv_heads))
+    return min(limit, 1 << (per_head.bit_length() - 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,46 +309,17 @@ def launch_bytes(batch: int, query_heads: int, head_dim: int, splits: int) -> in
     return workspace_bytes(batch, query_heads, head_dim, splits) + batch * query_heads * head_dim * 12
 
 
-def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
-                     with_mass: bool = False, workspace: DecodeWorkspace | None = None, splits: int | None = None,
-                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                     warm_count: torch.Tensor | None = None):
-    """One decode step's attention with the Triton kernels.
-
-    query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends.
-    H_q may be any multiple of H_kv: a prefill tile passes a KV head's query heads x positions as its rows, which
-    the kernel takes QUERY_ROWS_PER_PROGRAM at a time (per-page mass needs all of a head's rows in one program).
-    returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32;
-    ``lse``, if given, (B, H_q) float32, receives each row's natural-log log-sum-exp (-inf where nothing was
-    attended), for merging with attention over other pages.
-    ``warm_count``, if given, (1,) int32 on the device: the number of warm pages to read, so that the launch does
-    not depend on it (a CUDA graph replays it while pages are added); the grid is then the full ``splits``, and
-    per-page mass is not available.
-    """
+def _launch_page_kernel(query, paged: PagedKV, kv_start, kv_end, scale: float, partial, partial_lse, page_lse,
+                        splits: int, pages_per_split: int, warm_count) -> None:
+    """The Triton page kernel's launch for decode_attention: each split's output and log2-sum-exp into ``partial``
+    and ``partial_lse``, each warm page's log2-sum-exp into ``page_lse`` (None: no mass)."""
     batch, query_heads, head_dim = query.shape
     layout = paged.warm.layout
     kv_heads = paged.hot_keys.shape[1]
     group = query_heads // kv_heads
-    warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
-    total_pages = warm_pages + hot_pages
     group_pad, blocks = row_blocks(group)
-    if with_mass and blocks > 1:
-        raise ValueError(f"per-page mass needs at most {QUERY_ROWS_PER_PROGRAM} query rows per KV head, got {group}")
-    splits = splits or max_splits(batch, kv_heads, query.device)
-    if warm_count is None:
-        splits = min(splits, total_pages)
-        pages_per_split = -(-total_pages // splits)
-        splits = -(-total_pages // pages_per_split)
-    else:
-        if with_mass:
-            raise ValueError("per-page mass needs the page count on the host: call without warm_count")
-        pages_per_split = 0  # computed in the kernel
-    workspace = workspace or DecodeWorkspace()
-    partial = workspace.get("partial", (batch, query_heads, splits, head_dim), query.device)
-    partial_lse = workspace.get("lse", (batch, query_heads, splits), query.device)
-    page_lse = workspace.get("page_lse", (batch, query_heads, max(warm_pages, 1)), query.device) if with_mass else None
-    mass = torch.empty(batch, kv_heads, warm_pages, device=query.device) if with_mass else None
-    query = query.contiguous()
+    warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
+    with_mass = page_lse is not None
     rotate = paged.rotation is not None
     rotation = paged.rotation.contiguous() if rotate else partial  # not read without ROTATE
     constants = _page_constants(layout, WARM_TILE)
@@ -351,8 +329,6 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         rotated = query.float() @ paged.rotation if rotate else query.float()
         sketched = rotated @ paged.sketch.T * layout.format.qjl_scale(head_dim)
     hot_keys, hot_values = paged.hot_keys, paged.hot_values
-    if hot_keys.stride(-1) != 1 or hot_keys.stride() != hot_values.stride():
-        raise ValueError("the hot key and value buffers must share strides, with contiguous rows")
     # Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot on bf16 returns garbage there): on the CPU,
     # hot bfloat16 tiles are multiplied in float32 instead; compiled kernels use bfloat16 tensor-core dots.
     upcast_hot = hot_keys.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
@@ -365,7 +341,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         query, rotation, sketched, codebook, paged.warm.base, paged.warm.offsets, paged.warm.positions, warm_pages,
         kv_start if warm_count is None else warm_count,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
-        kv_start, kv_end, partial, partial_lse, page_lse if with_mass else partial_lse,
+        kv_start, kv_end, partial, partial_lse, partial_lse if page_lse is None else page_lse,
         scale * LOG2_E, pages_per_split, splits, group,
         **constants, KV_HEADS=kv_heads, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         HOT_TILE=HOT_TILE, FLOAT32_PRECISION=float32_precision, UPCAST_HOT=upcast_hot, WITH_MASS=with_mass,
@@ -373,6 +349,59 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
         ALIGNMENT=ALIGNMENT, MASS_PAGES=MASS_PAGES, **variant, COUNT_ON_DEVICE=warm_count is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
+                     with_mass: bool = False, workspace: DecodeWorkspace | None = None, splits: int | None = None,
+                     out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                     warm_count: torch.Tensor | None = None):
+    """One decode step's attention with the Triton kernels: the Gluon INT4 kernel (kernels/int4_mma_decode.py) where
+    it reads the pages, else the Triton page kernel; then the merge kernel.
+
+    query: (B, H_q, D) in the model dtype; kv_start, kv_end: (B,) int32 positions bounding what each row attends.
+    H_q may be any multiple of H_kv: a prefill tile passes a KV head's query heads x positions as its rows, which
+    the kernel takes QUERY_ROWS_PER_PROGRAM at a time (per-page mass needs all of a head's rows in one program).
+    returns out (B, H_q, D) in the model dtype and, with ``with_mass``, warm page mass (B, H_kv, n_warm) float32;
+    ``lse``, if given, (B, H_q) float32, receives each row's natural-log log-sum-exp (-inf where nothing was
+    attended), for merging with attention over other pages.
+    ``warm_count``, if given, (1,) int32 on the device: the number of warm pages to read, so that the launch does
+    not depend on it (a CUDA graph replays it while pages are added); the grid is then the full ``splits``, and
+    per-page mass is not available.
+    """
+    batch, query_heads, head_dim = query.shape
+    kv_heads = paged.hot_keys.shape[1]
+    group = query_heads // kv_heads
+    warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
+    total_pages = warm_pages + hot_pages
+    group_pad, blocks = row_blocks(group)
+    if with_mass and blocks > 1:
+        raise ValueError(f"per-page mass needs at most {QUERY_ROWS_PER_PROGRAM} query rows per KV head, got {group}")
+    # the Gluon INT4 kernel takes a launch of mostly warm pages (the page kernel's hot loop is its faster one)
+    mostly_warm = warm_count is not None or warm_pages >= hot_pages
+    one_warp = blocks == 1 and mostly_warm and int4_mma_decode.reads(query, paged)
+    splits = splits or max_splits(batch, kv_heads, query.device, one_warp)
+    if warm_count is not None and with_mass:
+        raise ValueError("per-page mass needs the page count on the host: call without warm_count")
+    if one_warp:  # the warm pages' splits, then a split per hot page
+        splits, pages_per_split = int4_mma_decode.split_pages(warm_pages, splits, warm_count is not None)
+        splits += hot_pages
+    elif warm_count is None:
+        splits = min(splits, total_pages)
+        pages_per_split = -(-total_pages // splits)
+        splits = -(-total_pages // pages_per_split)
+    else:
+        pages_per_split = 0  # computed in the kernel
+    workspace = workspace or DecodeWorkspace()
+    partial = workspace.get("partial", (batch, query_heads, splits, head_dim), query.device)
+    partial_lse = workspace.get("lse", (batch, query_heads, splits), query.device)
+    page_lse = workspace.get("page_lse", (batch, query_heads, max(warm_pages, 1)), query.device) if with_mass else None
+    mass = torch.empty(batch, kv_heads, warm_pages, device=query.device) if with_mass else None
+    query = query.contiguous()
+    hot_keys, hot_values = paged.hot_keys, paged.hot_values
+    if hot_keys.stride(-1) != 1 or hot_keys.stride() != hot_values.stride():
+        raise ValueError("the hot key and value buffers must share strides, with contiguous rows")
+    launch = int4_mma_decode.launch if one_warp else _launch_page_kernel
+    launch(query, paged, kv_start, kv_end, scale, partial, partial_lse, page_lse, splits, pages_per_split, warm_count)
     out = torch.empty_like(query) if out is None else out
     merge_rows = min(max(1, triton.next_power_of_2(group)), MERGE_ROWS)
     row_programs = -(-group // merge_rows)

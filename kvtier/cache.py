@@ -11,7 +11,7 @@ import psutil
 import torch
 from transformers.cache_utils import Cache
 
-from kvtier.kernels.decode_attention import DecodeWorkspace, launch_bytes, max_splits, workspace_bytes
+from kvtier.kernels.decode_attention import HOT_TILE, DecodeWorkspace, launch_bytes, max_splits, workspace_bytes
 
 from .budget import ByteBudget
 from .cold_choice import ColdAttentionChooser
@@ -276,7 +276,10 @@ class TieredCache(Cache):
         queries = 9 * self.query_heads * query_tile * head_dim * 4
         block = self.config.block_size
         flush = 4 * kv_heads * block * head_dim * 4 + 2 * kv_heads * self.config.recent_window * head_dim * dtype.itemsize
-        kernel = workspace_bytes(batch, self.query_heads, head_dim, max_splits(batch, kv_heads, device))
+        # either kernel's splits; the Gluon kernel's also a split per hot page (at most 128 tokens, per segment)
+        hot_pages = -(-self.config.hot_capacity // HOT_TILE) + 2
+        splits = max(max_splits(batch, kv_heads, device), max_splits(batch, kv_heads, device, True) + hot_pages)
+        kernel = workspace_bytes(batch, self.query_heads, head_dim, splits)
         # a prefill tile's past pages go either through the torch reference (the gathered and dequantized key tiles)
         # or through one kernel launch whose rows are every query head x position of the tile
         past_by_kernel = launch_bytes(batch, self.query_heads * query_tile, head_dim, splits=1)

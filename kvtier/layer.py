@@ -27,7 +27,7 @@ from .errors import BudgetExceededError, KVTierError
 from .formats.turboquant import qjl_sketch
 from .pages import NoRoomForPage, PageLayout, WarmPages
 from .policies import make_policy
-from .rotation import random_rotation
+from .rotation import random_signs, rotation_matrix
 
 
 SKETCH_SEED_OFFSET = 1 << 20
@@ -75,7 +75,9 @@ class TieredLayer(CacheLayerMixin):
         self.policy = self.new_policy()
         self.cache.check_layer_shape(batch, kv_heads, head_dim, key_states.dtype, key_states.device)
         seed = config.rotation_seed + self.layer_idx
-        self.rotation = random_rotation(head_dim, seed).to(self.device) if config.rotate else None  # (D, D)
+        signs = random_signs(head_dim, seed).to(self.device) if config.rotate else None  # (D,) +-1
+        self.rotation = rotation_matrix(signs) if config.rotate else None  # (D, D) diag(signs) H / sqrt(D)
+        self.rotation_signs = signs
         warm_format = self.cache.warm_format
         # the TurboQuant keys' QJL sketch (D, D), seeded apart from the rotation
         self.sketch = qjl_sketch(head_dim, SKETCH_SEED_OFFSET + seed).to(self.device) if warm_format.qjl else None
@@ -513,7 +515,7 @@ class TieredLayer(CacheLayerMixin):
         such as warm pages joined with a staged cold chunk) and the hot tier (or no hot page)."""
         hot_pages, hot_table = (self.hot_pages, self.hot_table) if with_hot else ([], self.hot_table[:, :0])
         return PagedKV(self.warm if pages is None else pages, self.hot_keys, self.hot_values, hot_pages, hot_table,
-                       self.rotation, self.sketch)
+                       self.rotation, self.sketch, self.rotation_signs)
 
     def low_pages(self):
         """The low-precision warm pages, as one page set, or None when the layer holds none."""
