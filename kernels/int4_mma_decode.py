@@ -71,24 +71,32 @@ def _key_channel(k: int, half: int) -> int:
 
 
 def reads(query: torch.Tensor, paged) -> bool:
-    """Whether this kernel takes a decode launch of ``query`` (B, H_q, D) over ``paged``."""
+    """Whether this kernel takes a decode launch of ``query`` (B, H_q, D) over ``paged``: compiled CUDA on an NVIDIA
+    sm_80 or later, and pages and shapes it handles (``handles``)."""
     if gluon is None or not ENABLED or not query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return False
+    return handles(paged, query.shape[1], query.dtype) and _capability(query.device.index) >= (8, 0)
+
+
+def handles(paged, query_heads: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel reads ``paged`` for ``query_heads`` rows of ``dtype``: INT4 pages with per-channel keys in
+    groups of STEP tokens, pages a multiple of STEP, head dim 64 or 128, at most MAX_ROWS rows a KV head, a 16-bit
+    dtype for the query and the hot tier, and no rotation or a Hadamard one (``rotation_signs`` given)."""
     layout = paged.warm.layout
     page_format = layout.format
     kv_heads = paged.hot_keys.shape[1]
     return (isinstance(page_format, Int4Format) and page_format.key_per_channel and page_format.key_group == STEP
             and layout.block_size % STEP == 0 and layout.head_dim in (64, 128)
-            and query.shape[1] % kv_heads == 0 and query.shape[1] // kv_heads <= MAX_ROWS
-            and query.dtype in (torch.bfloat16, torch.float16) and paged.hot_keys.dtype == query.dtype
-            and (paged.rotation is None or paged.rotation_signs is not None)  # a Hadamard rotation, if any
-            and _capability(query.device.index) >= (8, 0))
+            and query_heads % kv_heads == 0 and query_heads // kv_heads <= MAX_ROWS
+            and dtype in (torch.bfloat16, torch.float16) and paged.hot_keys.dtype == dtype
+            and (paged.rotation is None or paged.rotation_signs is not None))
 
 
 @functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
-    """The compute capability of CUDA device ``index`` (the current one for None), read once: mma_v2 needs sm_80."""
-    return torch.cuda.get_device_capability(index)
+    """The compute capability of CUDA device ``index`` (the current one for None), read once: mma_v2 needs an NVIDIA
+    sm_80 or later ((0, 0) on ROCm, whose devices also report as CUDA)."""
+    return (0, 0) if torch.version.hip else torch.cuda.get_device_capability(index)
 
 
 def split_pages(warm_pages: int, splits: int, counted_on_device: bool) -> tuple[int, int]:

@@ -63,6 +63,39 @@ def test_rotation_in_operand_order_matches_the_rotation(dim):
     torch.testing.assert_close(plain, (output @ rotation.T)[:, torch.cat([value_order, value_order + half])])
 
 
+HANDLED = {  # name: (query heads, KV heads, head dim, block, dtype, extra config, whether the Gluon kernel reads it)
+    "llama-shape": (16, 4, 128, 64, torch.bfloat16, {}, True),
+    "smollm2-shape-float16": (9, 3, 64, 64, torch.float16, {}, True),
+    "unrotated-block32": (8, 1, 64, 32, torch.bfloat16, {"rotate": False}, True),
+    "float32-model": (8, 2, 64, 64, torch.float32, {}, False),
+    "16-rows-a-kv-head": (16, 1, 64, 64, torch.bfloat16, {}, False),
+    "head-dim-32": (8, 2, 32, 64, torch.bfloat16, {}, False),
+    "key-groups-of-16": (8, 2, 64, 64, torch.bfloat16, {"key_group": 16}, False),
+    "per-token-keys": (8, 2, 64, 64, torch.bfloat16, {"key_axis": "token"}, False),
+    "turboquant": (8, 2, 64, 64, torch.bfloat16, {"warm_format": "turboquant"}, False),
+}
+
+
+@pytest.mark.parametrize("name", HANDLED)
+def test_which_pages_the_kernel_handles(name):
+    """The Gluon kernel takes INT4 pages with per-channel keys in groups of 32, head dim 64 or 128, up to 8 query
+    rows a KV head and a 16-bit model; decode_attention leaves the rest to the page kernel."""
+    query_heads, kv_heads, head_dim, block, dtype, extra, expected = HANDLED[name]
+    layer = filled_layer("cpu", 1, query_heads, kv_heads, head_dim, 100, dtype, seed=1,
+                         **{"block_size": block, "key_group": 32, **extra})
+    assert mma.handles(layer.paged(), query_heads, dtype) == expected
+
+
+def test_a_rotation_without_its_signs_goes_to_the_page_kernel():
+    """The kernel applies R by its Hadamard structure, so pages rotated by another matrix (no ``rotation_signs``,
+    as benchmarks/kernel_variants.py builds them) are not its own."""
+    layer = filled_layer("cpu", 1, 8, 2, 64, 100, torch.bfloat16, seed=1, block_size=64, key_group=32)
+    paged = layer.paged()
+    assert mma.handles(paged, 8, torch.bfloat16)
+    paged.rotation_signs = None
+    assert not mma.handles(paged, 8, torch.bfloat16)
+
+
 @pytest.fixture(scope="module")
 def sass_rows(tmp_path_factory) -> dict:
     """benchmarks/kernel_sass.py's rows for the Gluon kernel's formats (compiled once, in a process of its own)."""
