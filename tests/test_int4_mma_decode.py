@@ -17,8 +17,8 @@ from kvtier.kernels import int4_mma_decode as mma
 from kvtier.kernels.decode_attention import DecodeWorkspace, decode_attention, paged_attention_reference
 from kvtier.rotation import hadamard_matrix, random_rotation
 
-GLUON_FORMATS = {"gluon-int4": 128, "gluon-int4-mass": 128, "gluon-int4-d64": 64, "gluon-int4-unrotated": 128}  # kernel
-# _sass.py's formats of the Gluon kernel, by head dim
+# benchmarks/kernel_sass.py's formats of the Gluon kernel, by head dim
+GLUON_FORMATS = {"gluon-int4": 128, "gluon-int4-mass": 128, "gluon-int4-d64": 64, "gluon-int4-unrotated": 128}
 BLOCK = 64  # kernel_sass.py's page
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
