@@ -117,14 +117,9 @@ def gluon_cubin(head_dim: int, rotate: bool, with_mass: bool) -> bytes:
 
     from kvtier.kernels import int4_mma_decode
 
-    at = PageLayout(1, KV_HEADS, BLOCK, head_dim, Int4Format(32)).offsets
-    values = dict(KV_HEADS=KV_HEADS, HEAD_DIM=head_dim, BLOCK=BLOCK, ALIGN=ALIGNMENT, KEY_CODES_AT=at["key_codes"],
-                  VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"], KEY_MIN_AT=at["key_min"],
-                  VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
-                  VALUE_CODES_LAYOUT=int4_mma_decode.value_codes_layout(head_dim // 2), WITH_MASS=with_mass,
-                  ROTATE=rotate, COUNT_ON_DEVICE=not with_mass)
-    pointer_types = {**POINTER_TYPES, "page_base_ptr": "*u8"}
-    return compile_cubin(int4_mma_decode._decode_kernel, values, pointer_types, {"num_warps": 1}, GluonASTSource)
+    layout = PageLayout(1, KV_HEADS, BLOCK, head_dim, Int4Format(32))
+    values = int4_mma_decode.constants(layout, rotate, with_mass, count_on_device=not with_mass)
+    return compile_cubin(int4_mma_decode._decode_kernel, values, POINTER_TYPES, {"num_warps": 1}, GluonASTSource)
 
 
 def count(name: str, num_warps: int, num_stages: int) -> dict:

@@ -303,6 +303,14 @@ def row_blocks(group: int) -> tuple[int, int]:
     return rows, -(-group // rows)
 
 
+def divide_pages(pages: int, splits: int) -> tuple[int, int]:
+    """(splits, pages a split) for ``pages`` over at most ``splits``, with no split left empty (one of none when
+    there are no pages)."""
+    splits = max(1, min(splits, pages))
+    pages_per_split = -(-pages // splits)
+    return (-(-pages // pages_per_split) if pages else 1), pages_per_split
+
+
 def launch_bytes(batch: int, query_heads: int, head_dim: int, splits: int) -> int:
     """Temporaries of one decode_attention call with query_heads rows and ``splits``: its workspace, the float32
     rotated and sketched query of TurboQuant's QJL keys, and the output."""
@@ -382,15 +390,12 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     splits = splits or max_splits(batch, kv_heads, query.device, one_warp)
     if warm_count is not None and with_mass:
         raise ValueError("per-page mass needs the page count on the host: call without warm_count")
-    if one_warp:  # the warm pages' splits, then a split per hot page
-        splits, pages_per_split = int4_mma_decode.split_pages(warm_pages, splits, warm_count is not None)
-        splits += hot_pages
-    elif warm_count is None:
-        splits = min(splits, total_pages)
-        pages_per_split = -(-total_pages // splits)
-        splits = -(-total_pages // pages_per_split)
+    if warm_count is None:  # the Gluon kernel divides the warm pages and gives each hot page a split of its own
+        splits, pages_per_split = divide_pages(warm_pages if one_warp else total_pages, splits)
     else:
-        pages_per_split = 0  # computed in the kernel
+        pages_per_split = 0  # computed in the kernel, over every split (the Gluon kernel's warm ones)
+    if one_warp:  # a hot page costs about 2.5 warm pages, and a warm split can be as few as 4
+        splits += hot_pages
     workspace = workspace or DecodeWorkspace()
     partial = workspace.get("partial", (batch, query_heads, splits, head_dim), query.device)
     partial_lse = workspace.get("lse", (batch, query_heads, splits), query.device)

@@ -99,44 +99,36 @@ def _capability(index: int | None) -> tuple[int, int]:
     return (0, 0) if torch.version.hip else torch.cuda.get_device_capability(index)
 
 
-def split_pages(warm_pages: int, splits: int, counted_on_device: bool) -> tuple[int, int]:
-    """(splits over the warm pages, warm pages a split) for at most ``splits``; with the count on the device the grid
-    keeps every split and the kernel divides the pages (0 a split here). Each hot page gets a split of its own after
-    these: a hot page costs about 2.5 warm pages, and the pages a split are as few as 4."""
-    if counted_on_device:
-        return splits, 0
-    warm_splits = max(1, min(splits, warm_pages))
-    pages_per_split = -(-warm_pages // warm_splits)
-    return max(1, -(-warm_pages // max(1, pages_per_split))), pages_per_split
+def constants(layout, rotate: bool, with_mass: bool, count_on_device: bool) -> dict:
+    """The kernel's compile-time arguments for pages of ``layout``: their shape, each field's byte offset, and the
+    switches."""
+    at = layout.offsets
+    return dict(KV_HEADS=layout.kv_heads, HEAD_DIM=layout.head_dim, BLOCK=layout.block_size, ALIGN=ALIGNMENT,
+                KEY_CODES_AT=at["key_codes"], VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"],
+                KEY_MIN_AT=at["key_min"], VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
+                VALUE_CODES_LAYOUT=value_codes_layout(layout.head_dim // 2), WITH_MASS=with_mass, ROTATE=rotate,
+                COUNT_ON_DEVICE=count_on_device)
 
 
 def launch(query, paged, kv_start, kv_end, scale: float, partial, partial_lse, page_lse, splits: int,
            pages_per_split: int, warm_count=None) -> None:
     """Write each split's output and log2-sum-exp into ``partial`` (B, H_q, S, D) and ``partial_lse`` (B, H_q, S)
     and, given ``page_lse`` (B, H_q, n_warm), each warm page's log2-sum-exp, as decode_attention's page kernel
-    does. The splits (split_pages): splits - n_hot over the warm pages, pages_per_split each, then a hot page
-    each; ``warm_count`` (1,) int32 on the device: the warm page count, read by the kernel (pages_per_split then
-    unused)."""
+    does. The splits: splits - n_hot over the warm pages, pages_per_split each, then a hot page each;
+    ``warm_count`` (1,) int32 on the device: the warm page count, read by the kernel (pages_per_split then unused)."""
     batch, query_heads, head_dim = query.shape
-    layout = paged.warm.layout
     kv_heads = paged.hot_keys.shape[1]
-    at = layout.offsets
+    hot_pages = paged.hot_table.shape[1]
     rotate = paged.rotation is not None
     signs = paged.rotation_signs if rotate else partial_lse  # not read without ROTATE
     hot_keys, hot_values = paged.hot_keys, paged.hot_values
-    half = head_dim // 2
     _decode_kernel[(batch * kv_heads, splits)](
         query, signs, paged.warm.base, paged.warm.offsets, paged.warm.positions, paged.warm_pages,
         kv_start if warm_count is None else warm_count, kv_start, kv_end,
         partial, partial_lse, partial_lse if page_lse is None else page_lse,
-        hot_keys, hot_values, paged.hot_table, paged.hot_table.shape[1], *hot_keys.stride()[:3],
-        scale * LOG2_E, head_dim**-0.5, pages_per_split, splits - paged.hot_table.shape[1], splits,
-        query_heads // kv_heads,
-        KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK=layout.block_size, ALIGN=ALIGNMENT,
-        KEY_CODES_AT=at["key_codes"], VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"],
-        KEY_MIN_AT=at["key_min"], VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
-        VALUE_CODES_LAYOUT=value_codes_layout(half), WITH_MASS=page_lse is not None, ROTATE=rotate,
-        COUNT_ON_DEVICE=warm_count is not None, num_warps=1)
+        hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
+        scale * LOG2_E, head_dim**-0.5, pages_per_split, splits - hot_pages, splits, query_heads // kv_heads,
+        **constants(paged.warm.layout, rotate, page_lse is not None, warm_count is not None), num_warps=1)
 
 
 @functools.cache
