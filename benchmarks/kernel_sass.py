@@ -28,6 +28,7 @@ from triton.compiler import ASTSource
 
 from kvtier.formats import Int4Format, TurboQuantFormat
 from kvtier.kernels import decode_attention as kernel_module
+from kvtier.kernels import int4_mma_decode
 from kvtier.pages import ALIGNMENT, PageLayout
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -69,7 +70,7 @@ def compile_cubin(kernel, values: dict, pointer_types: dict, options: dict, sour
         elif param.name.endswith("_ptr"):
             signature[param.name] = pointer_types.get(param.name, "*fp32")
         else:
-            signature[param.name] = "fp32" if param.name == "scale_log2" else "i32"
+            signature[param.name] = "fp32" if param.name in ("scale_log2", "inverse_root") else "i32"
         if signature[param.name].startswith("*") or param.name.startswith("hot_stride"):
             aligned[(index,)] = [["tt.divisibility", 16]]
     source = source_class(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned)
@@ -111,15 +112,14 @@ def opcode(instruction: str) -> str:
 
 
 def gluon_cubin(head_dim: int, rotate: bool, with_mass: bool) -> bytes:
-    """The Gluon INT4 kernel for pages of BLOCK tokens, KV_HEADS heads of ``head_dim``: the page count on the device
-    (a CUDA graph's launch), or on the host with per-page mass."""
+    """The Gluon INT4 kernel for pages of BLOCK tokens, KV_HEADS heads of ``head_dim``, with the launch's register
+    cap: the page count on the device (a CUDA graph's launch), or on the host with per-page mass."""
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from kvtier.kernels import int4_mma_decode
 
     layout = PageLayout(1, KV_HEADS, BLOCK, head_dim, Int4Format(32))
     values = int4_mma_decode.constants(layout, rotate, with_mass, count_on_device=not with_mass)
-    return compile_cubin(int4_mma_decode._decode_kernel, values, POINTER_TYPES, {"num_warps": 1}, GluonASTSource)
+    options = {"num_warps": 1, "maxnreg": int4_mma_decode.REGISTERS}  # as launched
+    return compile_cubin(int4_mma_decode._decode_kernel, values, POINTER_TYPES, options, GluonASTSource)
 
 
 def count(name: str, num_warps: int, num_stages: int) -> dict:
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (args.out / f"{name}.md").write_text(
         f"Decode kernels compiled offline for sm_90 by Triton {triton.__version__}: the page kernel ({num_warps} "
         f"warps, {num_stages} stages, warm tile {kernel_module.WARM_TILE}, hot tile {kernel_module.HOT_TILE}) and "
-        f"the Gluon INT4 kernel (gluon-*: one warp, a page a warm loop iteration); {KV_HEADS} KV heads, head dim "
+        f"the Gluon INT4 kernel (gluon-*: one warp, at most {int4_mma_decode.REGISTERS} registers as launched, a page a "
+        f"warm loop iteration); {KV_HEADS} KV heads, head dim "
         f"{HEAD_DIM} (gluon-int4-d64: 64), pages of {BLOCK}; SASS instructions per warp and loop "
         "iteration (`python benchmarks/kernel_sass.py`).\n\n" + text + "\n")
     print(text)

@@ -277,7 +277,7 @@ def max_splits(batch: int, kv_heads: int, device, one_warp: bool = False) -> int
     """Splits per (sequence, KV head): on CUDA enough for SPLIT_PROGRAMS_PER_MULTIPROCESSOR programs per
     multiprocessor, as a power of two (or SPLITS_PER_HEAD where set); two on the CPU (so that merging is exercised).
     ``one_warp``: for the Gluon INT4 kernel (kernels/int4_mma_decode.py), whose programs are one warp each, its own
-    programs per multiprocessor and limit."""
+    programs per multiprocessor and limit, and any count (its programs fill the multiprocessors in one wave)."""
     device = torch.device(device)
     if device.type != "cuda":
         return 2
@@ -286,7 +286,7 @@ def max_splits(batch: int, kv_heads: int, device, one_warp: bool = False) -> int
         return min(limit, SPLITS_PER_HEAD)
     per_multiprocessor = int4_mma_decode.PROGRAMS_PER_MULTIPROCESSOR if one_warp else SPLIT_PROGRAMS_PER_MULTIPROCESSOR
     per_head = max(1, per_multiprocessor * _multiprocessors(device.index) // (batch * kv_heads))
-    return min(limit, 1 << (per_head.bit_length() - 1))
+    return min(limit, per_head if one_warp else 1 << (per_head.bit_length() - 1))
 
 
 @functools.lru_cache(maxsize=None)

@@ -41,10 +41,12 @@ except ImportError:  # an older Triton, or none: decode_attention keeps its Trit
 
 STEP = 32  # tokens a loop step: one key group
 MAX_ROWS = 8  # query rows per KV head: the MMA's columns
-MAX_SPLITS = 128
-PROGRAMS_PER_MULTIPROCESSOR = 8  # one warp a program; splits per (sequence, KV head) fill about this many programs
-# per multiprocessor (a power of two): 1,024 programs on 132 multiprocessors, the fastest of 4-64 pages a split on
-# the H200 (benchmarks/results/kernel-mma-layout-h200.json)
+MAX_SPLITS = 256
+REGISTERS = 168  # per thread (maxnreg): 12 one-warp programs fit a multiprocessor's 64K registers, where the
+# compiler's own choice (255) fits 8. The rotated kernel then keeps a few values in local memory (6-20 accesses a
+# page: benchmarks/results/kernel-sass-triton*.md). On the H200 that took 8-17% less time than 8 programs at 255
+# registers, except batch 1 at 32K (2% more) (kernel-h200-gluon-registers.md)
+PROGRAMS_PER_MULTIPROCESSOR = 12  # splits per (sequence, KV head) fill about this many programs per multiprocessor
 ENABLED = True  # benchmarks/kernel.py turns it off to time the Triton page kernel on the same pages
 LOG2_E = 1.4426950408889634
 
@@ -128,7 +130,8 @@ def launch(query, paged, kv_start, kv_end, scale: float, partial, partial_lse, p
         partial, partial_lse, partial_lse if page_lse is None else page_lse,
         hot_keys, hot_values, paged.hot_table, hot_pages, *hot_keys.stride()[:3],
         scale * LOG2_E, head_dim**-0.5, pages_per_split, splits - hot_pages, splits, query_heads // kv_heads,
-        **constants(paged.warm.layout, rotate, page_lse is not None, warm_count is not None), num_warps=1)
+        **constants(paged.warm.layout, rotate, page_lse is not None, warm_count is not None), num_warps=1,
+        maxnreg=REGISTERS)
 
 
 @functools.cache
