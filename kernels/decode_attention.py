@@ -277,7 +277,7 @@ def max_splits(batch: int, kv_heads: int, device, one_warp: bool = False) -> int
     """Splits per (sequence, KV head): on CUDA enough for SPLIT_PROGRAMS_PER_MULTIPROCESSOR programs per
     multiprocessor, as a power of two (or SPLITS_PER_HEAD where set); two on the CPU (so that merging is exercised).
     ``one_warp``: for the Gluon INT4 kernel (kernels/int4_mma_decode.py), whose programs are one warp each, its own
-    programs per multiprocessor and limit, and any count (its programs fill the multiprocessors in one wave)."""
+    programs per multiprocessor and limit, and any count (not rounded to a power of two)."""
     device = torch.device(device)
     if device.type != "cuda":
         return 2
