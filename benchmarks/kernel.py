@@ -381,7 +381,7 @@ def main() -> None:
             f"Decode kernel by splits per (sequence, KV head), graph replay, one layer of Llama-3.1-8B shape on "
             f"{env['device']}; torch {env['torch']}, triton {env['triton']}. rule: the launcher's choice "
             f"for INT4 pages (the Gluon kernel: {int4_mma_decode.PROGRAMS_PER_MULTIPROCESSOR} one-warp programs per "
-            f"multiprocessor, a power of two).\n\n"
+            f"multiprocessor, not rounded to a power of two).\n\n"
             + text + "\n")
         print(text)
         return
