@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
 from kernel import dense_as_pages, graph_ms, relative_error, sdpa_call  # noqa: E402  (benchmarks/kernel.py)
 
+from kvtier import int4  # noqa: E402
 from kvtier.formats import Int4Format  # noqa: E402
 from kvtier.kernels import decode_attention as kernel_module  # noqa: E402
 from kvtier.kernels.decode_attention import (  # noqa: E402
@@ -82,8 +83,10 @@ def random_int4_layer(batch: int, tokens: int, device, seed: int) -> tuple[Paged
         return torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
 
     shapes = {name: (pages, *shape) for name, shape in layout.shapes.items()}
+    key_scale, key_scale_base = int4.encode_key_scales(uniform(shapes["key_scale"], 0.05, 0.4).float())
     fields = {"key_codes": codes(shapes["key_codes"]), "value_codes": codes(shapes["value_codes"]),
-              "key_scale": uniform(shapes["key_scale"], 0.05, 0.4), "key_min": uniform(shapes["key_min"], -3.0, 0.0),
+              "key_scale": key_scale, "key_scale_base": key_scale_base,
+              "key_min": uniform(shapes["key_min"], -3.0, 0.0),
               "value_scale": uniform(shapes["value_scale"], 0.05, 0.2),
               "value_min": uniform(shapes["value_min"], -1.5, -0.5)}
     packed = layout.pack(fields)  # (pages, page_bytes)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier import int4
 from kvtier.formats import TurboQuantFormat
 from kvtier.formats.turboquant import levels as turboquant_levels
 from kvtier.kernels import int4_mma_decode
@@ -66,6 +67,8 @@ VARIANT_NAMES = {"fold": "fold_key_scales", "offset": "offset_codes", "mass_dot"
 MASS_PAGES = 16  # page columns of the mass_dot indicator: at least a tile's pages, and a tensor-core width
 MASS_TILE = 128  # warm pages whose mass one program of the merge kernel turns from log-sum-exps into shares
 MERGE_ROWS = 16  # query rows one merge program takes at most
+MERGE_CHANNELS = 16  # channels one merge program takes: at batch 1 a KV head's ~200 splits are merged by
+# HEAD_DIM / 16 programs at once, not one program walking them in turn (H200, 128K tokens: 18 us for the merge)
 MERGE_ELEMENTS = 4096  # split partials one merge program loads at a time (rows x splits x channels)
 LOG2_E = 1.4426950408889634
 
@@ -219,14 +222,14 @@ def _page_constants(layout: PageLayout, warm_tile: int) -> dict:
                     KEY_LEVELS_AT=key_levels_at, QJL=warm_format.qjl,
                     KEY_GROUP=warm_format.key_group or layout.block_size, KEY_CENTERED=warm_format.key_group > 0,
                     KEY_PER_TOKEN=False, KEY_CODES_AT=at["key_planes"], VALUE_CODES_AT=at["value_planes"],
-                    KEY_SCALE_AT=at["key_norm"], KEY_MIN_AT=at.get("key_mean", 0),
+                    KEY_SCALE_AT=at["key_norm"], KEY_SCALE_BASE_AT=0, KEY_MIN_AT=at.get("key_mean", 0),
                     VALUE_SCALE_AT=at["value_norm"], VALUE_MIN_AT=0,
                     KEY_SIGNS_AT=at.get("key_signs", 0), KEY_RESIDUAL_AT=at.get("key_residual_norm", 0))
     return dict(common, TURBOQUANT=False, BITS=4, KEY_BITS=4, KEY_LEVELS_AT=0, QJL=False,
                 KEY_GROUP=warm_format.key_group, KEY_CENTERED=False, KEY_PER_TOKEN=not warm_format.key_per_channel,
                 KEY_CODES_AT=at["key_codes"], VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"],
-                KEY_MIN_AT=at["key_min"], VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
-                KEY_SIGNS_AT=0, KEY_RESIDUAL_AT=0)
+                KEY_SCALE_BASE_AT=at.get("key_scale_base", 0), KEY_MIN_AT=at["key_min"],
+                VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"], KEY_SIGNS_AT=0, KEY_RESIDUAL_AT=0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -409,14 +412,15 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     launch(query, paged, kv_start, kv_end, scale, partial, partial_lse, page_lse, splits, pages_per_split, warm_count)
     out = torch.empty_like(query) if out is None else out
     merge_rows = min(max(1, triton.next_power_of_2(group)), MERGE_ROWS)
-    row_programs = -(-group // merge_rows)
+    merge_channels = min(MERGE_CHANNELS, head_dim)
+    row_programs = -(-group // merge_rows) * (head_dim // merge_channels)
     mass_programs = -(-warm_pages // MASS_TILE) if with_mass else 0
     _merge_splits_kernel[(batch * kv_heads, row_programs + mass_programs)](
         partial, partial_lse, out, page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
         partial_lse if lse is None else lse, warm_pages, splits, group, row_programs,
-        MERGE_ROWS=merge_rows, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        MERGE_ROWS=merge_rows, MERGE_CHANNELS=merge_channels, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
-        SPLIT_CHUNK=max(1, min(triton.next_power_of_2(splits), MERGE_ELEMENTS // (merge_rows * head_dim))),
+        SPLIT_CHUNK=max(1, min(triton.next_power_of_2(splits), MERGE_ELEMENTS // (merge_rows * merge_channels))),
         WITH_MASS=with_mass, WITH_LSE=lse is not None, MASS_TILE=MASS_TILE,
     )
     return out, mass
@@ -424,6 +428,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
 
 # ------------------------------------------------------------------------------------------------ kernels
 if triton is not None:
+    DECODE_KEY_SCALES = tl.constexpr(int4.DECODE_KEY_SCALES_PTX)
     OFFSET_STEP = tl.constexpr(64.0)  # with OFFSET_CODES a nibble c enters the dots as 1 + c / OFFSET_STEP
 
     def _lop3_unpack(nibble_bits: int, magic: int, shift_low: bool) -> str:
@@ -482,6 +487,21 @@ if triton is not None:
             low = _nibble_values(codes & 0x0F, OFFSET)
             high = _nibble_values(codes >> 4, OFFSET)
         return low, high
+
+    @triton.jit
+    def _key_group_scales(codes_ptr, base_ptr, row_ok, ASM: tl.constexpr):
+        """Key groups' float16 scales from their one-byte codes at ``codes_ptr`` (NG, W) and bases at ``base_ptr``
+        (NG,): the bits of the base plus 32 times the code (kvtier.int4.decode_key_scales). With ASM (compiled CUDA)
+        in inline PTX marked impure, so that each group's row is decoded once rather than again for every token it
+        broadcasts to (sm_90, Triton 3.6: 1,444 instructions a warm loop iteration against 1,611 marked pure and
+        1,857 in plain Triton; 1,404 with float16 scales)."""
+        base_bits = tl.load(base_ptr.to(tl.pointer_type(tl.int16)), mask=row_ok, other=0)
+        codes = tl.load(codes_ptr, mask=row_ok[:, None], other=0)
+        if ASM:
+            base_pair = tl.zeros(codes.shape, tl.int32) + ((base_bits.to(tl.int32) & 0xFFFF) * 0x10001)[:, None]
+            return tl.inline_asm_elementwise(asm=DECODE_KEY_SCALES, constraints="=r,=r,r,r,r,r,r",
+                                             args=[codes, base_pair], dtype=tl.float16, is_pure=False, pack=4)
+        return (base_bits[:, None] + codes.to(tl.int16) * 32).to(tl.float16, bitcast=True)
 
     @triton.jit
     def _folded_key_scores(query_low, query_high, key_codes, scale_low, scale_high, min_low, min_high,
@@ -593,7 +613,8 @@ if triton is not None:
         group,  # query rows per KV head: its query heads (decode), or its query heads x positions (a prefill tile)
         # field byte offsets; TurboQuant keeps norms in the SCALE fields and key means in KEY_MIN
         KEY_CODES_AT: tl.constexpr, VALUE_CODES_AT: tl.constexpr, KEY_SCALE_AT: tl.constexpr,
-        KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr, VALUE_MIN_AT: tl.constexpr,
+        KEY_SCALE_BASE_AT: tl.constexpr, KEY_MIN_AT: tl.constexpr, VALUE_SCALE_AT: tl.constexpr,
+        VALUE_MIN_AT: tl.constexpr,
         KEY_SIGNS_AT: tl.constexpr, KEY_RESIDUAL_AT: tl.constexpr,
         TURBOQUANT: tl.constexpr, BITS: tl.constexpr, KEY_BITS: tl.constexpr, KEY_LEVELS_AT: tl.constexpr,
         QJL: tl.constexpr, KEY_CENTERED: tl.constexpr,
@@ -679,7 +700,8 @@ if triton is not None:
                 group_page = tile_first + (key_groups * KEY_GROUP) // BLOCK  # (NG,)
                 group_ok = group_page < warm_last
                 group_ptr = page_base_ptr + tl.load(warm_offset_ptr + group_page, mask=group_ok, other=0) * ALIGNMENT
-                group_at = (page_rows * (BLOCK // KEY_GROUP) + (key_groups * KEY_GROUP % BLOCK) // KEY_GROUP) * HEAD_DIM
+                group_index = page_rows * (BLOCK // KEY_GROUP) + (key_groups * KEY_GROUP % BLOCK) // KEY_GROUP
+                group_at = group_index * HEAD_DIM
             if TURBOQUANT:  # q . k = |k| (q . levels[codes]) + q . (the group mean) + the QJL term
                 key_norm = tl.load((row_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16)) + token_param_at,
                                    mask=page_ok, other=0.0).to(tl.float32)
@@ -722,33 +744,29 @@ if triton is not None:
                     if OFFSET_CODES:  # q . c = 64 (q . (1 + c/64) - sum q), with q as the dot rounded it
                         scores = (scores - query16_sum[:, None]) * OFFSET_STEP
                     scores = scores * scale[None, :] + query_sum[:, None] * minimum[None, :]
-                elif FOLD_KEY_SCALES:  # per channel over key groups, the scales folded into the query
-                    scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
+                else:  # per channel over key groups: one row of (scale code, min) and a scale base per group
+                    scale_ptr = (group_ptr + KEY_SCALE_AT)[:, None] + group_at[:, None]  # uint8 codes
+                    base_ptr = group_ptr + KEY_SCALE_BASE_AT + group_index * 2  # float16
+                    scale_low = _key_group_scales(scale_ptr + half[None, :], base_ptr, group_ok, LOP3_UNPACK)
+                    scale_high = _key_group_scales(scale_ptr + HALF + half[None, :], base_ptr, group_ok,
+                                                   LOP3_UNPACK)  # (NG, D/2) float16 each
                     min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                    scores = _folded_key_scores(
-                        query_low, query_high, key_codes,
-                        tl.load(scale_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                        tl.load(scale_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
-                        tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                        tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0),
-                        GROUP_PAD, TILE, KEY_GROUP, HALF, OFFSET_CODES, LOP3_UNPACK)
-                else:  # per channel over key groups: one (scale, min) row per group, broadcast to its tokens
-                    scale_ptr = (group_ptr + KEY_SCALE_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                    min_ptr = (group_ptr + KEY_MIN_AT).to(tl.pointer_type(tl.float16))[:, None] + group_at[:, None]
-                    # the codes as c, also with OFFSET_CODES: changing the group parameters for 1 + c/64 would be
-                    # recomputed for every element they broadcast to
-                    low_codes, high_codes = _unpacked_nibbles(key_codes, False, LOP3_UNPACK)  # (T, D/2) each
-                    low_keys = (low_codes * _per_token(tl.load(scale_ptr + half[None, :], mask=group_ok[:, None],
-                                                               other=0.0), KEY_GROUP, TILE, HALF)
-                                + _per_token(tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0),
-                                             KEY_GROUP, TILE, HALF))
-                    high_keys = (high_codes * _per_token(tl.load(scale_ptr + HALF + half[None, :],
-                                                                 mask=group_ok[:, None], other=0.0),
-                                                         KEY_GROUP, TILE, HALF)
-                                 + _per_token(tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None],
-                                                      other=0.0), KEY_GROUP, TILE, HALF))
-                    scores = tl.dot(query_low16, tl.trans(low_keys))
-                    scores = tl.dot(query_high16, tl.trans(high_keys), scores)
+                    min_low = tl.load(min_ptr + half[None, :], mask=group_ok[:, None], other=0.0)
+                    min_high = tl.load(min_ptr + HALF + half[None, :], mask=group_ok[:, None], other=0.0)
+                    if FOLD_KEY_SCALES:  # the scales folded into the query
+                        scores = _folded_key_scores(query_low, query_high, key_codes, scale_low, scale_high, min_low,
+                                                    min_high, GROUP_PAD, TILE, KEY_GROUP, HALF, OFFSET_CODES,
+                                                    LOP3_UNPACK)
+                    else:  # the group rows broadcast to their tokens
+                        # the codes as c, also with OFFSET_CODES: changing the group parameters for 1 + c/64 would be
+                        # recomputed for every element they broadcast to
+                        low_codes, high_codes = _unpacked_nibbles(key_codes, False, LOP3_UNPACK)  # (T, D/2) each
+                        low_keys = (low_codes * _per_token(scale_low, KEY_GROUP, TILE, HALF)
+                                    + _per_token(min_low, KEY_GROUP, TILE, HALF))
+                        high_keys = (high_codes * _per_token(scale_high, KEY_GROUP, TILE, HALF)
+                                     + _per_token(min_high, KEY_GROUP, TILE, HALF))
+                        scores = tl.dot(query_low16, tl.trans(low_keys))
+                        scores = tl.dot(query_high16, tl.trans(high_keys), scores)
             scores = tl.where(valid[None, :], scores * scale_log2, float("-inf"))  # (G, T)
 
             new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -862,28 +880,30 @@ if triton is not None:
 
     @triton.jit
     def _merge_rows(partial_ptr, partial_lse_ptr, out_ptr, lse_ptr, sequence_head, program, splits, group,
-                    MERGE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                    SPLIT_CHUNK: tl.constexpr, WITH_LSE: tl.constexpr):
-        """Merge MERGE_ROWS query rows of a KV head over the splits, SPLIT_CHUNK splits' loads in flight at once."""
-        heads = program * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+                    MERGE_ROWS: tl.constexpr, MERGE_CHANNELS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WITH_LSE: tl.constexpr):
+        """Merge MERGE_CHANNELS channels of MERGE_ROWS query rows of a KV head over the splits, SPLIT_CHUNK splits'
+        loads in flight at once; ``program`` numbers (row block, channel block) pairs, channel blocks first."""
+        channel_blocks: tl.constexpr = HEAD_DIM // MERGE_CHANNELS
+        heads = program // channel_blocks * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
         head_ok = heads < group
         query_rows = sequence_head * group + heads  # (R,)
         top, total = _split_weights_top(partial_lse_ptr, query_rows, head_ok, splits, SPLITS_PAD)
         safe_total = tl.where(total == 0.0, 1.0, total)
-        channels = tl.arange(0, HEAD_DIM)
+        channels = program % channel_blocks * MERGE_CHANNELS + tl.arange(0, MERGE_CHANNELS)
         chunk = tl.arange(0, SPLIT_CHUNK)
-        merged = tl.zeros([MERGE_ROWS, HEAD_DIM], tl.float32)
+        merged = tl.zeros([MERGE_ROWS, MERGE_CHANNELS], tl.float32)
         for first in range(0, splits, SPLIT_CHUNK):
             split_rows = query_rows[:, None] * splits + first + chunk[None, :]  # (R, C)
             split_ok = head_ok[:, None] & (first + chunk < splits)[None, :]
             weight = tl.exp2(tl.load(partial_lse_ptr + split_rows, mask=split_ok, other=float("-inf"))
                              - top[:, None]) / safe_total[:, None]  # (R, C)
             pieces = tl.load(partial_ptr + split_rows[:, :, None] * HEAD_DIM + channels[None, None, :],
-                             mask=split_ok[:, :, None], other=0.0)  # (R, C, D)
+                             mask=split_ok[:, :, None], other=0.0)  # (R, C, MERGE_CHANNELS)
             merged += tl.sum(weight[:, :, None] * pieces, 1)
         out_at = query_rows[:, None] * HEAD_DIM + channels[None, :]
         tl.store(out_ptr + out_at, merged.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
-        if WITH_LSE:
+        if WITH_LSE and program % channel_blocks == 0:
             log2_total = tl.where(total == 0.0, float("-inf"), top + tl.log2(safe_total))
             tl.store(lse_ptr + query_rows, log2_total * 0.6931471805599453, mask=head_ok)  # times ln 2
 
@@ -910,18 +930,18 @@ if triton is not None:
         page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
         lse_ptr,  # (B, H_q) natural-log log-sum-exp out
         warm_pages, splits, group, row_programs,  # group: query rows per KV head
-        MERGE_ROWS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        MERGE_ROWS: tl.constexpr, MERGE_CHANNELS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
         MASS_TILE: tl.constexpr,
     ):
-        """Programs 0 .. row_programs - 1 of a KV head merge MERGE_ROWS of its query rows each; the programs after them
-        take MASS_TILE warm pages' mass each (over all of the head's rows, GROUP_PAD of them: mass is only asked with
-        one row block)."""
+        """Programs 0 .. row_programs - 1 of a KV head merge MERGE_CHANNELS channels of MERGE_ROWS of its query rows
+        each; the programs after them take MASS_TILE warm pages' mass each (over all of the head's rows, GROUP_PAD of
+        them: mass is only asked with one row block)."""
         sequence_head = tl.program_id(0)
         program = tl.program_id(1)
         if program < row_programs:
             _merge_rows(partial_ptr, partial_lse_ptr, out_ptr, lse_ptr, sequence_head, program, splits, group,
-                        MERGE_ROWS, HEAD_DIM, SPLITS_PAD, SPLIT_CHUNK, WITH_LSE)
+                        MERGE_ROWS, MERGE_CHANNELS, HEAD_DIM, SPLITS_PAD, SPLIT_CHUNK, WITH_LSE)
         elif WITH_MASS:
             _page_mass(partial_lse_ptr, page_lse_ptr, mass_ptr, sequence_head, program - row_programs, warm_pages,
                        splits, group, GROUP_PAD, SPLITS_PAD, MASS_TILE)

@@ -46,8 +46,10 @@ KEY_SCALE, KEY_MIN, VALUE_SCALE, VALUE_MIN = range(4)  # rows of the kernel's de
 ROW_MAX, TOTAL = range(2)  # rows of the kernel's online-softmax state
 MIN_PAGES_PER_ITEM = 4  # fewer pages per item than this costs more in setup and merging than it gains
 REFERENCE_TILE_TOKENS = 4096  # tokens the reference dequantizes at a time
-INT4_FIELDS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min")
-KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT = range(6)  # into ``at``
+INT4_FIELDS = ("key_codes", "value_codes", "key_scale", "key_min", "value_scale", "value_min", "key_scale_base")
+KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT, KEY_SCALE_BASE_AT = range(7)
+# (indices into ``at``; only per-channel keys have a key_scale_base, 0 otherwise, and their key_scale is one-byte
+# codes: kvtier.int4)
 
 
 def host_kernel_reads(layout: PageLayout) -> bool:
@@ -87,7 +89,7 @@ def host_attention(rotated_queries: torch.Tensor, slab: torch.Tensor, rows: torc
     part_out = _empty(batch, heads, splits, group, dim)  # (B, H_kv, S, G, D)
     part_lse = _empty(batch, heads, splits, group)  # (B, H_kv, S, G)
     warm_format = layout.format
-    at = np.array([layout.offsets[name] for name in INT4_FIELDS], dtype=np.int64)
+    at = np.array([layout.offsets.get(name, 0) for name in INT4_FIELDS], dtype=np.int64)
     pages = _numpy(slab)  # (P, page_bytes) uint8
     with numba.parallel_chunksize(1):  # items go to threads as they free up (this thread's setting, restored)
         _int4_attention(_numpy(rotated_queries), pages, pages.view(np.uint16), _numpy(rows, np.int64),
@@ -209,6 +211,13 @@ if numba is not None:
             target[i] = _half(source[i])
 
     @numba.njit(inline="always", fastmath=_FAST)
+    def _decode_scale_codes(codes, base_bits, out):
+        """out = float32 key scales from one-byte codes (D,) and their group's float16 base bits: the base's bits plus
+        32 times the code (kvtier.int4.decode_key_scales)."""
+        for i in range(codes.shape[0]):
+            out[i] = _half(np.uint32(base_bits) + np.uint32(codes[i]) * np.uint32(32))
+
+    @numba.njit(inline="always", fastmath=_FAST)
     def _unpack(packed, t, codes):
         """Token t of packed codes (block, D // 2) uint8 -> codes (D,) float32, the halves as packed. To vectorize,
         the inner index must be provably non-negative (so: by token and byte, not a flat offset) and the two halves
@@ -251,14 +260,15 @@ if numba is not None:
         return s0, s1, s2, s3
 
     @numba.njit(fastmath=_FAST)
-    def _key_scores_by_group(queries, key_codes, key_scale, key_min, key_group, lo, hi, tile, channel, folded,
-                             offsets, scores):
-        """Scores (G, block + TILE) of tokens lo..hi-1 with per-channel key groups (key_scale, key_min (groups, D)
-        float16 bits): per group the queries are folded into the scales (folded (G, D)) and minimums (offsets
-        (G,)), then dotted with the tokens' codes, TILE tokens at a time. channel: (2, D) scratch."""
+    def _key_scores_by_group(queries, key_codes, key_scale, key_scale_base, key_min, key_group, lo, hi, tile, channel,
+                             folded, offsets, scores):
+        """Scores (G, block + TILE) of tokens lo..hi-1 with per-channel key groups (key_scale (groups, D) one-byte
+        codes, key_scale_base (groups,) and key_min (groups, D) float16 bits): per group the queries are folded into
+        the scales (folded (G, D)) and minimums (offsets (G,)), then dotted with the tokens' codes, TILE tokens at a
+        time. channel: (2, D) scratch."""
         group_count, dim = queries.shape
         for group in range(lo // key_group, (hi - 1) // key_group + 1):
-            _decode(key_scale[group], 0, dim, channel[0])
+            _decode_scale_codes(key_scale[group], key_scale_base[group], channel[0])
             _decode(key_min[group], 0, dim, channel[1])
             for g in range(group_count):
                 for d in range(dim):
@@ -359,10 +369,11 @@ if numba is not None:
         key_codes = _field(page, at[KEY_CODES_AT] + pair * block * half, block, half)  # (block, D // 2)
         if per_channel:
             groups = block // key_group
-            key_scale = _field(page_halves, at[KEY_SCALE_AT] // 2 + pair * groups * dim, groups, dim)  # (groups, D)
+            key_scale = _field(page, at[KEY_SCALE_AT] + pair * groups * dim, groups, dim)  # (groups, D) codes
+            key_scale_base = page_halves[at[KEY_SCALE_BASE_AT] // 2 + pair * groups:]  # (groups,) from here
             key_min = _field(page_halves, at[KEY_MIN_AT] // 2 + pair * groups * dim, groups, dim)
-            _key_scores_by_group(queries, key_codes, key_scale, key_min, key_group, lo, hi, tile, channel, folded,
-                                 offsets, scores)
+            _key_scores_by_group(queries, key_codes, key_scale, key_scale_base, key_min, key_group, lo, hi, tile,
+                                 channel, folded, offsets, scores)
         else:
             _key_scores_by_token(queries, query_sums, key_codes, lo, hi, tile, params, scores)
         page_max, page_total, page_min = page_sums[0], page_sums[1], page_sums[2]

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from kvtier import int4
 from kvtier.formats import Int4Format
 from kvtier.pages import ALIGNMENT
 
@@ -107,7 +108,8 @@ def constants(layout, rotate: bool, with_mass: bool, count_on_device: bool) -> d
     at = layout.offsets
     return dict(KV_HEADS=layout.kv_heads, HEAD_DIM=layout.head_dim, BLOCK=layout.block_size, ALIGN=ALIGNMENT,
                 KEY_CODES_AT=at["key_codes"], VALUE_CODES_AT=at["value_codes"], KEY_SCALE_AT=at["key_scale"],
-                KEY_MIN_AT=at["key_min"], VALUE_SCALE_AT=at["value_scale"], VALUE_MIN_AT=at["value_min"],
+                KEY_SCALE_BASE_AT=at["key_scale_base"], KEY_MIN_AT=at["key_min"], VALUE_SCALE_AT=at["value_scale"],
+                VALUE_MIN_AT=at["value_min"],
                 VALUE_CODES_LAYOUT=value_codes_layout(layout.head_dim // 2), WITH_MASS=with_mass, ROTATE=rotate,
                 COUNT_ON_DEVICE=count_on_device)
 
@@ -169,6 +171,7 @@ if gluon is not None:
     lop3.b32 $3, right8, 0x00F000F0, 0x54005400, 0xEA;
     }
     """)
+    DECODE_KEY_SCALES = gl.constexpr(int4.DECODE_KEY_SCALES_PTX)
     KEY_LOW_OFFSET, KEY_HIGH_OFFSET, VALUE_OFFSET = (gl.constexpr(value) for value in (1024.0, 64.0, 64.0))
     G_STEP = gl.constexpr(STEP)
 
@@ -216,15 +219,25 @@ if gluon is not None:
 
     @gluon.jit
     def _key_parameters(row_ptr, vector_layout: gl.constexpr, HALF: gl.constexpr):
-        """A key group's HALF float16 parameters of one half in kvtier's channel order: HALF / 4 contiguous
-        channels a thread (the run its key codes came from), relabelled to the operand indices of ``vector_layout``
-        (a slice of an operand layout) as the unpacked codes are."""
+        """A key group's HALF parameters (float16 minimums, or one-byte scale codes) of one half in kvtier's channel
+        order: HALF / 4 contiguous channels a thread (the run its key codes came from), relabelled to the operand
+        indices of ``vector_layout`` (a slice of an operand layout) as the unpacked codes are."""
         load_layout: gl.constexpr = gl.BlockedLayout([1, HALF // 4], [4, 8], [1, 1], [0, 1])  # (t, run): lane % 4 = t
         runs = gl.arange(0, 4, layout=gl.SliceLayout(1, load_layout))[:, None] * (HALF // 4) + \
             gl.arange(0, HALF // 4, layout=gl.SliceLayout(0, load_layout))[None, :]
         values = gl.load(row_ptr + runs)  # (4 t, HALF / 4: s, e, h), in kvtier's channel order
         values = gl.permute(gl.reshape(values, [4, HALF // 16, 2, 2]), [1, 3, 0, 2])  # (s, h, t, e)
         return gl.convert_layout(gl.reshape(values, [HALF]), vector_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _key_scales(codes_ptr, base_bits, vector_layout: gl.constexpr, HALF: gl.constexpr):
+        """A key group's HALF float16 scales of one half from their one-byte codes, in the order of
+        _key_parameters: the bits of the group's base plus 32 times the code (kvtier.int4.decode_key_scales)."""
+        codes = _key_parameters(codes_ptr, vector_layout, HALF)  # (HALF,) uint8
+        base_pair = gl.full(codes.shape, 0, gl.int32, layout=codes.type.layout) + \
+            (base_bits.to(gl.int32) & 0xFFFF) * 0x10001
+        return gl.inline_asm_elementwise(asm=DECODE_KEY_SCALES, constraints="=r,=r,r,r,r,r,r", args=[codes, base_pair],
+                                         dtype=gl.float16, is_pure=True, pack=4)
 
     @gluon.jit
     def _hadamard(a_layout: gl.constexpr, HALF: gl.constexpr):
@@ -269,7 +282,8 @@ if gluon is not None:
         pages_per_split, warm_splits, splits, group,  # splits: warm_splits over the warm pages, then a hot page each
         KV_HEADS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, ALIGN: gl.constexpr,
         KEY_CODES_AT: gl.constexpr, VALUE_CODES_AT: gl.constexpr, KEY_SCALE_AT: gl.constexpr,
-        KEY_MIN_AT: gl.constexpr, VALUE_SCALE_AT: gl.constexpr, VALUE_MIN_AT: gl.constexpr,
+        KEY_SCALE_BASE_AT: gl.constexpr, KEY_MIN_AT: gl.constexpr, VALUE_SCALE_AT: gl.constexpr,
+        VALUE_MIN_AT: gl.constexpr,
         VALUE_CODES_LAYOUT: gl.constexpr, WITH_MASS: gl.constexpr, ROTATE: gl.constexpr,
         COUNT_ON_DEVICE: gl.constexpr,
     ):
@@ -351,11 +365,14 @@ if gluon is not None:
                 codes_at = page_ptr + (page_row * BLOCK + token0) * HALF
                 key_codes = gl.load(codes_at + KEY_CODES_AT + key_offsets)
                 value_codes = gl.load(codes_at + VALUE_CODES_AT + value_offsets)
-                group_row = (page_row * (BLOCK // G_STEP) + step) * HEAD_DIM
-                scale_ptr = (page_ptr + KEY_SCALE_AT).to(gl.pointer_type(gl.float16)) + group_row
+                group_index = page_row * (BLOCK // G_STEP) + step
+                group_row = group_index * HEAD_DIM
+                scale_codes_ptr = page_ptr + KEY_SCALE_AT + group_row  # uint8
+                base_bits = gl.load((page_ptr + KEY_SCALE_BASE_AT).to(gl.pointer_type(gl.int16)) + group_index)
                 min_ptr = (page_ptr + KEY_MIN_AT).to(gl.pointer_type(gl.float16)) + group_row
-                folded_low = query_low * _key_parameters(scale_ptr, channel_vector, HALF)[:, None]  # (HALF, 8) fp16
-                folded_high = query_high * _key_parameters(scale_ptr + HALF, channel_vector, HALF)[:, None]
+                folded_low = query_low * _key_scales(scale_codes_ptr, base_bits, channel_vector, HALF)[:, None]
+                folded_high = query_high * _key_scales(scale_codes_ptr + HALF, base_bits, channel_vector,
+                                                       HALF)[:, None]  # (HALF, 8) float16
                 zero_rows = gl.zeros([16, HALF], gl.float16, layout=a_layout)  # minimums broadcast to 16 rows
                 column_terms = gl.zeros([16, 8], gl.float32, layout=mma)
                 min_low = gl.broadcast(_key_parameters(min_ptr, min_vector, HALF)[None, :], zero_rows)[0]

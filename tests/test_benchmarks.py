@@ -233,11 +233,14 @@ def test_fidelity_format_names_map_to_tier_config_fields():
 
 def test_fidelity_prints_int4_bytes_per_token_exactly():
     """SmolLM2's shape (3 KV heads, head dim 64, 64-token pages, key groups of 32): key and value codes at 4 bits,
-    a float16 scale and minimum per channel per 32 keys and per value."""
+    a one-byte scale code and a float16 minimum per channel per 32 keys, a float16 scale base per 32 keys (a page's
+    3 heads x 2 groups x 2 bytes, padded to 16 bytes), and a float16 scale and minimum per value."""
     codes = 2 * 64 // 2
-    key_params = 2 * 64 * 2 / 32
+    key_params = 64 * (1 + 2) / 32
+    scale_bases = 16 / (64 * 3)
     value_params = 2 * 2
-    assert fidelity.int4_bytes_per_head(3, 64, 32) == codes + key_params + value_params == 76
+    assert fidelity.int4_bytes_per_head(3, 64, 32) == codes + key_params + scale_bases + value_params
+    assert round(fidelity.int4_bytes_per_head(3, 64, 32), 3) == 74.083
 
 
 SOAK_ARGS = dict(min_prompt=32, max_prompt=600, max_new=16, session_every=5, rss_tolerance_mb=64.0)

@@ -179,10 +179,11 @@ def test_kernel_reads_the_precision_rules_low_pages(low_key_bits, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("merge_elements", [4096, 256])
+@pytest.mark.parametrize("merge_elements", [4096, 64])
 def test_fully_masked_split_and_single_split(merge_elements, device, monkeypatch):
     """A row whose window misses whole splits, and a forced single split, still give the reference's answer; with
-    MERGE_ELEMENTS 256 the merge takes the splits two at a time (a ragged last pair at 3 and 7 splits)."""
+    MERGE_ELEMENTS 64 the merge takes the splits two at a time (2 rows x 16 channels; a ragged last pair at 3 and 7
+    splits)."""
     monkeypatch.setattr(kernel_module, "MERGE_ELEMENTS", merge_elements)
     layer = filled_layer(device, 2, 4, 2, 64, 180, torch.float32, seed=3)
     query = torch.randn(2, 4, 64, device=device)
