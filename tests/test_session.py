@@ -29,9 +29,11 @@ from test_cold_tier import (FP32_RELATIVE, HEADS, HEAD_DIM, SMALL, budget_for_wa
 
 
 def filled_cache(model, tokens=300, **overrides):
-    """A cache of ``model``'s shape holding ``tokens`` random states: hot, 2 warm pages a layer, the rest cold (or as
-    ``overrides`` say), with the token ids it holds."""
-    config = {**SMALL, "budget_gb": budget_for_warm_pages(2, chunk_pages=2), "chunk_pages": 2, **overrides}
+    """A cache of ``model``'s shape holding ``tokens`` random states: hot, 2 warm pages a layer (of its own warm
+    format), the rest cold (or as ``overrides`` say), with the token ids it holds."""
+    page_format = {name: overrides[name] for name in ("warm_format",) if name in overrides}
+    config = {**SMALL, "budget_gb": budget_for_warm_pages(2, chunk_pages=2, **page_format), "chunk_pages": 2,
+              **overrides}
     cache = TieredCache(TierConfig(**config), model.config)
     keys, values = random_states(tokens, seed=tokens)
     for first in range(0, tokens, 37):
