@@ -35,7 +35,7 @@ from .errors import KVTierError, SessionCorruptError, SessionMismatchError
 from .formats import make_format, make_low_format
 from .policies import POLICIES, make_policy, policy_name
 
-FORMAT_VERSION = 2  # 2: each layer's policy state (policy-NNN.bin)
+FORMAT_VERSION = 3  # 2: each layer's policy state (policy-NNN.bin); 3: INT4 pages with one-byte key scale codes
 MANIFEST = "manifest.json"
 # TierConfig fields that decide what a page, the hot buffer or a layer's tiers hold: a session saved with one value
 # cannot be read with another. The rest (budgets, policy, kernels, prefetch) may change between save and load.

@@ -165,9 +165,9 @@ def test_a_config_that_changes_the_pages_is_refused(saved, model, field, value):
 def test_another_format_version_is_refused(saved, model):
     path = saved[0]
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["format_version"] = 1  # a session saved before policy state was
+    manifest["format_version"] = 2  # a session saved before INT4 pages had one-byte key scale codes
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SessionMismatchError, match=r"session format version 1; this kvtier reads version 2.*Save the "
+    with pytest.raises(SessionMismatchError, match=r"session format version 2; this kvtier reads version 3.*Save the "
                                                    r"session again"):
         kvtier.load(path, model)
 
