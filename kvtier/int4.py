@@ -44,8 +44,12 @@ def _quantize(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
     """Asymmetric 4-bit codes for x given per-group bounds (broadcastable), params rounded to float16 first."""
     scale = ((high - low) / LEVELS).clamp_min(_TINY).to(PARAM_DTYPE)
     minimum = low.to(PARAM_DTYPE)
-    codes = torch.round((x - minimum.float()) / scale.float()).clamp_(0, LEVELS)
-    return pack_nibbles(codes), scale, minimum
+    return _packed_codes(x, scale, minimum), scale, minimum
+
+
+def _packed_codes(x: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    """x coded against its stored float16 scale and minimum (broadcastable): nearest of 0..15, packed."""
+    return pack_nibbles(torch.round((x - minimum.float()) / scale.float()).clamp_(0, LEVELS))
 
 
 def encode_key_scales(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,10 +106,8 @@ def quantize_keys(keys: torch.Tensor, valid: torch.Tensor | None = None):
         no_valid = ~mask.any(dim=-2, keepdim=True)
         low, high = low.masked_fill(no_valid, 0.0), high.masked_fill(no_valid, 0.0)
     scale_codes, base = encode_key_scales(((high - low) / LEVELS).clamp_min(_TINY))
-    scale = decode_key_scales(scale_codes, base)
     minimum = low.to(PARAM_DTYPE)
-    codes = torch.round((x - minimum.float()) / scale.float()).clamp_(0, LEVELS)
-    return pack_nibbles(codes), scale_codes, base, minimum
+    return _packed_codes(x, decode_key_scales(scale_codes, base), minimum), scale_codes, base, minimum
 
 
 def quantize_values(values: torch.Tensor):
