@@ -20,6 +20,10 @@ Written in Gluon (Triton's layout-explicit language) so that nothing goes throug
   its indices, and both operand orders above are bit permutations of the channel index, so H applies in operand
   order as it is.
 Register relabels are checked free at compile time (``convert_layout(assert_trivial=True)``).
+- Loads run a key group ahead: a page's second group is read before its first group's arithmetic, and the next
+  page's address a page ahead, so that a one-warp program keeps reads in flight while it computes (on the H200,
+  6-11% less time than loading each group where it is used: benchmarks/results/kernel-h200-group-ahead.md). Codes
+  are not carried from one page loop iteration to the next: there they would be held a byte a register.
 """
 
 from __future__ import annotations
@@ -230,14 +234,39 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(values, [HALF]), vector_layout, assert_trivial=True)
 
     @gluon.jit
-    def _key_scales(codes_ptr, base_bits, vector_layout: gl.constexpr, HALF: gl.constexpr):
-        """A key group's HALF float16 scales of one half from their one-byte codes, in the order of
-        _key_parameters: the bits of the group's base plus 32 times the code (kvtier.int4.decode_key_scales)."""
-        codes = _key_parameters(codes_ptr, vector_layout, HALF)  # (HALF,) uint8
+    def _key_scales(codes, base_bits):
+        """A key group's float16 scales from their one-byte codes as _key_parameters loaded them: the bits of the
+        group's base plus 32 times the code (kvtier.int4.decode_key_scales)."""
         base_pair = gl.full(codes.shape, 0, gl.int32, layout=codes.type.layout) + \
             (base_bits.to(gl.int32) & 0xFFFF) * 0x10001
         return gl.inline_asm_elementwise(asm=DECODE_KEY_SCALES, constraints="=r,=r,r,r,r,r,r", args=[codes, base_pair],
                                          dtype=gl.float16, is_pure=True, pack=4)
+
+    @gluon.jit
+    def _group_loads(page_ptr, step, page_row, key_offsets, value_offsets, step_tokens,
+                     channel_vector: gl.constexpr, min_vector: gl.constexpr, HALF: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, KEY_CODES_AT: gl.constexpr,
+                     VALUE_CODES_AT: gl.constexpr, KEY_SCALE_AT: gl.constexpr, KEY_SCALE_BASE_AT: gl.constexpr,
+                     KEY_MIN_AT: gl.constexpr, VALUE_SCALE_AT: gl.constexpr, VALUE_MIN_AT: gl.constexpr):
+        """Every load of key group ``step`` of the page at ``page_ptr``, issued together a group ahead of their use:
+        key and value codes as loaded, the group's scale base, scale codes and minimums in operand order, and each
+        token's value scale and minimum."""
+        token0 = step * G_STEP
+        codes_at = page_ptr + (page_row * BLOCK + token0) * HALF
+        key_codes = gl.load(codes_at + KEY_CODES_AT + key_offsets)
+        value_codes = gl.load(codes_at + VALUE_CODES_AT + value_offsets)
+        group_index = page_row * (BLOCK // G_STEP) + step
+        group_row = group_index * HEAD_DIM
+        base_bits = gl.load((page_ptr + KEY_SCALE_BASE_AT).to(gl.pointer_type(gl.int16)) + group_index)
+        scale_low = _key_parameters(page_ptr + KEY_SCALE_AT + group_row, channel_vector, HALF)  # uint8 codes
+        scale_high = _key_parameters(page_ptr + KEY_SCALE_AT + group_row + HALF, channel_vector, HALF)
+        min_ptr = (page_ptr + KEY_MIN_AT).to(gl.pointer_type(gl.float16)) + group_row
+        min_low = _key_parameters(min_ptr, min_vector, HALF)
+        min_high = _key_parameters(min_ptr + HALF, min_vector, HALF)
+        token_at = page_row * BLOCK + token0 + step_tokens
+        value_scale = gl.load((page_ptr + VALUE_SCALE_AT).to(gl.pointer_type(gl.float16)) + token_at)
+        value_min = gl.load((page_ptr + VALUE_MIN_AT).to(gl.pointer_type(gl.float16)) + token_at)
+        return key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, value_min
 
     @gluon.jit
     def _hadamard(a_layout: gl.constexpr, HALF: gl.constexpr):
@@ -351,9 +380,24 @@ if gluon is not None:
             page_count = warm_pages
             per_split = pages_per_split
         first = split * per_split  # past the warm pages in a hot page's split
-        for page in range(first, gl.minimum(first + per_split, page_count)):
-            page_ptr = page_base_ptr + gl.load(warm_offset_ptr + page).to(gl.int64) * ALIGN
-            position0 = gl.load(warm_position_ptr + page)
+        last = gl.minimum(first + per_split, page_count)
+        # a page's address is read a page ahead, and a key group's loads a group ahead inside the page, so that
+        # no load waits on another and a program keeps the next group's reads in flight while it computes
+        has_page = first < last
+        page_offset = gl.load(warm_offset_ptr + first, mask=has_page, other=0)
+        next_position0 = gl.load(warm_position_ptr + first, mask=has_page, other=0)
+        next_page_ptr = page_base_ptr + page_offset.to(gl.int64) * ALIGN
+        for page in range(first, last):
+            page_ptr = next_page_ptr
+            position0 = next_position0
+            has_next = page + 1 < last
+            page_offset = gl.load(warm_offset_ptr + page + 1, mask=has_next, other=0)
+            next_position0 = gl.load(warm_position_ptr + page + 1, mask=has_next, other=0)
+            next_page_ptr = page_base_ptr + page_offset.to(gl.int64) * ALIGN
+            key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, value_min = \
+                _group_loads(page_ptr, 0, page_row, key_offsets, value_offsets, step_tokens, channel_vector,
+                             min_vector, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT,
+                             KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
             page_sum = gl.zeros([8], gl.float32, layout=heads_layout)
             # the page's values enter the MMAs as s_t (64 + c); what that adds to the accumulators (64 s_t) and the
             # minimums they leave out (m_t) are summed per page and corrected after it, so that the accumulators
@@ -362,26 +406,27 @@ if gluon is not None:
             offset_acc = gl.zeros([16, 8], gl.float32, layout=mma)  # sum of w s_t as the MMAs saw it (16 equal rows)
             for step in gl.static_range(BLOCK // G_STEP):  # one key group a step
                 token0 = step * G_STEP
-                codes_at = page_ptr + (page_row * BLOCK + token0) * HALF
-                key_codes = gl.load(codes_at + KEY_CODES_AT + key_offsets)
-                value_codes = gl.load(codes_at + VALUE_CODES_AT + value_offsets)
-                group_index = page_row * (BLOCK // G_STEP) + step
-                group_row = group_index * HEAD_DIM
-                scale_codes_ptr = page_ptr + KEY_SCALE_AT + group_row  # uint8
-                base_bits = gl.load((page_ptr + KEY_SCALE_BASE_AT).to(gl.pointer_type(gl.int16)) + group_index)
-                min_ptr = (page_ptr + KEY_MIN_AT).to(gl.pointer_type(gl.float16)) + group_row
-                folded_low = query_low * _key_scales(scale_codes_ptr, base_bits, channel_vector, HALF)[:, None]
-                folded_high = query_high * _key_scales(scale_codes_ptr + HALF, base_bits, channel_vector,
-                                                       HALF)[:, None]  # (HALF, 8) float16
+                step_key_codes, step_value_codes, step_base, step_scale_low, step_scale_high = \
+                    key_codes, value_codes, base_bits, scale_low, scale_high
+                step_min_low, step_min_high, step_value_scale, step_value_min = min_low, min_high, value_scale, \
+                    value_min
+                if step + 1 < BLOCK // G_STEP:  # the next group's loads, before this group's arithmetic
+                    key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, \
+                        value_min = _group_loads(page_ptr, step + 1, page_row, key_offsets, value_offsets,
+                                                 step_tokens, channel_vector, min_vector, HALF, HEAD_DIM, BLOCK,
+                                                 KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT, KEY_SCALE_BASE_AT,
+                                                 KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
+                folded_low = query_low * _key_scales(step_scale_low, step_base)[:, None]
+                folded_high = query_high * _key_scales(step_scale_high, step_base)[:, None]  # (HALF, 8) float16
                 zero_rows = gl.zeros([16, HALF], gl.float16, layout=a_layout)  # minimums broadcast to 16 rows
                 column_terms = gl.zeros([16, 8], gl.float32, layout=mma)
-                min_low = gl.broadcast(_key_parameters(min_ptr, min_vector, HALF)[None, :], zero_rows)[0]
-                min_high = gl.broadcast(_key_parameters(min_ptr + HALF, min_vector, HALF)[None, :], zero_rows)[0]
-                column_terms = mma_v2(min_low, query_low, column_terms)
-                column_terms = mma_v2(min_high, query_high, column_terms)
+                min_low_rows = gl.broadcast(step_min_low[None, :], zero_rows)[0]
+                min_high_rows = gl.broadcast(step_min_high[None, :], zero_rows)[0]
+                column_terms = mma_v2(min_low_rows, query_low, column_terms)
+                column_terms = mma_v2(min_high_rows, query_high, column_terms)
                 column_terms = mma_v2(minus_key_low_offset, folded_low, column_terms)
                 column_terms = mma_v2(minus_key_high_offset, folded_high, column_terms)
-                key_low, key_high = _unpacked(key_codes, UNPACK_KEYS)  # (STEP, HALF) each, as loaded
+                key_low, key_high = _unpacked(step_key_codes, UNPACK_KEYS)  # (STEP, HALF) each, as loaded
                 scores = gl.zeros([G_STEP, 8], gl.float32, layout=mma) + gl.max(column_terms, axis=0)[None, :]
                 scores = mma_v2(_key_a_operand(key_low, a_layout, HALF), folded_low, scores)
                 scores = mma_v2(_key_a_operand(key_high, a_layout, HALF), folded_high, scores)  # (STEP, 8)
@@ -396,14 +441,10 @@ if gluon is not None:
                 running_sum += step_sum
                 page_sum += step_sum
 
-                token_at = page_row * BLOCK + token0 + step_tokens
-                value_scale = gl.load((page_ptr + VALUE_SCALE_AT).to(gl.pointer_type(gl.float16)) + token_at).to(
-                    gl.float32)
-                value_min = gl.load((page_ptr + VALUE_MIN_AT).to(gl.pointer_type(gl.float16)) + token_at).to(
-                    gl.float32)
-                value_bias += gl.sum(weights * value_min[:, None], axis=0)
-                scaled = gl.convert_layout((weights * value_scale[:, None]).to(gl.float16), b_layout)  # (STEP, 8)
-                value_low, value_high = _value_a_operand(value_codes, a_layout, VALUE_CODES_LAYOUT, HALF)
+                value_bias += gl.sum(weights * step_value_min.to(gl.float32)[:, None], axis=0)
+                scaled = gl.convert_layout((weights * step_value_scale.to(gl.float32)[:, None]).to(gl.float16),
+                                           b_layout)  # (STEP, 8)
+                value_low, value_high = _value_a_operand(step_value_codes, a_layout, VALUE_CODES_LAYOUT, HALF)
                 offset_acc = mma_v2(ones, scaled, offset_acc)
                 low_acc = mma_v2(value_low, scaled, low_acc)
                 high_acc = mma_v2(value_high, scaled, high_acc)
