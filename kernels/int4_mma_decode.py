@@ -394,10 +394,9 @@ if gluon is not None:
             page_offset = gl.load(warm_offset_ptr + page + 1, mask=has_next, other=0)
             next_position0 = gl.load(warm_position_ptr + page + 1, mask=has_next, other=0)
             next_page_ptr = page_base_ptr + page_offset.to(gl.int64) * ALIGN
-            key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, value_min = \
-                _group_loads(page_ptr, 0, page_row, key_offsets, value_offsets, step_tokens, channel_vector,
-                             min_vector, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT,
-                             KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
+            group_loads = _group_loads(page_ptr, 0, page_row, key_offsets, value_offsets, step_tokens, channel_vector,
+                                       min_vector, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT,
+                                       KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
             page_sum = gl.zeros([8], gl.float32, layout=heads_layout)
             # the page's values enter the MMAs as s_t (64 + c); what that adds to the accumulators (64 s_t) and the
             # minimums they leave out (m_t) are summed per page and corrected after it, so that the accumulators
@@ -406,27 +405,24 @@ if gluon is not None:
             offset_acc = gl.zeros([16, 8], gl.float32, layout=mma)  # sum of w s_t as the MMAs saw it (16 equal rows)
             for step in gl.static_range(BLOCK // G_STEP):  # one key group a step
                 token0 = step * G_STEP
-                step_key_codes, step_value_codes, step_base, step_scale_low, step_scale_high = \
-                    key_codes, value_codes, base_bits, scale_low, scale_high
-                step_min_low, step_min_high, step_value_scale, step_value_min = min_low, min_high, value_scale, \
-                    value_min
+                key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, value_min = \
+                    group_loads
                 if step + 1 < BLOCK // G_STEP:  # the next group's loads, before this group's arithmetic
-                    key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, \
-                        value_min = _group_loads(page_ptr, step + 1, page_row, key_offsets, value_offsets,
-                                                 step_tokens, channel_vector, min_vector, HALF, HEAD_DIM, BLOCK,
-                                                 KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT, KEY_SCALE_BASE_AT,
-                                                 KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
-                folded_low = query_low * _key_scales(step_scale_low, step_base)[:, None]
-                folded_high = query_high * _key_scales(step_scale_high, step_base)[:, None]  # (HALF, 8) float16
+                    group_loads = _group_loads(page_ptr, step + 1, page_row, key_offsets, value_offsets, step_tokens,
+                                               channel_vector, min_vector, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT,
+                                               VALUE_CODES_AT, KEY_SCALE_AT, KEY_SCALE_BASE_AT, KEY_MIN_AT,
+                                               VALUE_SCALE_AT, VALUE_MIN_AT)
+                folded_low = query_low * _key_scales(scale_low, base_bits)[:, None]
+                folded_high = query_high * _key_scales(scale_high, base_bits)[:, None]  # (HALF, 8) float16
                 zero_rows = gl.zeros([16, HALF], gl.float16, layout=a_layout)  # minimums broadcast to 16 rows
                 column_terms = gl.zeros([16, 8], gl.float32, layout=mma)
-                min_low_rows = gl.broadcast(step_min_low[None, :], zero_rows)[0]
-                min_high_rows = gl.broadcast(step_min_high[None, :], zero_rows)[0]
+                min_low_rows = gl.broadcast(min_low[None, :], zero_rows)[0]
+                min_high_rows = gl.broadcast(min_high[None, :], zero_rows)[0]
                 column_terms = mma_v2(min_low_rows, query_low, column_terms)
                 column_terms = mma_v2(min_high_rows, query_high, column_terms)
                 column_terms = mma_v2(minus_key_low_offset, folded_low, column_terms)
                 column_terms = mma_v2(minus_key_high_offset, folded_high, column_terms)
-                key_low, key_high = _unpacked(step_key_codes, UNPACK_KEYS)  # (STEP, HALF) each, as loaded
+                key_low, key_high = _unpacked(key_codes, UNPACK_KEYS)  # (STEP, HALF) each, as loaded
                 scores = gl.zeros([G_STEP, 8], gl.float32, layout=mma) + gl.max(column_terms, axis=0)[None, :]
                 scores = mma_v2(_key_a_operand(key_low, a_layout, HALF), folded_low, scores)
                 scores = mma_v2(_key_a_operand(key_high, a_layout, HALF), folded_high, scores)  # (STEP, 8)
@@ -441,10 +437,10 @@ if gluon is not None:
                 running_sum += step_sum
                 page_sum += step_sum
 
-                value_bias += gl.sum(weights * step_value_min.to(gl.float32)[:, None], axis=0)
-                scaled = gl.convert_layout((weights * step_value_scale.to(gl.float32)[:, None]).to(gl.float16),
+                value_bias += gl.sum(weights * value_min.to(gl.float32)[:, None], axis=0)
+                scaled = gl.convert_layout((weights * value_scale.to(gl.float32)[:, None]).to(gl.float16),
                                            b_layout)  # (STEP, 8)
-                value_low, value_high = _value_a_operand(step_value_codes, a_layout, VALUE_CODES_LAYOUT, HALF)
+                value_low, value_high = _value_a_operand(value_codes, a_layout, VALUE_CODES_LAYOUT, HALF)
                 offset_acc = mma_v2(ones, scaled, offset_acc)
                 low_acc = mma_v2(value_low, scaled, low_acc)
                 high_acc = mma_v2(value_high, scaled, high_acc)
