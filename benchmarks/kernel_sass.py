@@ -42,9 +42,11 @@ FORMATS = {"int4": (Int4Format(32), False), "int4-mass": (Int4Format(32), True),
 # the Gluon INT4 kernel (kernels/int4_mma_decode.py, one warp a program): (head dim, rotated, per-page mass)
 GLUON_FORMATS = {"gluon-int4": (128, True, False), "gluon-int4-mass": (128, True, True),
                  "gluon-int4-d64": (64, True, False), "gluon-int4-unrotated": (128, False, False)}
-# opcode families reported as columns: tensor-core MMAs, shared-memory traffic, byte permutes, selects, barriers
-COLUMNS = {"mma": ("HMMA",), "shared loads": ("LDS", "LDSM"), "shared stores": ("STS", "STSM"), "byte permutes": ("PRMT",),
-           "selects": ("FSEL", "SEL"), "barriers": ("BAR",), "local memory": ("LDL", "STL")}
+# opcode families reported as columns: tensor-core MMAs, global loads, copies from global to shared memory (cp.async),
+# shared-memory traffic, byte permutes, selects, barriers
+COLUMNS = {"mma": ("HMMA",), "global loads": ("LDG",), "async copies": ("LDGSTS",), "shared loads": ("LDS", "LDSM"),
+           "shared stores": ("STS", "STSM"), "byte permutes": ("PRMT",), "selects": ("FSEL", "SEL"),
+           "barriers": ("BAR",), "local memory": ("LDL", "STL")}
 
 
 def constants(page_format, with_mass: bool) -> dict:

@@ -5,13 +5,13 @@ step on CUDA whose pages it reads (``reads``): INT4 keys per channel over key gr
 of 32 tokens, head dim 64 or 128, at most 8 query heads per KV head, a 16-bit model dtype. The splits it writes
 are merged by decode_attention's own merge kernel, which also turns per-page log-sum-exps into page mass.
 
-Written in Gluon (Triton's layout-explicit language) so that nothing goes through shared memory in the page loop:
+Written in Gluon (Triton's layout-explicit language), so that each load lands in the layout its MMA operand needs:
 - Products are transposed, tokens as the MMA rows: scores^T = K (q s)^T and out^T = V^T P^T, so a KV head's query
   rows pad to the 8 columns of an m16n8k16 MMA.
-- Key codes are loaded 16 (head dim 128) or 8 contiguous bytes of a token a thread; the MMA's reduction index k is
+- Key codes are read 16 (head dim 128) or 8 contiguous bytes of a token a thread; the MMA's reduction index k is
   mapped to whichever channel those unpacked registers hold, and the query and the key group's scales and minimums
   are gathered in that order (``_key_channel``).
-- Value codes are read from kvtier's token-major rows too: a thread loads the same bytes of 8 tokens, and the
+- Value codes are read from kvtier's token-major rows too: a thread reads the same bytes of 8 tokens, and the
   operand's words, which pair two tokens of a byte, are assembled from them with byte permutes. Operand row r holds
   code byte ``_value_byte(r)`` and reduction index k token ``_token(k)`` of the step; keys are read in that token
   order so that the weights line up.
@@ -20,10 +20,13 @@ Written in Gluon (Triton's layout-explicit language) so that nothing goes throug
   its indices, and both operand orders above are bit permutations of the channel index, so H applies in operand
   order as it is.
 Register relabels are checked free at compile time (``convert_layout(assert_trivial=True)``).
-- Loads run a key group ahead: a page's second group is read before its first group's arithmetic, and the next
-  page's address a page ahead, so that a one-warp program keeps reads in flight while it computes (on the H200,
-  6-11% less time than loading each group where it is used: benchmarks/results/kernel-h200-group-ahead.md). Codes
-  are not carried from one page loop iteration to the next: there they would be held a byte a register.
+- Every byte of a key group (codes, scale codes and bases, minimums, value scales and minimums) is copied from
+  global into a ring of RING groups in the program's shared memory (cp.async) RING - 1 groups before it is used,
+  and read from there in the layouts above; the pages' addresses are read up to four pages ahead. A one-warp program
+  thus keeps three groups' reads in flight while it computes one, without holding them in registers (codes carried
+  in registers from one page loop iteration to the next would be held a byte a register). On the H200 this took
+  7-11% less time at 128K-512K tokens than loading each group a group ahead into registers
+  (benchmarks/results/kernel-h200-ring.md).
 """
 
 from __future__ import annotations
@@ -40,18 +43,20 @@ from kvtier.pages import ALIGNMENT
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 except ImportError:  # an older Triton, or none: decode_attention keeps its Triton kernel
     gluon = None
 
 STEP = 32  # tokens a loop step: one key group
 MAX_ROWS = 8  # query rows per KV head: the MMA's columns
 MAX_SPLITS = 256
-REGISTERS = 168  # per thread (maxnreg): 12 one-warp programs fit a multiprocessor's 64K registers, where the
-# compiler's own choice (255) fits 8. The rotated kernel then keeps a few values in local memory (6-20 accesses a
-# page: benchmarks/results/kernel-sass-triton*.md). On the H200 that took 8-17% less time than 8 programs at 255
-# registers, except batch 1 at 32K (2% more) (kernel-h200-gluon-registers.md)
-PROGRAMS_PER_MULTIPROCESSOR = 12  # splits per (sequence, KV head) fill about this many programs per multiprocessor
+REGISTERS = 255  # per thread (maxnreg): the compiler's own choice, no local memory; 8 one-warp programs fit a
+# multiprocessor's 64K registers
+PROGRAMS_PER_MULTIPROCESSOR = 8  # splits per (sequence, KV head) fill about this many programs per multiprocessor
+RING = 4  # key groups in a program's shared-memory ring: one read while RING - 1 are copied in (18.5 KB a program at
+# head dim 128; 8 programs take 156 KB of a multiprocessor's 228). On the H200 8 programs with a ring of 4 took 1-9%
+# less time than 12 programs at 168 registers with a ring of 3 (which keep values in local memory), and 1-11% less
+# than loading each group a group ahead into registers (benchmarks/results/kernel-h200-ring.md)
 ENABLED = True  # benchmarks/kernel.py turns it off to time the Triton page kernel on the same pages
 LOG2_E = 1.4426950408889634
 
@@ -222,51 +227,90 @@ if gluon is not None:
                 gl.convert_layout(high, a_layout, assert_trivial=True))
 
     @gluon.jit
-    def _key_parameters(row_ptr, vector_layout: gl.constexpr, HALF: gl.constexpr):
-        """A key group's HALF parameters (float16 minimums, or one-byte scale codes) of one half in kvtier's channel
-        order: HALF / 4 contiguous channels a thread (the run its key codes came from), relabelled to the operand
-        indices of ``vector_layout`` (a slice of an operand layout) as the unpacked codes are."""
-        load_layout: gl.constexpr = gl.BlockedLayout([1, HALF // 4], [4, 8], [1, 1], [0, 1])  # (t, run): lane % 4 = t
-        runs = gl.arange(0, 4, layout=gl.SliceLayout(1, load_layout))[:, None] * (HALF // 4) + \
-            gl.arange(0, HALF // 4, layout=gl.SliceLayout(0, load_layout))[None, :]
-        values = gl.load(row_ptr + runs)  # (4 t, HALF / 4: s, e, h), in kvtier's channel order
-        values = gl.permute(gl.reshape(values, [4, HALF // 16, 2, 2]), [1, 3, 0, 2])  # (s, h, t, e)
-        return gl.convert_layout(gl.reshape(values, [HALF]), vector_layout, assert_trivial=True)
-
-    @gluon.jit
     def _key_scales(codes, base_bits):
-        """A key group's float16 scales from their one-byte codes as _key_parameters loaded them: the bits of the
+        """A key group's float16 scales from their one-byte codes as _ring_key_parameters read them: the bits of the
         group's base plus 32 times the code (kvtier.int4.decode_key_scales)."""
         base_pair = gl.full(codes.shape, 0, gl.int32, layout=codes.type.layout) + \
             (base_bits.to(gl.int32) & 0xFFFF) * 0x10001
         return gl.inline_asm_elementwise(asm=DECODE_KEY_SCALES, constraints="=r,=r,r,r,r,r,r", args=[codes, base_pair],
                                          dtype=gl.float16, is_pure=True, pack=4)
 
+    # Triton 3.6 and 3.9 name these differently
+    _async_copy = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    G_RING = gl.constexpr(RING)
+
     @gluon.jit
-    def _group_loads(page_ptr, step, page_row, key_offsets, value_offsets, step_tokens,
-                     channel_vector: gl.constexpr, min_vector: gl.constexpr, HALF: gl.constexpr,
-                     HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, KEY_CODES_AT: gl.constexpr,
-                     VALUE_CODES_AT: gl.constexpr, KEY_SCALE_AT: gl.constexpr, KEY_SCALE_BASE_AT: gl.constexpr,
-                     KEY_MIN_AT: gl.constexpr, VALUE_SCALE_AT: gl.constexpr, VALUE_MIN_AT: gl.constexpr):
-        """Every load of key group ``step`` of the page at ``page_ptr``, issued together a group ahead of their use:
-        key and value codes as loaded, the group's scale base, scale codes and minimums in operand order, and each
-        token's value scale and minimum."""
-        token0 = step * G_STEP
-        codes_at = page_ptr + (page_row * BLOCK + token0) * HALF
-        key_codes = gl.load(codes_at + KEY_CODES_AT + key_offsets)
-        value_codes = gl.load(codes_at + VALUE_CODES_AT + value_offsets)
-        group_index = page_row * (BLOCK // G_STEP) + step
-        group_row = group_index * HEAD_DIM
-        base_bits = gl.load((page_ptr + KEY_SCALE_BASE_AT).to(gl.pointer_type(gl.int16)) + group_index)
-        scale_low = _key_parameters(page_ptr + KEY_SCALE_AT + group_row, channel_vector, HALF)  # uint8 codes
-        scale_high = _key_parameters(page_ptr + KEY_SCALE_AT + group_row + HALF, channel_vector, HALF)
-        min_ptr = (page_ptr + KEY_MIN_AT).to(gl.pointer_type(gl.float16)) + group_row
-        min_low = _key_parameters(min_ptr, min_vector, HALF)
-        min_high = _key_parameters(min_ptr + HALF, min_vector, HALF)
-        token_at = page_row * BLOCK + token0 + step_tokens
-        value_scale = gl.load((page_ptr + VALUE_SCALE_AT).to(gl.pointer_type(gl.float16)) + token_at)
-        value_min = gl.load((page_ptr + VALUE_MIN_AT).to(gl.pointer_type(gl.float16)) + token_at)
-        return key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, value_min
+    def _page_address(page_base_ptr, warm_offset_ptr, page, last, ALIGN: gl.constexpr):
+        """The address of warm page ``page`` (the base itself past ``last``, where nothing is read)."""
+        return page_base_ptr + gl.load(warm_offset_ptr + page, mask=page < last, other=0).to(gl.int64) * ALIGN
+
+    @gluon.jit
+    def _copy_group(rings, slot, page_ptr, step, page_row, copy_ok,
+                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK: gl.constexpr, KEY_CODES_AT: gl.constexpr,
+                    VALUE_CODES_AT: gl.constexpr, KEY_SCALE_AT: gl.constexpr, KEY_SCALE_BASE_AT: gl.constexpr,
+                    KEY_MIN_AT: gl.constexpr, VALUE_SCALE_AT: gl.constexpr, VALUE_MIN_AT: gl.constexpr):
+        """Start copying key group ``step`` of the page at ``page_ptr`` into ring slot ``slot`` (cp.async, one
+        commit group; nothing is read where ``copy_ok`` is false): its codes (key rows in _step_token order, as the
+        products take them), its scale codes, minimums and scale base (the 4 bytes holding it), and its tokens'
+        value scales and minimums. Masks stay constant along each thread's bytes, so that every copy is 4-16 bytes."""
+        key_ring, value_ring, scale_ring, min_ring, token_ring, base_ring = rings
+        codes_layout: gl.constexpr = gl.BlockedLayout([1, HALF // 4], [8, 4], [1, 1], [1, 0])
+        vector_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])
+        token_layout: gl.constexpr = gl.BlockedLayout([1, 2], [2, 16], [1, 1], [1, 0])
+        copy_rows = G_STEP * copy_ok.to(gl.int32)  # G_STEP, or 0: nothing read
+        rows = gl.arange(0, G_STEP, layout=gl.SliceLayout(1, codes_layout))
+        columns = gl.arange(0, HALF, layout=gl.SliceLayout(0, codes_layout))
+        rows_ok = (rows < copy_rows)[:, None] & (columns >= 0)[None, :]
+        first_row = page_row * BLOCK + step * G_STEP
+        _async_copy(key_ring.index(slot), page_ptr + KEY_CODES_AT + (first_row + _step_token(rows))[:, None] * HALF
+                    + columns[None, :], rows_ok)
+        _async_copy(value_ring.index(slot), page_ptr + VALUE_CODES_AT + (first_row + rows)[:, None] * HALF
+                    + columns[None, :], rows_ok)
+        group_row = (page_row * (BLOCK // G_STEP) + step) * HEAD_DIM
+        runs = gl.arange(0, HEAD_DIM // 4, layout=gl.SliceLayout(1, vector_layout))  # 4 channels a run
+        run_channels = runs[:, None] * 4 + gl.arange(0, 4, layout=gl.SliceLayout(0, vector_layout))[None, :]
+        runs_ok = (runs < (HEAD_DIM // 4) * copy_ok.to(gl.int32))[:, None] & (run_channels >= 0)
+        _async_copy(scale_ring.index(slot), page_ptr + KEY_SCALE_AT + group_row + run_channels, runs_ok)
+        _async_copy(min_ring.index(slot), (page_ptr + KEY_MIN_AT).to(gl.pointer_type(gl.float16)) + group_row
+                    + run_channels, runs_ok)
+        field = gl.arange(0, 2, layout=gl.SliceLayout(1, token_layout))
+        tokens = gl.arange(0, G_STEP, layout=gl.SliceLayout(0, token_layout))
+        field_at = VALUE_SCALE_AT // 2 + field * ((VALUE_MIN_AT - VALUE_SCALE_AT) // 2)  # in float16 elements
+        fields_ok = (field < 2 * copy_ok.to(gl.int32))[:, None] & (tokens >= 0)[None, :]
+        _async_copy(token_ring.index(slot), page_ptr.to(gl.pointer_type(gl.float16)) + field_at[:, None]
+                    + (first_row + tokens)[None, :], fields_ok)
+        word = gl.arange(0, 1, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        base_word = (page_row * (BLOCK // G_STEP) + step) // 2
+        _async_copy(base_ring.index(slot), (page_ptr + KEY_SCALE_BASE_AT).to(gl.pointer_type(gl.int32)) + base_word
+                    + word, word < copy_ok.to(gl.int32))
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _ring_key_parameters(slot_view, HALF_INDEX: gl.constexpr, vector_layout: gl.constexpr, HALF: gl.constexpr):
+        """One half (HALF_INDEX 0 or 1) of a key group's parameters (float16 minimums, or one-byte scale codes) from
+        its ring slot, in kvtier's channel order: HALF / 4 contiguous channels a thread (the run its key codes came
+        from), relabelled to the operand indices of ``vector_layout`` (a slice of an operand layout) as the unpacked
+        codes are."""
+        load_layout: gl.constexpr = gl.BlockedLayout([1, HALF // 4], [4, 8], [1, 1], [0, 1])  # (t, run): lane % 4 = t
+        values = slot_view.reshape([8, HALF // 4]).slice(HALF_INDEX * 4, 4).load(load_layout)
+        values = gl.permute(gl.reshape(values, [4, HALF // 16, 2, 2]), [1, 3, 0, 2])  # (s, h, t, e)
+        return gl.convert_layout(gl.reshape(values, [HALF]), vector_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _ring_token_parameter(slot_view, FIELD: gl.constexpr, rows_layout: gl.constexpr):
+        """A key group's value scales (FIELD 0) or minimums (1) from its ring slot, in score row order: row i holds
+        token _step_token(i) (a permutation of the index's bits)."""
+        lanes: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, 1], [1, 0])
+        values = gl.reshape(slot_view.slice(FIELD, 1).load(lanes), [G_STEP])  # (STEP,) token order
+        values = gl.permute(gl.reshape(values, [2, 2, 2, 2, 2]), [0, 1, 3, 4, 2])
+        return gl.convert_layout(gl.reshape(values, [G_STEP]), rows_layout)
+
+    @gluon.jit
+    def _ring_base(slot_view, group_index):
+        """A key group's scale base bits from the 4-byte word its ring slot holds (two groups' bases)."""
+        word = gl.sum(slot_view.load(gl.BlockedLayout([1], [32], [1], [0])), axis=0)
+        return (word >> (16 * (group_index & 1))) & 0xFFFF
 
     @gluon.jit
     def _hadamard(a_layout: gl.constexpr, HALF: gl.constexpr):
@@ -327,6 +371,14 @@ if gluon is not None:
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma)  # tokens of the scores, channels of the outputs
         channel_vector: gl.constexpr = gl.SliceLayout(1, b_layout)  # key parameters for (q s)^T
         min_vector: gl.constexpr = gl.SliceLayout(0, a_layout)  # key minimums, rows of an A operand
+        ring_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # of a slot; the ring index leads
+        key_ring = gl.allocate_shared_memory(gl.uint8, [G_RING, G_STEP, HEAD_DIM // 2], ring_layout)
+        value_ring = gl.allocate_shared_memory(gl.uint8, [G_RING, G_STEP, HEAD_DIM // 2], ring_layout)
+        scale_ring = gl.allocate_shared_memory(gl.uint8, [G_RING, HEAD_DIM // 4, 4], ring_layout)
+        min_ring = gl.allocate_shared_memory(gl.float16, [G_RING, HEAD_DIM // 4, 4], ring_layout)
+        token_ring = gl.allocate_shared_memory(gl.float16, [G_RING, 2, G_STEP], ring_layout)
+        base_ring = gl.allocate_shared_memory(gl.int32, [G_RING, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        rings = (key_ring, value_ring, scale_ring, min_ring, token_ring, base_ring)
 
         sequence_head = gl.program_id(0)
         split = gl.program_id(1)
@@ -365,10 +417,6 @@ if gluon is not None:
 
         tokens = gl.arange(0, G_STEP, layout=rows_layout)
         step_tokens = _step_token(tokens)  # the token of each score row
-        key_rows = _step_token(gl.arange(0, G_STEP, layout=gl.SliceLayout(1, key_load)))
-        key_offsets = key_rows[:, None] * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(0, key_load))[None, :]
-        value_offsets = (gl.arange(0, G_STEP, layout=gl.SliceLayout(1, value_load))[:, None] * HALF
-                         + gl.arange(0, HALF, layout=gl.SliceLayout(0, value_load))[None, :])  # (STEP, HALF)
         minus_key_low_offset = gl.full([16, HALF], -KEY_LOW_OFFSET, gl.float16, layout=a_layout)
         minus_key_high_offset = gl.full([16, HALF], -KEY_HIGH_OFFSET, gl.float16, layout=a_layout)
         ones = gl.full([16, G_STEP], 1.0, gl.float16, layout=a_layout)
@@ -381,37 +429,55 @@ if gluon is not None:
             per_split = pages_per_split
         first = split * per_split  # past the warm pages in a hot page's split
         last = gl.minimum(first + per_split, page_count)
-        # a page's address is read a page ahead, and a key group's loads a group ahead inside the page, so that
-        # no load waits on another and a program keeps the next group's reads in flight while it computes
-        has_page = first < last
-        page_offset = gl.load(warm_offset_ptr + first, mask=has_page, other=0)
-        next_position0 = gl.load(warm_position_ptr + first, mask=has_page, other=0)
-        next_page_ptr = page_base_ptr + page_offset.to(gl.int64) * ALIGN
+        # each key group's bytes are copied into a ring of shared memory two groups before they are read (the page
+        # addresses read further ahead), so that a program keeps two groups' reads in flight while it computes
+        # each key group's bytes are copied into a ring of shared memory (cp.async) RING - 1 groups before they are
+        # read, so that a program keeps that many groups' reads in flight while it computes; the addresses of the
+        # pages they come from are read further ahead
+        GROUPS: gl.constexpr = BLOCK // G_STEP
+        AHEAD: gl.constexpr = G_RING - 1  # groups in flight while one is computed: at most 3 pages ahead
+        page_ptrs = (_page_address(page_base_ptr, warm_offset_ptr, first, last, ALIGN),
+                     _page_address(page_base_ptr, warm_offset_ptr, first + 1, last, ALIGN),
+                     _page_address(page_base_ptr, warm_offset_ptr, first + 2, last, ALIGN))  # pages first .. first + 2
+        offset_ahead = gl.load(warm_offset_ptr + first + 3, mask=first + 3 < last, other=0)
+        next_position0 = gl.load(warm_position_ptr + first, mask=first < last, other=0)
+        for ahead in gl.static_range(AHEAD):  # the program's first AHEAD groups
+            _copy_group(rings, ahead, page_ptrs[ahead // GROUPS], ahead % GROUPS, page_row,
+                        first + ahead // GROUPS < last, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT,
+                        KEY_SCALE_AT, KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
+        slot = 0
         for page in range(first, last):
-            page_ptr = next_page_ptr
             position0 = next_position0
-            has_next = page + 1 < last
-            page_offset = gl.load(warm_offset_ptr + page + 1, mask=has_next, other=0)
-            next_position0 = gl.load(warm_position_ptr + page + 1, mask=has_next, other=0)
-            next_page_ptr = page_base_ptr + page_offset.to(gl.int64) * ALIGN
-            group_loads = _group_loads(page_ptr, 0, page_row, key_offsets, value_offsets, step_tokens, channel_vector,
-                                       min_vector, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT,
-                                       KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
+            next_position0 = gl.load(warm_position_ptr + page + 1, mask=page + 1 < last, other=0)
+            page_ptrs = page_ptrs + (page_base_ptr + offset_ahead.to(gl.int64) * ALIGN,)  # pages page .. page + 3
+            offset_ahead = gl.load(warm_offset_ptr + page + 4, mask=page + 4 < last, other=0)
             page_sum = gl.zeros([8], gl.float32, layout=heads_layout)
             # the page's values enter the MMAs as s_t (64 + c); what that adds to the accumulators (64 s_t) and the
             # minimums they leave out (m_t) are summed per page and corrected after it, so that the accumulators
             # never hold large terms that cancel (float32 sums over a long split would lose the small result)
             value_bias = gl.zeros([8], gl.float32, layout=heads_layout)  # sum of w m_t
             offset_acc = gl.zeros([16, 8], gl.float32, layout=mma)  # sum of w s_t as the MMAs saw it (16 equal rows)
-            for step in gl.static_range(BLOCK // G_STEP):  # one key group a step
+            for step in gl.static_range(GROUPS):  # one key group a step
                 token0 = step * G_STEP
-                key_codes, value_codes, base_bits, scale_low, scale_high, min_low, min_high, value_scale, value_min = \
-                    group_loads
-                if step + 1 < BLOCK // G_STEP:  # the next group's loads, before this group's arithmetic
-                    group_loads = _group_loads(page_ptr, step + 1, page_row, key_offsets, value_offsets, step_tokens,
-                                               channel_vector, min_vector, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT,
-                                               VALUE_CODES_AT, KEY_SCALE_AT, KEY_SCALE_BASE_AT, KEY_MIN_AT,
-                                               VALUE_SCALE_AT, VALUE_MIN_AT)
+                # the slot read last step is free once every lane is past it: refill it with the group AHEAD on,
+                # then wait for this group's copies and make every lane's visible
+                _barrier()
+                _copy_group(rings, (slot + AHEAD) % G_RING, page_ptrs[(step + AHEAD) // GROUPS],
+                            (step + AHEAD) % GROUPS, page_row, page + (step + AHEAD) // GROUPS < last, HALF, HEAD_DIM,
+                            BLOCK, KEY_CODES_AT, VALUE_CODES_AT, KEY_SCALE_AT, KEY_SCALE_BASE_AT, KEY_MIN_AT,
+                            VALUE_SCALE_AT, VALUE_MIN_AT)
+                async_copy.wait_group(AHEAD)
+                _barrier()
+                base_bits = _ring_base(base_ring.index(slot), page_row * GROUPS + step)
+                key_codes = key_ring.index(slot).load(key_load)
+                value_codes = value_ring.index(slot).load(value_load)
+                scale_low = _ring_key_parameters(scale_ring.index(slot), 0, channel_vector, HALF)
+                scale_high = _ring_key_parameters(scale_ring.index(slot), 1, channel_vector, HALF)
+                min_low = _ring_key_parameters(min_ring.index(slot), 0, min_vector, HALF)
+                min_high = _ring_key_parameters(min_ring.index(slot), 1, min_vector, HALF)
+                value_scale = _ring_token_parameter(token_ring.index(slot), 0, rows_layout)
+                value_min = _ring_token_parameter(token_ring.index(slot), 1, rows_layout)
+                slot = (slot + 1) % G_RING
                 folded_low = query_low * _key_scales(scale_low, base_bits)[:, None]
                 folded_high = query_high * _key_scales(scale_high, base_bits)[:, None]  # (HALF, 8) float16
                 zero_rows = gl.zeros([16, HALF], gl.float16, layout=a_layout)  # minimums broadcast to 16 rows
@@ -454,6 +520,8 @@ if gluon is not None:
                 mass_heads = gl.arange(0, 8, layout=heads_layout)
                 gl.store(page_lse_ptr + (sequence_head * group + mass_heads) * page_count + page, page_lse,
                          mask=mass_heads < group)
+            page_ptrs = (page_ptrs[1], page_ptrs[2], page_ptrs[3])
+        async_copy.wait_group(0)  # the copies past the last page (none read) before the program ends
 
         # with ROTATE, the warm part back to the model basis: y R^T = (y H / sqrt(D)) s, applied to the normalized
         # output (float16 operands need its range)

@@ -211,10 +211,10 @@ def test_splits_fill_about_two_programs_per_multiprocessor(batch, kv_heads, mult
 
 
 @pytest.mark.parametrize("batch, kv_heads, multiprocessors, expected", [
-    (1, 8, 132, 198), (2, 8, 132, 99), (8, 8, 132, 24), (64, 8, 132, 3), (512, 8, 132, 1),  # H200: 1,584 programs
-    (1, 2, 132, 256), (1, 8, 108, 162)])  # capped at the Gluon kernel's MAX_SPLITS; A100's 108
+    (1, 8, 132, 132), (2, 8, 132, 66), (8, 8, 132, 16), (64, 8, 132, 2), (512, 8, 132, 1),  # H200: 1,056 programs
+    (1, 2, 132, 256), (1, 8, 108, 108)])  # capped at the Gluon kernel's MAX_SPLITS; A100's 108
 def test_gluon_splits_fill_its_programs_per_multiprocessor(batch, kv_heads, multiprocessors, expected, monkeypatch):
-    """The Gluon INT4 kernel's split count: its PROGRAMS_PER_MULTIPROCESSOR (12) one-warp programs per multiprocessor
+    """The Gluon INT4 kernel's split count: its PROGRAMS_PER_MULTIPROCESSOR (8) one-warp programs per multiprocessor
     divided among (sequence, KV head) pairs, not rounded to a power of two, within 1..its MAX_SPLITS (256)."""
     monkeypatch.setattr(kernel_module, "_multiprocessors", lambda index: multiprocessors)
     assert kernel_module.max_splits(batch, kv_heads, "cuda", one_warp=True) == expected
