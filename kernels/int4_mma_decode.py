@@ -25,7 +25,7 @@ Register relabels are checked free at compile time (``convert_layout(assert_triv
   and read from there in the layouts above; the pages' addresses are read up to four pages ahead. A one-warp program
   thus keeps three groups' reads in flight while it computes one, without holding them in registers (codes carried
   in registers from one page loop iteration to the next would be held a byte a register). On the H200 this took
-  7-11% less time at 128K-512K tokens than loading each group a group ahead into registers
+  7-11% less time at batch 1, 128K-512K and batch 8, 128K than loading each group a group ahead into registers
   (benchmarks/results/kernel-h200-ring.md).
 """
 
