@@ -429,8 +429,6 @@ if gluon is not None:
             per_split = pages_per_split
         first = split * per_split  # past the warm pages in a hot page's split
         last = gl.minimum(first + per_split, page_count)
-        # each key group's bytes are copied into a ring of shared memory two groups before they are read (the page
-        # addresses read further ahead), so that a program keeps two groups' reads in flight while it computes
         # each key group's bytes are copied into a ring of shared memory (cp.async) RING - 1 groups before they are
         # read, so that a program keeps that many groups' reads in flight while it computes; the addresses of the
         # pages they come from are read further ahead
