@@ -385,7 +385,7 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     group = query_heads // kv_heads
     warm_pages, hot_pages = paged.warm_pages, paged.hot_table.shape[1]
     total_pages = warm_pages + hot_pages
-    group_pad, blocks = row_blocks(group)
+    _, blocks = row_blocks(group)
     if with_mass and blocks > 1:
         raise ValueError(f"per-page mass needs at most {QUERY_ROWS_PER_PROGRAM} query rows per KV head, got {group}")
     # the Gluon INT4 kernel takes a launch of mostly warm pages (the page kernel's hot loop is its faster one)
@@ -419,7 +419,8 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     _merge_splits_kernel[(batch * kv_heads, row_programs + mass_programs)](
         partial, partial_lse, out, page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
         partial_lse if lse is None else lse, warm_pages, splits, group, row_programs,
-        MERGE_ROWS=merge_rows, MERGE_CHANNELS=merge_channels, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        MERGE_ROWS=merge_rows, MERGE_CHANNELS=merge_channels, MASS_ROWS=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim,
         SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
         SPLIT_CHUNK=max(1, min(triton.next_power_of_2(splits), MERGE_ELEMENTS // (merge_rows * merge_channels))),
         WITH_MASS=with_mass, WITH_LSE=lse is not None, MASS_TILE=MASS_TILE,
@@ -910,9 +911,9 @@ if triton is not None:
 
     @triton.jit
     def _page_mass(partial_lse_ptr, page_lse_ptr, mass_ptr, sequence_head, mass_program, warm_pages, splits, group,
-                   GROUP_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, MASS_TILE: tl.constexpr):
+                   MASS_ROWS: tl.constexpr, SPLITS_PAD: tl.constexpr, MASS_TILE: tl.constexpr):
         """MASS_TILE warm pages' attention mass: each page's softmax share, averaged over all of the KV head's rows."""
-        heads = tl.arange(0, GROUP_PAD)
+        heads = tl.arange(0, MASS_ROWS)
         head_ok = heads < group
         query_rows = sequence_head * group + heads  # (G,)
         top, total = _split_weights_top(partial_lse_ptr, query_rows, head_ok, splits, SPLITS_PAD)
@@ -931,13 +932,16 @@ if triton is not None:
         page_lse_ptr, mass_ptr,  # (B, H_q, n_warm) log2-sum-exp per page; (B, H_kv, n_warm) mass out
         lse_ptr,  # (B, H_q) natural-log log-sum-exp out
         warm_pages, splits, group, row_programs,  # group: query rows per KV head
-        MERGE_ROWS: tl.constexpr, MERGE_CHANNELS: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        MERGE_ROWS: tl.constexpr, MERGE_CHANNELS: tl.constexpr, MASS_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
         SPLITS_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr, WITH_MASS: tl.constexpr, WITH_LSE: tl.constexpr,
         MASS_TILE: tl.constexpr,
     ):
         """Programs 0 .. row_programs - 1 of a KV head merge MERGE_CHANNELS channels of MERGE_ROWS of its query rows
-        each; the programs after them take MASS_TILE warm pages' mass each (over all of the head's rows, GROUP_PAD of
-        them: mass is only asked with one row block)."""
+        each; the programs after them take MASS_TILE warm pages' mass each (over all of the head's rows, MASS_ROWS of
+        them: the group padded to a power of two, not to the page kernel's 16, so that the build with mass stays
+        small. With 16 rows for a group of 4 it was 2,064 SASS instructions against 544 without mass, and a decode
+        call took 8.5% longer with it at batch 1, 32K tokens on the H200 even with the mass programs not launched;
+        benchmarks/results/kernel-h200-latency.md)."""
         sequence_head = tl.program_id(0)
         program = tl.program_id(1)
         if program < row_programs:
@@ -945,4 +949,4 @@ if triton is not None:
                         MERGE_ROWS, MERGE_CHANNELS, HEAD_DIM, SPLITS_PAD, SPLIT_CHUNK, WITH_LSE)
         elif WITH_MASS:
             _page_mass(partial_lse_ptr, page_lse_ptr, mass_ptr, sequence_head, program - row_programs, warm_pages,
-                       splits, group, GROUP_PAD, SPLITS_PAD, MASS_TILE)
+                       splits, group, MASS_ROWS, SPLITS_PAD, MASS_TILE)

@@ -27,6 +27,12 @@ Register relabels are checked free at compile time (``convert_layout(assert_triv
   in registers from one page loop iteration to the next would be held a byte a register). On the H200 this took
   7-11% less time at batch 1, 128K-512K and batch 8, 128K than loading each group a group ahead into registers
   (benchmarks/results/kernel-h200-ring.md).
+- With its reads in flight, a program waits on its own instructions more than on memory: with every page read
+  from L2 instead of DRAM a call took only 4-11% less time on the H200 (benchmarks/results/kernel-h200-latency.md).
+  So the loop keeps its dependency chains short: the softmax rescales without a branch (``_rescaled``), a key
+  group's scores and column terms are four MMA chains added after, and the first groups' copies start before the
+  query is read and rotated. Together: 5.7% less time at batch 1, 128K, 8% at 512K and batch 8, 128K; 6% more
+  at batch 1, 32K.
 """
 
 from __future__ import annotations
@@ -326,18 +332,18 @@ if gluon is not None:
 
     @gluon.jit
     def _rescaled(step_max, running_max, running_sum, value_bias, low_acc, high_acc, offset_acc):
-        """The online softmax's state after a step whose row maxima are ``step_max`` (8,), rescaled only when some
-        row's maximum grows, and the factor it was rescaled by (ones otherwise)."""
-        factor = gl.full(step_max.shape, 1.0, gl.float32, layout=step_max.type.layout)
-        if gl.max(step_max - running_max, axis=0) > 0.0:
-            new_max = gl.maximum(running_max, step_max)
-            factor = gl.exp2(running_max - new_max)
-            running_sum = running_sum * factor
-            value_bias = value_bias * factor
-            low_acc = low_acc * factor[None, :]
-            high_acc = high_acc * factor[None, :]
-            offset_acc = offset_acc * factor[None, :]
-            running_max = new_max
+        """The online softmax's state after a step whose row maxima are ``step_max`` (8,), and the factor it was
+        rescaled by (one for rows whose maximum did not grow). Always rescaled, without a branch: a branch ends the
+        compiler's scheduling block; without one, calls at 128K tokens and more took 1.5-8% less time on the H200
+        (benchmarks/results/kernel-h200-latency.md)."""
+        new_max = gl.maximum(running_max, step_max)
+        factor = gl.exp2(running_max - new_max)
+        running_sum = running_sum * factor
+        value_bias = value_bias * factor
+        low_acc = low_acc * factor[None, :]
+        high_acc = high_acc * factor[None, :]
+        offset_acc = offset_acc * factor[None, :]
+        running_max = new_max
         return running_max, running_sum, value_bias, low_acc, high_acc, offset_acc, factor
 
     @gluon.jit
@@ -384,6 +390,29 @@ if gluon is not None:
         split = gl.program_id(1)
         batch_index = sequence_head // KV_HEADS
         page_row = sequence_head  # (b, h) index inside a page's fields: b * KV_HEADS + h
+        if COUNT_ON_DEVICE:  # a captured step (CUDA graph): the page count lives on the device, the grid is fixed
+            page_count = gl.load(warm_count_ptr)
+            per_split = gl.cdiv(page_count, warm_splits)
+        else:
+            page_count = warm_pages
+            per_split = pages_per_split
+        first = split * per_split  # past the warm pages in a hot page's split
+        last = gl.minimum(first + per_split, page_count)
+        # each key group's bytes are copied into a ring of shared memory (cp.async) RING - 1 groups before they are
+        # read, so that a program keeps that many groups' reads in flight while it computes; the addresses of the
+        # pages they come from are read further ahead. The first groups' copies start before the query is read and
+        # rotated, so that their reads overlap that
+        GROUPS: gl.constexpr = BLOCK // G_STEP
+        AHEAD: gl.constexpr = G_RING - 1  # groups in flight while one is computed: at most 3 pages ahead
+        page_ptrs = (_page_address(page_base_ptr, warm_offset_ptr, first, last, ALIGN),
+                     _page_address(page_base_ptr, warm_offset_ptr, first + 1, last, ALIGN),
+                     _page_address(page_base_ptr, warm_offset_ptr, first + 2, last, ALIGN))  # pages first .. first + 2
+        offset_ahead = gl.load(warm_offset_ptr + first + 3, mask=first + 3 < last, other=0)
+        next_position0 = gl.load(warm_position_ptr + first, mask=first < last, other=0)
+        for ahead in gl.static_range(AHEAD):  # the program's first AHEAD groups
+            _copy_group(rings, ahead, page_ptrs[ahead // GROUPS], ahead % GROUPS, page_row,
+                        first + ahead // GROUPS < last, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT,
+                        KEY_SCALE_AT, KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
 
         # (q R)^T as B operands (HALF reduction indices, 8 rows), low and high channels, in key operand order
         operand_k = gl.arange(0, HALF, layout=gl.SliceLayout(1, b_layout))
@@ -421,28 +450,6 @@ if gluon is not None:
         minus_key_high_offset = gl.full([16, HALF], -KEY_HIGH_OFFSET, gl.float16, layout=a_layout)
         ones = gl.full([16, G_STEP], 1.0, gl.float16, layout=a_layout)
 
-        if COUNT_ON_DEVICE:  # a captured step (CUDA graph): the page count lives on the device, the grid is fixed
-            page_count = gl.load(warm_count_ptr)
-            per_split = gl.cdiv(page_count, warm_splits)
-        else:
-            page_count = warm_pages
-            per_split = pages_per_split
-        first = split * per_split  # past the warm pages in a hot page's split
-        last = gl.minimum(first + per_split, page_count)
-        # each key group's bytes are copied into a ring of shared memory (cp.async) RING - 1 groups before they are
-        # read, so that a program keeps that many groups' reads in flight while it computes; the addresses of the
-        # pages they come from are read further ahead
-        GROUPS: gl.constexpr = BLOCK // G_STEP
-        AHEAD: gl.constexpr = G_RING - 1  # groups in flight while one is computed: at most 3 pages ahead
-        page_ptrs = (_page_address(page_base_ptr, warm_offset_ptr, first, last, ALIGN),
-                     _page_address(page_base_ptr, warm_offset_ptr, first + 1, last, ALIGN),
-                     _page_address(page_base_ptr, warm_offset_ptr, first + 2, last, ALIGN))  # pages first .. first + 2
-        offset_ahead = gl.load(warm_offset_ptr + first + 3, mask=first + 3 < last, other=0)
-        next_position0 = gl.load(warm_position_ptr + first, mask=first < last, other=0)
-        for ahead in gl.static_range(AHEAD):  # the program's first AHEAD groups
-            _copy_group(rings, ahead, page_ptrs[ahead // GROUPS], ahead % GROUPS, page_row,
-                        first + ahead // GROUPS < last, HALF, HEAD_DIM, BLOCK, KEY_CODES_AT, VALUE_CODES_AT,
-                        KEY_SCALE_AT, KEY_SCALE_BASE_AT, KEY_MIN_AT, VALUE_SCALE_AT, VALUE_MIN_AT)
         slot = 0
         for page in range(first, last):
             position0 = next_position0
@@ -479,17 +486,20 @@ if gluon is not None:
                 folded_low = query_low * _key_scales(scale_low, base_bits)[:, None]
                 folded_high = query_high * _key_scales(scale_high, base_bits)[:, None]  # (HALF, 8) float16
                 zero_rows = gl.zeros([16, HALF], gl.float16, layout=a_layout)  # minimums broadcast to 16 rows
-                column_terms = gl.zeros([16, 8], gl.float32, layout=mma)
+                zero_columns = gl.zeros([16, 8], gl.float32, layout=mma)
                 min_low_rows = gl.broadcast(min_low[None, :], zero_rows)[0]
                 min_high_rows = gl.broadcast(min_high[None, :], zero_rows)[0]
-                column_terms = mma_v2(min_low_rows, query_low, column_terms)
-                column_terms = mma_v2(min_high_rows, query_high, column_terms)
-                column_terms = mma_v2(minus_key_low_offset, folded_low, column_terms)
-                column_terms = mma_v2(minus_key_high_offset, folded_high, column_terms)
+                # the scores of the low and high channels and their column terms: four MMA chains, none waiting for
+                # another's result, added after
                 key_low, key_high = _unpacked(key_codes, UNPACK_KEYS)  # (STEP, HALF) each, as loaded
-                scores = gl.zeros([G_STEP, 8], gl.float32, layout=mma) + gl.max(column_terms, axis=0)[None, :]
-                scores = mma_v2(_key_a_operand(key_low, a_layout, HALF), folded_low, scores)
-                scores = mma_v2(_key_a_operand(key_high, a_layout, HALF), folded_high, scores)  # (STEP, 8)
+                zero_scores = gl.zeros([G_STEP, 8], gl.float32, layout=mma)
+                scores_low = mma_v2(_key_a_operand(key_low, a_layout, HALF), folded_low, zero_scores)
+                scores_high = mma_v2(_key_a_operand(key_high, a_layout, HALF), folded_high, zero_scores)
+                column_low = mma_v2(min_low_rows, query_low, zero_columns)
+                column_high = mma_v2(min_high_rows, query_high, zero_columns)
+                column_low = mma_v2(minus_key_low_offset, folded_low, column_low)
+                column_high = mma_v2(minus_key_high_offset, folded_high, column_high)
+                scores = (scores_low + scores_high) + gl.max(column_low + column_high, axis=0)[None, :]  # (STEP, 8)
                 positions = position0 + token0 + step_tokens
                 scores = gl.where(((positions >= kv_start) & (positions < kv_end))[:, None], scores, float("-inf"))
 
