@@ -28,7 +28,8 @@ Register relabels are checked free at compile time (``convert_layout(assert_triv
   7-11% less time at batch 1, 128K-512K and batch 8, 128K than loading each group a group ahead into registers
   (benchmarks/results/kernel-h200-ring.md).
 - With its reads in flight, a program waits on its own instructions more than on memory: with every page read
-  from L2 instead of DRAM a call took only 4-11% less time on the H200 (benchmarks/results/kernel-h200-latency.md).
+  from L2 instead of DRAM a call at 128K-512K tokens took only 4-11% less time on the H200
+  (benchmarks/results/kernel-h200-latency.md).
   So the loop keeps its dependency chains short: the softmax rescales without a branch (``_rescaled``), a key
   group's scores and column terms are four MMA chains added after, and the first groups' copies start before the
   query is read and rotated. Together: 5.7% less time at batch 1, 128K, 8% at 512K and batch 8, 128K; 6% more
