@@ -57,8 +57,8 @@ except ImportError:  # an older Triton, or none: decode_attention keeps its Trit
 STEP = 32  # tokens a loop step: one key group
 MAX_ROWS = 8  # query rows per KV head: the MMA's columns
 MAX_SPLITS = 256
-REGISTERS = 255  # per thread (maxnreg): the compiler's own choice, no local memory; 8 one-warp programs fit a
-# multiprocessor's 64K registers
+REGISTERS = 255  # per thread (maxnreg): a cap the kernel stays under without local memory (232 registers, Triton 3.6
+# offline); 8 one-warp programs fit a multiprocessor's 64K registers
 PROGRAMS_PER_MULTIPROCESSOR = 8  # splits per (sequence, KV head) fill about this many programs per multiprocessor
 RING = 4  # key groups in a program's shared-memory ring: one read while RING - 1 are copied in (18.5 KB a program at
 # head dim 128; 8 programs take 156 KB of a multiprocessor's 228). On the H200 8 programs with a ring of 4 took 1-9%
