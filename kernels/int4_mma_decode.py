@@ -405,6 +405,8 @@ if gluon is not None:
         # rotated, so that their reads overlap that
         GROUPS: gl.constexpr = BLOCK // G_STEP
         AHEAD: gl.constexpr = G_RING - 1  # groups in flight while one is computed: at most 3 pages ahead
+        gl.static_assert((GROUPS - 1 + AHEAD) // GROUPS <= 3,
+                         "page_ptrs holds pages page .. page + 3: a deeper RING needs more addresses there")
         page_ptrs = (_page_address(page_base_ptr, warm_offset_ptr, first, last, ALIGN),
                      _page_address(page_base_ptr, warm_offset_ptr, first + 1, last, ALIGN),
                      _page_address(page_base_ptr, warm_offset_ptr, first + 2, last, ALIGN))  # pages first .. first + 2
