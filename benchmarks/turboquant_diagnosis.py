@@ -1,6 +1,7 @@
 """Where TurboQuant's decode error comes from on one pydoc window of the real SmolLM2-135M-Instruct.
 
     python benchmarks/turboquant_diagnosis.py [--window 6] [--seeds 5] [--name NAME]
+    python benchmarks/turboquant_diagnosis.py --sweep [--window 6] [--seeds 10]   # the default formats over seeds
 
 The warm tier is simulated: every warm page's keys and values go through the format's own quantize and
 dequantize in the layer's rotated basis (the layer's rotation and sketch seeds, kvtier's page boundaries) and
@@ -16,7 +17,12 @@ states at a time:
 - the keys' channel energy spread after centering (the gain that giving outlier channels more bits could reach);
 - the QJL bit unbiased, at its min-MSE scale, or left out, over rotation seeds.
 
-Writes benchmarks/results/<name>.json and .md (default turboquant-diagnosis-<device>-window<N>).
+``--sweep`` runs only the formats the fidelity tests hold to the issue's bars (3 and 4 bits, keys centered, the QJL
+bit at its min-MSE scale) over ``--seeds`` rotation seeds, each with keys only, values only and both quantized, and
+counts the seeds that pass each bar (3 bits: MSE <= 0.25 and top-10 >= 0.9; 4 bits: MSE <= 0.05).
+
+Writes benchmarks/results/<name>.json and .md (default turboquant-diagnosis-<device>-window<N>, with --sweep
+turboquant-seeds-<device>-window<N>).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import DynamicCache
 
 import kvtier
@@ -46,6 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXT, STEPS, RECENT_WINDOW, KEY_GROUP = 2048, 4, 128, 32
 NOISE_LEVELS = (0.05, 0.08, 0.10, 0.13, 0.17, 0.22)  # |key error| / |key - its group mean|
 KEEP_SHARES = (0.01, 0.05)  # of the warm tokens per layer and KV head, kept exact
+BARS = {3: (0.25, 0.9), 4: (0.05, 0.0)}  # bits: (worst MSE at most, worst top-10 at least), as tests/test_fidelity.py
 
 
 class Simulator:
@@ -160,14 +168,39 @@ def estimator_errors(dim: int) -> dict:
     return errors
 
 
-def diagnose(model, tokenizer, window_index: int, seeds: int) -> dict:
+def simulator_for(model, tokenizer, window_index: int) -> tuple[torch.Tensor, Simulator]:
+    """The window's tokens (1, L) and a Simulator over the warm range kvtier's pages would hold."""
     window = text_windows(tokenizer, CONTEXT, 8)[window_index]
     reference = dense_reference(model, window, STEPS)
     config = kvtier.TierConfig(recent_window=RECENT_WINDOW, key_group=KEY_GROUP)
     probe = kvtier.TieredCache(config, model.config)
     probe.layers[0].update(*(state.clone() for state in reference.prefill_states[0]))
     starts = [entry.start for entry in probe.layers[0].warm.table]
-    simulator = Simulator(model, reference, (min(starts), max(starts) + config.block_size), config.block_size)
+    return window, Simulator(model, reference, (min(starts), max(starts) + config.block_size), config.block_size)
+
+
+def seed_sweep(model, tokenizer, window_index: int, seeds: int) -> dict:
+    """The default 3- and 4-bit formats over rotation seeds: keys only, values only and both quantized."""
+    _, simulator = simulator_for(model, tokenizer, window_index)
+    rows = []
+    for bits in BARS:
+        warm_format = TurboQuantFormat(bits, True, KEY_GROUP, "min_mse")
+        for seed in tqdm(range(seeds), desc=f"{bits}-bit seeds"):
+            quantized = simulator.quantized(warm_format, seed)
+            rows.append({"bits": bits, "seed": seed, "both": simulator.decode(quantized),
+                         "keys only": simulator.decode(mixed(quantized, simulator.exact)),
+                         "values only": simulator.decode(mixed(simulator.exact, quantized))})
+    return {"window": window_index, "warm": [simulator.first, simulator.end], "rows": rows}
+
+
+def passes(bits: int, run: dict) -> bool:
+    max_mse, min_top10 = BARS[bits]
+    return run["worst_mse"] <= max_mse and run["worst_top10"] >= min_top10
+
+
+def diagnose(model, tokenizer, window_index: int, seeds: int) -> dict:
+    window, simulator = simulator_for(model, tokenizer, window_index)
+    reference = simulator.reference
     formats = {name: TurboQuantFormat(bits, True, KEY_GROUP, "unbiased")  # the paper's scale, as first measured
                for name, bits in (("3-bit+qjl unbiased", 3), ("4-bit+qjl unbiased", 4))}
     result = {"window": window_index, "warm": [simulator.first, simulator.end]}
@@ -292,20 +325,45 @@ def markdown(result: dict, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(result: dict, env: dict) -> str:
+    fmt = lambda run: f"{run['worst_mse']:.3f} / {run['worst_top10']:.1f}"  # noqa: E731
+    parts = ("both", "keys only", "values only")
+    lines = [f"# TurboQuant over rotation seeds: SmolLM2-135M-Instruct, pydoc window {result['window']} of 8, "
+             f"{CONTEXT} tokens, {STEPS} decode steps", "", f"{env}", "",
+             f"Warm tokens {result['warm'][0]}..{result['warm'][1] - 1} simulated (see the script), recent window "
+             f"{RECENT_WINDOW}; keys centered per {KEY_GROUP} tokens, the QJL bit at its min-MSE scale (the "
+             "defaults). Cells: worst decode-logit MSE / worst top-10 overlap over the steps; the other part exact.",
+             "", "| bits | seed | " + " | ".join(parts) + " |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {row['bits']} | {row['seed']} | " + " | ".join(fmt(row[part]) for part in parts) + " |"
+              for row in result["rows"]]
+    lines += ["", "| bits | bar | " + " | ".join(f"{part}: seeds passing" for part in parts) + " |",
+              "|---:|---|---:|---:|---:|"]
+    for bits, (max_mse, min_top10) in BARS.items():
+        runs = [row for row in result["rows"] if row["bits"] == bits]
+        bar = f"MSE <= {max_mse}" + (f", top-10 >= {min_top10}" if min_top10 else "")
+        lines.append(f"| {bits} | {bar} | " + " | ".join(
+            f"{sum(passes(bits, row[part]) for row in runs)} of {len(runs)}" for part in parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=6, help="which of the 8 evenly spaced windows")
-    parser.add_argument("--seeds", type=int, default=5, help="rotation seeds for the estimator comparison")
+    parser.add_argument("--seeds", type=int, help="rotation seeds (default 5; with --sweep 10)")
+    parser.add_argument("--sweep", action="store_true", help="only the default formats over --seeds rotation seeds")
     parser.add_argument("--name", help="results file stem")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     model, tokenizer = load_smollm2()
-    result = diagnose(model, tokenizer, args.window, args.seeds)
+    if args.sweep:
+        result = seed_sweep(model, tokenizer, args.window, args.seeds or 10)
+    else:
+        result = diagnose(model, tokenizer, args.window, args.seeds or 5)
     env = environment("cpu")
-    name = args.name or f"turboquant-diagnosis-cpu-window{args.window}"
+    name = args.name or f"turboquant-{'seeds' if args.sweep else 'diagnosis'}-cpu-window{args.window}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "result": result}, indent=1))
-    table = markdown(result, env)
+    table = (sweep_markdown if args.sweep else markdown)(result, env)
     (RESULTS / f"{name}.md").write_text(table)
     print(table + f"\n({time.perf_counter() - started:.0f} s)")
 
