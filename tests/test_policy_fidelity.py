@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 
 # measured with benchmarks/policy_fidelity.py (results/policy-fidelity-cpu.md); kept as strict xfails so a fix shows up as XPASS
 EVICTION_SHORTFALLS = {
-    4: "attention_mass's worst MSE 0.542 against sink_recent's 0.526 (0.531 against 0.530 with one thread); "
+    4: "attention_mass's worst MSE 0.542 against sink_recent's 0.526 (0.531 against 0.530 with one thread; 0.563 "
+       "against 0.450 on another CPU); "
        "decays 0.1 to 1, recent shares 0 to 0.5, mass taken as the max over KV heads or over query heads, or from a "
        "chunk's last 32 rows measured 0.54 to 1.08 here, while choices that knew the decode's own attention reached "
        "0.18 to 0.31: prefill attention does not foretell what this window's decode reads (README, Policies)",
