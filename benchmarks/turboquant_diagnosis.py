@@ -43,6 +43,7 @@ from kvtier.eval import compare_decode, dense_reference, text_windows
 from kvtier.formats import TurboQuantFormat
 from kvtier.formats.lloyd_max import codebook, distortion
 from kvtier.formats.turboquant import qjl_sketch
+from kvtier.gate import FidelityGate
 from kvtier.layer import SKETCH_SEED_OFFSET
 from kvtier.models import load_smollm2
 from kvtier.rotation import random_rotation, random_signs, rotate
@@ -53,7 +54,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXT, STEPS, RECENT_WINDOW, KEY_GROUP = 2048, 4, 128, 32
 NOISE_LEVELS = (0.05, 0.08, 0.10, 0.13, 0.17, 0.22)  # |key error| / |key - its group mean|
 KEEP_SHARES = (0.01, 0.05)  # of the warm tokens per layer and KV head, kept exact
-BARS = {3: (0.25, 0.9), 4: (0.05, 0.0)}  # bits: (worst MSE at most, worst top-10 at least), as tests/test_fidelity.py
+BARS = {3: FidelityGate(max_logit_mse=0.25, min_top10_overlap=0.9, require_argmax=False),  # tests/test_fidelity.py's
+        4: FidelityGate(max_logit_mse=0.05, min_top10_overlap=0.0, require_argmax=False)}  # gates, by bits
 
 
 class Simulator:
@@ -168,20 +170,20 @@ def estimator_errors(dim: int) -> dict:
     return errors
 
 
-def simulator_for(model, tokenizer, window_index: int) -> tuple[torch.Tensor, Simulator]:
-    """The window's tokens (1, L) and a Simulator over the warm range kvtier's pages would hold."""
+def simulator_for(model, tokenizer, window_index: int) -> Simulator:
+    """A Simulator of the window over the warm range kvtier's pages would hold (its reference holds the tokens)."""
     window = text_windows(tokenizer, CONTEXT, 8)[window_index]
     reference = dense_reference(model, window, STEPS)
     config = kvtier.TierConfig(recent_window=RECENT_WINDOW, key_group=KEY_GROUP)
     probe = kvtier.TieredCache(config, model.config)
     probe.layers[0].update(*(state.clone() for state in reference.prefill_states[0]))
     starts = [entry.start for entry in probe.layers[0].warm.table]
-    return window, Simulator(model, reference, (min(starts), max(starts) + config.block_size), config.block_size)
+    return Simulator(model, reference, (min(starts), max(starts) + config.block_size), config.block_size)
 
 
 def seed_sweep(model, tokenizer, window_index: int, seeds: int) -> dict:
     """The default 3- and 4-bit formats over rotation seeds: keys only, values only and both quantized."""
-    _, simulator = simulator_for(model, tokenizer, window_index)
+    simulator = simulator_for(model, tokenizer, window_index)
     rows = []
     for bits in BARS:
         warm_format = TurboQuantFormat(bits, True, KEY_GROUP, "min_mse")
@@ -194,13 +196,14 @@ def seed_sweep(model, tokenizer, window_index: int, seeds: int) -> dict:
 
 
 def passes(bits: int, run: dict) -> bool:
-    max_mse, min_top10 = BARS[bits]
-    return run["worst_mse"] <= max_mse and run["worst_top10"] >= min_top10
+    """Whether a simulated run's worst MSE and top-10 (Simulator.decode) meet the gate of ``bits``."""
+    gate = BARS[bits]
+    return run["worst_mse"] <= gate.max_logit_mse and run["worst_top10"] >= gate.min_top10_overlap
 
 
 def diagnose(model, tokenizer, window_index: int, seeds: int) -> dict:
-    window, simulator = simulator_for(model, tokenizer, window_index)
-    reference = simulator.reference
+    simulator = simulator_for(model, tokenizer, window_index)
+    reference, window = simulator.reference, simulator.reference.context
     formats = {name: TurboQuantFormat(bits, True, KEY_GROUP, "unbiased")  # the paper's scale, as first measured
                for name, bits in (("3-bit+qjl unbiased", 3), ("4-bit+qjl unbiased", 4))}
     result = {"window": window_index, "warm": [simulator.first, simulator.end]}
@@ -338,9 +341,10 @@ def sweep_markdown(result: dict, env: dict) -> str:
               for row in result["rows"]]
     lines += ["", "| bits | bar | " + " | ".join(f"{part}: seeds passing" for part in parts) + " |",
               "|---:|---|---:|---:|---:|"]
-    for bits, (max_mse, min_top10) in BARS.items():
+    for bits, gate in BARS.items():
         runs = [row for row in result["rows"] if row["bits"] == bits]
-        bar = f"MSE <= {max_mse}" + (f", top-10 >= {min_top10}" if min_top10 else "")
+        top10 = gate.min_top10_overlap
+        bar = f"MSE <= {gate.max_logit_mse}" + (f", top-10 >= {top10}" if top10 else "")
         lines.append(f"| {bits} | {bar} | " + " | ".join(
             f"{sum(passes(bits, row[part]) for row in runs)} of {len(runs)}" for part in parts) + " |")
     return "\n".join(lines) + "\n"

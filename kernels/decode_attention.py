@@ -412,15 +412,15 @@ def decode_attention(query: torch.Tensor, paged: PagedKV, kv_start: torch.Tensor
     launch = int4_mma_decode.launch if one_warp else _launch_page_kernel
     launch(query, paged, kv_start, kv_end, scale, partial, partial_lse, page_lse, splits, pages_per_split, warm_count)
     out = torch.empty_like(query) if out is None else out
-    merge_rows = min(max(1, triton.next_power_of_2(group)), MERGE_ROWS)
+    group_rows = triton.next_power_of_2(group)  # a KV head's query rows, padded to a power of two
+    merge_rows = min(max(1, group_rows), MERGE_ROWS)
     merge_channels = min(MERGE_CHANNELS, head_dim)
     row_programs = -(-group // merge_rows) * (head_dim // merge_channels)
     mass_programs = -(-warm_pages // MASS_TILE) if with_mass else 0
     _merge_splits_kernel[(batch * kv_heads, row_programs + mass_programs)](
         partial, partial_lse, out, page_lse if with_mass else partial_lse, mass if with_mass else partial_lse,
         partial_lse if lse is None else lse, warm_pages, splits, group, row_programs,
-        MERGE_ROWS=merge_rows, MERGE_CHANNELS=merge_channels, MASS_ROWS=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim,
+        MERGE_ROWS=merge_rows, MERGE_CHANNELS=merge_channels, MASS_ROWS=group_rows, HEAD_DIM=head_dim,
         SPLITS_PAD=max(16, triton.next_power_of_2(splits)),
         SPLIT_CHUNK=max(1, min(triton.next_power_of_2(splits), MERGE_ELEMENTS // (merge_rows * merge_channels))),
         WITH_MASS=with_mass, WITH_LSE=lse is not None, MASS_TILE=MASS_TILE,
