@@ -248,9 +248,14 @@ if gluon is not None:
     G_RING = gl.constexpr(RING)
 
     @gluon.jit
+    def _offset_address(page_base_ptr, offset, ALIGN: gl.constexpr):
+        """The address of the page at ``offset`` (a warm_offset entry: ALIGN-byte units from the base)."""
+        return page_base_ptr + offset.to(gl.int64) * ALIGN
+
+    @gluon.jit
     def _page_address(page_base_ptr, warm_offset_ptr, page, last, ALIGN: gl.constexpr):
         """The address of warm page ``page`` (the base itself past ``last``, where nothing is read)."""
-        return page_base_ptr + gl.load(warm_offset_ptr + page, mask=page < last, other=0).to(gl.int64) * ALIGN
+        return _offset_address(page_base_ptr, gl.load(warm_offset_ptr + page, mask=page < last, other=0), ALIGN)
 
     @gluon.jit
     def _copy_group(rings, slot, page_ptr, step, page_row, copy_ok,
@@ -457,7 +462,7 @@ if gluon is not None:
         for page in range(first, last):
             position0 = next_position0
             next_position0 = gl.load(warm_position_ptr + page + 1, mask=page + 1 < last, other=0)
-            page_ptrs = page_ptrs + (page_base_ptr + offset_ahead.to(gl.int64) * ALIGN,)  # pages page .. page + 3
+            page_ptrs = page_ptrs + (_offset_address(page_base_ptr, offset_ahead, ALIGN),)  # pages page .. page + 3
             offset_ahead = gl.load(warm_offset_ptr + page + 4, mask=page + 4 < last, other=0)
             page_sum = gl.zeros([8], gl.float32, layout=heads_layout)
             # the page's values enter the MMAs as s_t (64 + c); what that adds to the accumulators (64 s_t) and the
