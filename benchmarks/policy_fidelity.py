@@ -3,7 +3,7 @@
     python benchmarks/policy_fidelity.py [--parts eviction topk precision passkey] [--windows 8] [--context 2048]
                                          [--between] [--pick 0 2 ...] [--steps 4] [--passkeys 12]
                                          [--prefill-chunk 256] [--high-pages 15] [--only NAME ...]
-                                         [--low-key-bits 3] [--rotation-seed 0] [--name policy-fidelity-cpu]
+                                         [--low-key-bits 3] [--rotation-seed 0 ...] [--name policy-fidelity-cpu]
 
 eviction   sink_recent vs attention_mass, both dropping pages (on_budget_full="evict") under one budget whose warm
            share holds --evict-pages pages a layer: worst decode-logit MSE and top-10 per pydoc window, and the
@@ -18,7 +18,9 @@ passkey    passkey retrieval at about 3000 tokens with most of the context cold:
            prefetch="topk" at 25% of the cold pages under each policy, against the dense cache.
 
 Every configuration prefills in chunks of --prefill-chunk tokens, so that attention_mass scores pages while the
-budget fills. Writes benchmarks/results/<name>.json and .md; prints the tables last.
+budget fills. With several --rotation-seed values every run repeats at each (the rotation decides INT4's rounding
+errors, not which text is read), and the eviction and topk tables add a row per window over the seeds.
+Writes benchmarks/results/<name>.json and .md; prints the tables last.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ def budget_gb(model, config: TierConfig, warm_bytes_per_layer: int) -> float:
     return (cache.reserved_bytes + model.config.num_hidden_layers * (warm_bytes_per_layer + table_bytes)) / BYTES_PER_GB
 
 
-def gate_row(part: str, name: str, window: int, run, bytes_per_token: float | None = None) -> dict:
+def gate_row(part: str, name: str, window: int, run, bytes_per_token: float | None = None, seed: int = 0) -> dict:
     stats = run.stats[0]
-    return {"part": part, "config": name, "window": window, "worst_mse": run.worst_mse, "worst_top10": run.worst_top10,
+    return {"part": part, "config": name, "window": window, "seed": seed, "worst_mse": run.worst_mse,
+            "worst_top10": run.worst_top10,
             "argmax_agreement": run.reports[0].argmax_agreement, "failures": run.failures,
             "evicted_tokens": stats["evicted_tokens"], "cold_tokens": stats["cold"]["tokens"],
             "warm_tokens": stats["warm"]["tokens"],
@@ -130,10 +133,25 @@ def passkey_rows(model, tokenizer, count: int, prefill_chunk: int, progress) -> 
 
 
 def paired(compared: list[dict]) -> list[tuple[dict, dict]]:
-    """(sink_recent row, attention_mass row) of each window, in window order."""
-    windows = sorted({row["window"] for row in compared})
-    return [tuple(next(row for row in compared if row["window"] == window and row["config"] == name)
-                  for name in ("sink_recent", "attention_mass")) for window in windows]
+    """(sink_recent row, attention_mass row) of each window and rotation seed, in window order, then seed order."""
+    keys = sorted({(row["window"], row.get("seed", 0)) for row in compared})
+    return [tuple(next(row for row in compared if (row["window"], row.get("seed", 0)) == key and row["config"] == name)
+                  for name in ("sink_recent", "attention_mass")) for key in keys]
+
+
+def over_seeds(compared: list[dict]) -> list[str]:
+    """A table row per window: over the rotation seeds, how often attention_mass is at or below sink_recent."""
+    lines = ["| window | seeds | attention_mass at or below | mean difference | lowest, highest difference | "
+             "mean MSE (sr / am) |", "|---:|---:|---:|---:|---|---|"]
+    for window in sorted({row["window"] for row in compared}):
+        pairs = [pair for pair in paired(compared) if pair[0]["window"] == window]
+        differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in pairs]
+        count = len(pairs)
+        lines.append(f"| {window} | {count} | {sum(d <= 0 for d in differences)} | "
+                     f"{sum(differences) / count:+.4f} | {min(differences):+.4f}, {max(differences):+.4f} | "
+                     f"{sum(r['worst_mse'] for r, _ in pairs) / count:.4f} / "
+                     f"{sum(m['worst_mse'] for _, m in pairs) / count:.4f} |")
+    return lines
 
 
 def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) -> str:
@@ -146,16 +164,18 @@ def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) 
         if not compared:
             continue
         lines += [f"## {title}", "",
-                  "| window | sink_recent MSE | attention_mass MSE | difference | top-10 (sr / am) | tokens off the GPU |",
-                  "|---:|---:|---:|---:|---|---:|"]
+                  "| window | seed | sink_recent MSE | attention_mass MSE | difference | top-10 (sr / am) | "
+                  "tokens off the GPU |", "|---:|---:|---:|---:|---:|---|---:|"]
         for recent, mass in paired(compared):
-            lines.append(f"| {mass['window']} | {recent['worst_mse']:.4f} | {mass['worst_mse']:.4f} | "
-                         f"{mass['worst_mse'] - recent['worst_mse']:+.4f} | {recent['worst_top10']:.1f} / "
+            lines.append(f"| {mass['window']} | {mass.get('seed', 0)} | {recent['worst_mse']:.4f} | "
+                         f"{mass['worst_mse']:.4f} | {mass['worst_mse'] - recent['worst_mse']:+.4f} | {recent['worst_top10']:.1f} / "
                          f"{mass['worst_top10']:.1f} | {mass['evicted_tokens'] + mass['cold_tokens']} |")
         differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in paired(compared)]
         lines += ["", f"attention_mass at or below sink_recent on {sum(d <= 0 for d in differences)} of "
-                      f"{len(differences)} windows; mean difference {sum(differences) / len(differences):+.4f}, "
+                      f"{len(differences)} runs; mean difference {sum(differences) / len(differences):+.4f}, "
                       f"largest excess {max(differences):+.4f}.", ""]
+        if len({row.get("seed", 0) for row in compared}) > 1:
+            lines += ["Over the rotation seeds, per window:", ""] + over_seeds(compared) + [""]
     precision = [row for row in rows if row["part"] == "precision"]
     if precision:
         lines += ["## Precision: gate MSE <= 0.25 and top-10 >= 0.8 at every step", "",
@@ -189,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="the windows - 1 windows midway between the default ones (held-out text)")
     parser.add_argument("--pick", type=int, nargs="+", help="run only these windows of the set (indices)")
     parser.add_argument("--only", nargs="+", help="run only the configurations of these names (e.g. rule-attention_mass)")
-    parser.add_argument("--rotation-seed", type=int, default=0, help="TierConfig.rotation_seed of every configuration")
+    parser.add_argument("--rotation-seed", type=int, nargs="+", default=[0],
+                        help="TierConfig.rotation_seed of every configuration; several: each run at each")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--passkeys", type=int, default=12)
@@ -211,22 +232,24 @@ def main(argv: list[str] | None = None) -> None:
     if "precision" in args.parts:
         configs["precision"] = precision_configs(model, args.high_pages, args.context, args.low_key_bits)
     for part, named in configs.items():
-        configs[part] = {name: (dict(config, rotation_seed=args.rotation_seed), bytes_per_token)
+        configs[part] = {name: (config, bytes_per_token)
                          for name, (config, bytes_per_token) in named.items() if not args.only or name in args.only}
-    runs = len(picked) * sum(len(part) for part in configs.values()) + args.passkeys * ("passkey" in args.parts)
+    runs = (len(picked) * len(args.rotation_seed) * sum(len(part) for part in configs.values())
+            + args.passkeys * ("passkey" in args.parts))
     rows, passkeys = [], []
     started = time.perf_counter()
     with tqdm(total=runs, desc="policies") as progress:
         for index in picked:
             window = windows[index]
             reference = [dense_reference(model, window, steps=args.steps)]
-            for part, named in configs.items():
-                for name, (config, bytes_per_token) in named.items():
-                    gate = PRECISION_GATE if part == "precision" else NO_GATE
-                    run = run_gate(model, [window], gate, steps=args.steps, references=reference,
-                                   prefill_chunk=args.prefill_chunk, **config)
-                    rows.append(gate_row(part, name, index, run, bytes_per_token and bytes_per_token / 64))
-                    progress.update(1)
+            for seed in args.rotation_seed:
+                for part, named in configs.items():
+                    for name, (config, bytes_per_token) in named.items():
+                        gate = PRECISION_GATE if part == "precision" else NO_GATE
+                        run = run_gate(model, [window], gate, steps=args.steps, references=reference,
+                                       prefill_chunk=args.prefill_chunk, **dict(config, rotation_seed=seed))
+                        rows.append(gate_row(part, name, index, run, bytes_per_token and bytes_per_token / 64, seed))
+                        progress.update(1)
         if "passkey" in args.parts:
             passkeys = passkey_rows(model, tokenizer, args.passkeys, args.prefill_chunk, progress)
 
@@ -237,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
                 "windows": f"{list(picked)} of {len(windows)} "
                            f"{'midway between ' if args.between else ''}{args.windows} evenly spaced",
                 "recent_window": RECENT_WINDOW, "prefill_chunk": args.prefill_chunk, "evict_pages": args.evict_pages,
-                "high_pages": args.high_pages, "low_key_bits": args.low_key_bits,
+                "high_pages": args.high_pages, "low_key_bits": args.low_key_bits, "rotation_seeds": args.rotation_seed,
                 "configs": {part: {name: config for name, (config, _) in named.items()} for part, named in configs.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(

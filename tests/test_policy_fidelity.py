@@ -2,14 +2,16 @@
 prefilled 256 tokens at a time (so that attention_mass scores pages while the budget fills).
 
 Targets (issue 5):
-- with a warm budget that forces pages out (16 pages a layer of about 29: on_budget_full="evict"),
-  attention_mass keeps the worst decode-logit MSE at or below sink_recent's for the same bytes;
+- with a warm budget that forces demotion (16 warm pages a layer of about 29; the rest demoted to the host tier,
+  prefetch="topk" streaming back the 25% of them the policy ranks highest each decode step), attention_mass keeps the
+  worst decode-logit MSE at or below sink_recent's for the same bytes; and, a stricter case, when the pages past
+  the budget are dropped (on_budget_full="evict") while the prompt is prefilled;
 - the precision rule (the pages attention_mass scores lowest drop to TurboQuant 2-bit values with 3-bit keys,
   low_key_bits=3: decode error comes mostly from keys; half of the pages keep INT4, 186 bytes a token and layer
   against INT4's 228, the 2-bit-keys rule's 174 and 2-bit's 120) passes MSE <= 0.25 and top-10 >= 0.8 at every
   step, where TurboQuant 2-bit on every page fails it.
 benchmarks/policy_fidelity.py measures all 8 windows and passkey retrieval with topk prefetch
-(results/policy-fidelity-cpu.md).
+(results/policy-fidelity-cpu.md), and the comparisons over rotation seeds (results/policy-fidelity-seeds-cpu.md).
 """
 
 import sys
@@ -21,22 +23,26 @@ from kvtier.eval import dense_reference, text_windows
 from kvtier.gate import FidelityGate, run_gate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from policy_fidelity import PRECISION_GATE, eviction_configs, precision_configs  # noqa: E402
+from policy_fidelity import PRECISION_GATE, eviction_configs, precision_configs, topk_configs  # noqa: E402
 
 CONTEXT, WINDOWS, STEPS, PREFILL_CHUNK = 2048, 8, 4, 256
-EVICTION_WINDOWS = [0, 2, 4, 6]
+COMPARED_WINDOWS = [0, 2, 4, 6]
+SAME_BYTES = {"demotion": topk_configs, "eviction": eviction_configs}  # the pages past 16 a layer: to the host, or out
+# Over rotation seeds 0-4 (results/policy-fidelity-seeds-cpu.md) attention_mass is at or below sink_recent on average
+# on all 8 windows when demoting (38 of 40 runs); when evicting, on 6 of 8, with window 6 even (3 of 5 seeds, mean
+# +0.0003: its seed-0 pass here is one draw) and window 4 above (the strict xfail below)
 PRECISION_WINDOWS = [4, 6]  # the two hardest: 4 came closest to the bound, 6 fails it with every page at INT4
 LOW_KEY_BITS = 3  # the rule's low pages: 3-bit keys, 2-bit values (with 2-bit keys window 4 measured 0.2672)
 NO_GATE = FidelityGate(max_logit_mse=float("inf"), min_top10_overlap=0.0, require_argmax=False)
 
 pytestmark = pytest.mark.slow
 
-# measured with benchmarks/policy_fidelity.py (results/policy-fidelity-cpu.md); kept as strict xfails so a fix shows up as XPASS
-EVICTION_SHORTFALLS = {
-    4: "attention_mass's worst MSE 0.542 against sink_recent's 0.526 (0.531 against 0.530 with one thread; 0.563 "
-       "against 0.450 on another CPU); "
-       "decays 0.1 to 1, recent shares 0 to 0.5, mass taken as the max over KV heads or over query heads, or from a "
-       "chunk's last 32 rows measured 0.54 to 1.08 here, while choices that knew the decode's own attention reached "
+# measured with benchmarks/policy_fidelity.py (results/policy-fidelity-cpu.md); strict xfails, so a fix shows as XPASS
+SHORTFALLS = {
+    ("eviction", 4): "attention_mass's worst MSE 0.563 against sink_recent's 0.450 (0.542 against 0.526 on another "
+       "CPU); above it at 9 of 10 rotation seeds, by +0.085 on average (policy-fidelity-seeds-window4-cpu.md), so not "
+       "a rounding accident. Decays 0.1 to 1, recent shares 0 to 0.5, mass as the max over KV heads or query heads, or "
+       "from a chunk's last 32 rows measured 0.54 to 1.08, while choices that knew the decode's own attention reached "
        "0.18 to 0.31: prefill attention does not foretell what this window's decode reads (README, Policies)",
 }
 
@@ -67,17 +73,19 @@ def reference_of(smollm2, windows):
     return reference
 
 
-@pytest.mark.parametrize("window", [
-    pytest.param(index, marks=pytest.mark.xfail(strict=True, reason=EVICTION_SHORTFALLS[index]))
-    if index in EVICTION_SHORTFALLS else index for index in EVICTION_WINDOWS
+@pytest.mark.parametrize("part, window", [
+    pytest.param(part, index, marks=pytest.mark.xfail(strict=True, reason=SHORTFALLS[part, index]))
+    if (part, index) in SHORTFALLS else (part, index) for part in SAME_BYTES for index in COMPARED_WINDOWS
 ])
-def test_attention_mass_keeps_mse_at_or_below_sink_recent_for_the_same_bytes(smollm2, windows, reference_of, window):
+def test_attention_mass_keeps_mse_at_or_below_sink_recent_for_the_same_bytes(smollm2, windows, reference_of, part,
+                                                                             window):
     model = smollm2[0]
     runs = {name: run_gate(model, [windows[window]], NO_GATE, steps=STEPS, references=[reference_of(window)],
                            prefill_chunk=PREFILL_CHUNK, **config)
-            for name, config in eviction_configs(model, pages=16).items()}
+            for name, config in SAME_BYTES[part](model, pages=16).items()}
     recent, mass = runs["sink_recent"], runs["attention_mass"]
-    assert recent.stats[0]["evicted_tokens"] == mass.stats[0]["evicted_tokens"] > 512  # the same bytes, forced out
+    off_device = [run.stats[0]["evicted_tokens"] + run.stats[0]["cold"]["tokens"] for run in (recent, mass)]
+    assert off_device[0] == off_device[1] > 512  # the same bytes on the device, the rest forced off it
     assert mass.worst_mse <= recent.worst_mse, (
         f"attention_mass worst MSE {mass.worst_mse:.4f} > sink_recent's {recent.worst_mse:.4f} "
         f"(by {mass.worst_mse - recent.worst_mse:+.4f})")
