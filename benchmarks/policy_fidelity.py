@@ -168,8 +168,9 @@ def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) 
                   "tokens off the GPU |", "|---:|---:|---:|---:|---:|---|---:|"]
         for recent, mass in paired(compared):
             lines.append(f"| {mass['window']} | {mass.get('seed', 0)} | {recent['worst_mse']:.4f} | "
-                         f"{mass['worst_mse']:.4f} | {mass['worst_mse'] - recent['worst_mse']:+.4f} | {recent['worst_top10']:.1f} / "
-                         f"{mass['worst_top10']:.1f} | {mass['evicted_tokens'] + mass['cold_tokens']} |")
+                         f"{mass['worst_mse']:.4f} | {mass['worst_mse'] - recent['worst_mse']:+.4f} | "
+                         f"{recent['worst_top10']:.1f} / {mass['worst_top10']:.1f} | "
+                         f"{mass['evicted_tokens'] + mass['cold_tokens']} |")
         differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in paired(compared)]
         lines += ["", f"attention_mass at or below sink_recent on {sum(d <= 0 for d in differences)} of "
                       f"{len(differences)} runs; mean difference {sum(differences) / len(differences):+.4f}, "
