@@ -139,18 +139,19 @@ def paired(compared: list[dict]) -> list[tuple[dict, dict]]:
                   for name in ("sink_recent", "attention_mass")) for key in keys]
 
 
-def over_seeds(compared: list[dict]) -> list[str]:
-    """A table row per window: over the rotation seeds, how often attention_mass is at or below sink_recent."""
+def over_seeds(pairs: list[tuple[dict, dict]]) -> list[str]:
+    """A table row per window of ``pairs`` (:func:`paired`): over the rotation seeds, how often attention_mass is at or
+    below sink_recent."""
     lines = ["| window | seeds | attention_mass at or below | mean difference | lowest, highest difference | "
              "mean MSE (sr / am) |", "|---:|---:|---:|---:|---|---|"]
-    for window in sorted({row["window"] for row in compared}):
-        pairs = [pair for pair in paired(compared) if pair[0]["window"] == window]
-        differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in pairs]
-        count = len(pairs)
+    for window in sorted({recent["window"] for recent, _ in pairs}):
+        of_window = [pair for pair in pairs if pair[0]["window"] == window]
+        differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in of_window]
+        count = len(of_window)
         lines.append(f"| {window} | {count} | {sum(d <= 0 for d in differences)} | "
                      f"{sum(differences) / count:+.4f} | {min(differences):+.4f}, {max(differences):+.4f} | "
-                     f"{sum(r['worst_mse'] for r, _ in pairs) / count:.4f} / "
-                     f"{sum(m['worst_mse'] for _, m in pairs) / count:.4f} |")
+                     f"{sum(r['worst_mse'] for r, _ in of_window) / count:.4f} / "
+                     f"{sum(m['worst_mse'] for _, m in of_window) / count:.4f} |")
     return lines
 
 
@@ -166,17 +167,18 @@ def markdown(rows: list[dict], passkeys: list[dict], settings: dict, env: dict) 
         lines += [f"## {title}", "",
                   "| window | seed | sink_recent MSE | attention_mass MSE | difference | top-10 (sr / am) | "
                   "tokens off the GPU |", "|---:|---:|---:|---:|---:|---|---:|"]
-        for recent, mass in paired(compared):
+        pairs = paired(compared)
+        for recent, mass in pairs:
             lines.append(f"| {mass['window']} | {mass.get('seed', 0)} | {recent['worst_mse']:.4f} | "
                          f"{mass['worst_mse']:.4f} | {mass['worst_mse'] - recent['worst_mse']:+.4f} | "
                          f"{recent['worst_top10']:.1f} / {mass['worst_top10']:.1f} | "
                          f"{mass['evicted_tokens'] + mass['cold_tokens']} |")
-        differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in paired(compared)]
+        differences = [mass["worst_mse"] - recent["worst_mse"] for recent, mass in pairs]
         lines += ["", f"attention_mass at or below sink_recent on {sum(d <= 0 for d in differences)} of "
                       f"{len(differences)} runs; mean difference {sum(differences) / len(differences):+.4f}, "
                       f"largest excess {max(differences):+.4f}.", ""]
         if len({row.get("seed", 0) for row in compared}) > 1:
-            lines += ["Over the rotation seeds, per window:", ""] + over_seeds(compared) + [""]
+            lines += ["Over the rotation seeds, per window:", ""] + over_seeds(pairs) + [""]
     precision = [row for row in rows if row["part"] == "precision"]
     if precision:
         lines += ["## Precision: gate MSE <= 0.25 and top-10 >= 0.8 at every step", "",

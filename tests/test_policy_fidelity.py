@@ -15,6 +15,7 @@ benchmarks/policy_fidelity.py measures all 8 windows and passkey retrieval with 
 (results/policy-fidelity-cpu.md), and the comparisons over rotation seeds (results/policy-fidelity-seeds-cpu.md).
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -59,14 +60,7 @@ def windows(smollm2):
 
 @pytest.fixture(scope="module")
 def reference_of(smollm2, windows):
-    references = {}
-
-    def reference(window):
-        if window not in references:
-            references[window] = dense_reference(smollm2[0], windows[window], steps=STEPS)
-        return references[window]
-
-    return reference
+    return functools.cache(lambda window: dense_reference(smollm2[0], windows[window], steps=STEPS))
 
 
 @pytest.mark.parametrize("part, window", [
@@ -89,16 +83,10 @@ def test_attention_mass_keeps_mse_at_or_below_sink_recent_for_the_same_bytes(smo
 
 @pytest.fixture(scope="module")
 def two_bits_everywhere(smollm2, windows, reference_of):
-    runs = {}
-
-    def run(window):
-        if window not in runs:
-            config, _ = precision_configs(smollm2[0], high_pages=15, context=CONTEXT)["tq2-all"]
-            runs[window] = run_gate(smollm2[0], [windows[window]], PRECISION_GATE, steps=STEPS,
-                                    references=[reference_of(window)], prefill_chunk=PREFILL_CHUNK, **config)
-        return runs[window]
-
-    return run
+    config, _ = precision_configs(smollm2[0], high_pages=15, context=CONTEXT)["tq2-all"]
+    return functools.cache(lambda window: run_gate(smollm2[0], [windows[window]], PRECISION_GATE, steps=STEPS,
+                                                   references=[reference_of(window)], prefill_chunk=PREFILL_CHUNK,
+                                                   **config))
 
 
 @pytest.mark.parametrize("rule", RULES)
